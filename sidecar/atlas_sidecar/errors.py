@@ -1,0 +1,9 @@
+"""Errors that callers can act on: each names what was wrong."""
+
+
+class RequestError(ValueError):
+    """A request is malformed or out of range; ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field

@@ -1,0 +1,35 @@
+"""The real target/draft pair: Qwen2.5-Coder 1.5B verified against its 0.5B draft."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlas_sidecar import models
+from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine import Engine
+from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.speculators.static import StaticSpeculator
+from atlas_sidecar.workloads import encode
+
+pytestmark = [
+    pytest.mark.qwen,
+    pytest.mark.skipif(
+        not (models.is_pulled(models.DEFAULT_TARGET) and models.is_pulled(models.DEFAULT_DRAFT)),
+        reason="Qwen pair not pulled: run `atlas models pull` (make test does)",
+    ),
+]
+
+
+def test_qwen_static_speculation_is_exact_in_float32(real_prompts):
+    target = CausalLMRunner.load(models.DEFAULT_TARGET, dtype="fp32")
+    draft = CausalLMRunner.load(models.DEFAULT_DRAFT, dtype="fp32")
+    plain = Engine(target, target.tokenizer)
+    spec = Engine(target, target.tokenizer, StaticSpeculator(draft), 4)
+    accepted = 0
+    for prompt in (real_prompts[0], real_prompts[1], real_prompts[-1]):
+        ids = encode(target.tokenizer, prompt)
+        params = SamplingParams(max_tokens=24)
+        got = spec.generate(ids, params)
+        assert got.token_ids == plain.generate(ids, params).token_ids, prompt.prompt_id
+        accepted += got.accepted
+    assert accepted > 0  # the 0.5B really drafts for the 1.5B
