@@ -1,0 +1,312 @@
+"""The scheduler: one worker thread owns the engine and steps its batch round-robin.
+
+The engine (and the tokenizer) is synchronous torch code and not thread-safe, so every
+call into it happens on this one thread. Requests wait in a bounded queue, are admitted
+into the batch (tokenized and prefilled) as slots free up, and each round every admitted
+sequence takes one draft+verify step: continuous batching at step granularity. When the
+engine learns to batch forwards, only ``_round`` changes.
+
+Results travel back to the caller as events through the job's ``sink`` (thread-safe).
+A cancelled or expired job is released before the next step any sequence takes, so
+its KV cache is freed within one step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from atlas_sidecar.engine import Engine, GenerationResult, Sequence
+from atlas_sidecar.errors import RequestError
+from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.server.metrics import ServingStats
+from atlas_sidecar.server.requests import PromptInput
+from atlas_sidecar.workloads import Prompt, encode
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound: back off and retry."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining or stopped and takes no new work."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before it finished."""
+
+
+class Cancelled(Exception):
+    """The caller cancelled the request."""
+
+
+@dataclass
+class TokensEvent:
+    token_ids: list[int]
+    text: str  # text newly safe to show (streams only)
+
+
+@dataclass
+class DoneEvent:
+    result: GenerationResult
+    token_ids: list[int]  # the last step's tokens; the whole output is in ``result``
+    text: str  # the rest of the text (streams only); the whole text is in ``result``
+    ttft_s: float
+
+
+@dataclass
+class FailedEvent:
+    error: Exception
+
+
+Event = TokensEvent | DoneEvent | FailedEvent
+Sink = Callable[[Event], None]
+
+
+@dataclass(eq=False)
+class Job:
+    """One request as the scheduler sees it."""
+
+    request_id: str
+    prompt: PromptInput
+    params: SamplingParams
+    sink: Sink
+    stream: bool = False
+    deadline: float | None = None  # time.monotonic() value
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+    seq: Sequence | None = None
+    ttft_s: float = 0.0
+    emitted_text: str = ""
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        stats: ServingStats,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        max_prompt_tokens: int = 8192,
+    ) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.engine = engine
+        self.stats = stats
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.max_prompt_tokens = max_prompt_tokens
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()  # guarded by _cond
+        self._active: list[Job] = []  # the worker's own
+        self._accepting = True
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
+
+    # -- the caller's side (any thread) ------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"queue full ({self.max_queue} requests waiting); retry later")
+            self._pending.append(job)
+            self._cond.notify()
+        self._publish_load()
+
+    def cancel(self, job: Job) -> None:
+        """Drop a job; a no-op if it already finished. Its cache goes before the next step."""
+        job.cancelled = True
+        with self._cond:
+            if job in self._pending:
+                self._pending.remove(job)
+            self._cond.notify()
+        self._publish_load()
+
+    def stop_accepting(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Fail whatever is left with ShuttingDown and stop the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    # -- the worker ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            admitted = self._wait_for_work()
+            if admitted is None:
+                break
+            for job in admitted:
+                self._admit(job)
+            self._round()
+            self._publish_load()
+        for job in list(self._active):
+            self._fail(job, ShuttingDown("the server stopped"))
+        with self._cond:
+            leftover = list(self._pending)
+            self._pending.clear()
+        for job in leftover:
+            job.sink(FailedEvent(ShuttingDown("the server stopped")))
+        self._publish_load()
+
+    def _wait_for_work(self) -> list[Job] | None:
+        """Block until there is work; return the jobs to admit now (None: stop)."""
+        with self._cond:
+            while not self._stopping and not self._pending and not self._active:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            admitted = []
+            while self._pending and len(self._active) + len(admitted) < self.max_batch:
+                admitted.append(self._pending.popleft())
+            return admitted
+
+    def _admit(self, job: Job) -> None:
+        """Tokenize and prefill: the first token comes out of the prefill."""
+        if job.cancelled:
+            return
+        try:
+            if job.expired(time.monotonic()):
+                raise DeadlineExceeded("deadline exceeded while queued")
+            ids = self._encode(job.prompt)
+            job.seq = self.engine.start(ids, job.params)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+            self._fail(job, exc)
+            return
+        job.ttft_s = time.monotonic() - job.submitted_at
+        self.stats.first_token(job.ttft_s, len(job.seq.prompt))
+        self._active.append(job)
+        self._progress(job, list(job.seq.output))
+
+    def _round(self) -> None:
+        for job in list(self._active):
+            # Sweep before every step, not once a round: a cancelled request's cache
+            # is freed before any other sequence spends a forward.
+            self._reap()
+            if job in self._active:
+                self._step(job)
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for job in list(self._active):
+            if job.cancelled:
+                self._fail(job, Cancelled("cancelled by the caller"))
+            elif job.expired(now):
+                self._fail(job, DeadlineExceeded("deadline exceeded"))
+
+    def _step(self, job: Job) -> None:
+        assert job.seq is not None
+        try:
+            added = self.engine.step(job.seq)
+        except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the rest
+            log.exception("request %s: engine step failed", job.request_id)
+            self._fail(job, exc)
+            return
+        self.stats.step(job.seq.steps[-1], len(added))
+        self._progress(job, added)
+
+    def _progress(self, job: Job, added: list[int]) -> None:
+        seq = job.seq
+        assert seq is not None
+        if seq.finished:
+            self._finish(job, added)
+        elif job.stream:
+            job.sink(TokensEvent(added, self._text_delta(job)))
+
+    def _finish(self, job: Job, added: list[int]) -> None:
+        assert job.seq is not None
+        result = job.seq.result()
+        self._release(job)
+        tail = ""
+        if job.stream:
+            tail = result.text[len(job.emitted_text) :]
+            if not result.text.startswith(job.emitted_text):
+                log.warning("request %s: streamed text is not a prefix of the final text",
+                            job.request_id)  # fmt: skip
+        job.sink(DoneEvent(result, added, tail, job.ttft_s))
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        self._release(job)
+        job.sink(FailedEvent(error))
+
+    def _release(self, job: Job) -> None:
+        if job.seq is not None:
+            self.engine.release(job.seq)
+        if job in self._active:
+            self._active.remove(job)
+
+    def _publish_load(self) -> None:
+        self.stats.set_load(len(self._pending), len(self._active))
+
+    # -- tokenizer work (worker thread only: fast tokenizers are not thread-safe) --
+
+    def _encode(self, prompt: PromptInput) -> list[int]:
+        tokenizer = self.engine.tokenizer
+        if prompt.token_ids is not None:
+            ids = list(prompt.token_ids)
+        elif prompt.messages is not None:
+            try:
+                ids = encode(tokenizer, Prompt("api", "request", prompt.messages), chat=True)
+            except Exception as exc:  # noqa: BLE001 - templates raise for bad conversations
+                raise RequestError("messages", f"the chat template refused them: {exc}") from exc
+        else:
+            ids = encode(tokenizer, prompt.text or "", chat=False)
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(
+                "prompt", f"{len(ids)} tokens exceed the limit of {self.max_prompt_tokens}"
+            )
+        return ids
+
+    def _text_delta(self, job: Job) -> str:
+        """New text that is safe to show: the final text will start with it."""
+        assert job.seq is not None
+        text = job.seq.stop.decode()
+        # An incomplete UTF-8 character decodes to U+FFFD until its last byte arrives.
+        text = text.rstrip("\ufffd")
+        # Hold back a tail that could still grow into a stop string (the final text is
+        # cut before it).
+        text = text[: len(text) - _stop_prefix_len(text, job.params.stop)]
+        if len(text) <= len(job.emitted_text) or not text.startswith(job.emitted_text):
+            return ""
+        delta = text[len(job.emitted_text) :]
+        job.emitted_text = text
+        return delta
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest

@@ -1,0 +1,218 @@
+"""Test harness for the operator: a kmock Kubernetes emulator on loopback, made a little more
+like a real apiserver, and the real operator (kopf's own runner) pointed at it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+# Fast clocks for the operator (read when atlas_operator.handlers is imported).
+os.environ.setdefault("ATLAS_RESYNC_SECONDS", "1")
+os.environ.setdefault("ATLAS_RETRY_SECONDS", "0.5")
+
+import attrs  # noqa: E402
+import jsonpatch  # noqa: E402
+import kmock  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from kmock._internal import enums, rendering  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+NAMESPACE = "serving"
+
+# What the emulator serves (kmock needs the resources declared for discovery and listing).
+RESOURCES: dict[str, dict[str, Any]] = {
+    "atlas.ai/v1alpha1/atlasendpoints": dict(kind="AtlasEndpoint", singular="atlasendpoint",
+                                             shortnames={"ae"}, subresources={"status", "scale"}),
+    "apps/v1/deployments": dict(kind="Deployment", singular="deployment",
+                                subresources={"status", "scale"}),
+    "batch/v1/jobs": dict(kind="Job", singular="job", subresources={"status"}),
+    "v1/configmaps": dict(kind="ConfigMap", singular="configmap"),
+    "v1/services": dict(kind="Service", singular="service", subresources={"status"}),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim",
+                                      singular="persistentvolumeclaim"),
+    "v1/serviceaccounts": dict(kind="ServiceAccount", singular="serviceaccount"),
+    "v1/pods": dict(kind="Pod", singular="pod", subresources={"status"}),
+    "v1/events": dict(kind="Event", singular="event"),
+    "rbac.authorization.k8s.io/v1/roles": dict(kind="Role", singular="role"),
+    "rbac.authorization.k8s.io/v1/rolebindings": dict(kind="RoleBinding", singular="rolebinding"),
+    "v1/namespaces": dict(kind="Namespace", singular="namespace", namespaced=False),
+    "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
+        kind="CustomResourceDefinition", singular="customresourcedefinition", namespaced=False),
+    "kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering",
+                                            singular="clusterkopfpeering", namespaced=False),
+}
+VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmock.KubernetesEmulator):
+    """kmock's emulator plus the few apiserver behaviours the operator relies on:
+
+    - metadata stamping (uid, resourceVersion, creationTimestamp, generation that moves
+      only when .spec changes): kmock stamps nothing, and ownerReferences need uids;
+    - the garbage collector: deleting an owner deletes everything whose ownerReferences
+      name its uid (this is how a real cluster removes an endpoint's children);
+    - injected failures: `fail_creates` makes POSTs of those plurals answer 503 without
+      storing anything (an apiserver hiccup), to interrupt the operator mid-way.
+    """
+
+    fail_creates: set[str] = attrs.field(factory=set)
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1))
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        resource = request.resource
+        if resource is not None and isinstance(request.data, dict):
+            if request.action == enums.action.CREATE:
+                if resource.plural in self.fail_creates:
+                    raise kmock.KubernetesError(status=503, reason="ServiceUnavailable",
+                                                message="injected failure")
+                meta = request.data.setdefault("metadata", {})
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("creationTimestamp",
+                                dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta.setdefault("generation", 1)
+                meta["resourceVersion"] = str(next(self._versions))
+            elif request.action == enums.action.UPDATE and request.name:
+                key = (resource, request.namespace, request.name)
+                meta = request.data.setdefault("metadata", {})
+                meta["resourceVersion"] = str(next(self._versions))
+                if key in self.objects and not self.objects[key].deleted:
+                    live = self.objects[key].raw
+                    generation = live.get("metadata", {}).get("generation", 1)
+                    spec_changed = request.subresource is None and "spec" in request.data \
+                        and _merged(live.get("spec"), request.data["spec"]) != live.get("spec")
+                    meta["generation"] = generation + 1 if spec_changed else generation
+        elif resource is not None and isinstance(request.data, list) \
+                and request.action == enums.action.UPDATE:
+            # A JSON patch (kopf uses them, guarded by a resourceVersion test): bump it too.
+            request.data.append({"op": "add", "path": "/metadata/resourceVersion",
+                                 "value": str(next(self._versions))})
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchException as e:
+            # A real apiserver answers a failed JSON-patch `test` (kopf's optimistic
+            # concurrency) with 422, which kopf expects; kmock would answer 500.
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from e
+        if request.action == enums.action.DELETE and request.name and response.status < 300:
+            await self._collect_garbage()
+        return response
+
+    async def _collect_garbage(self) -> None:
+        """Delete objects whose owners are all gone, until nothing changes (cascades)."""
+        while True:
+            alive = {obj.raw["metadata"].get("uid") for _, _, obj in self._live()}
+            orphans = [(res, ns, name) for (res, ns, name), obj in self._live_items()
+                       if (refs := obj.raw["metadata"].get("ownerReferences"))
+                       and not any(ref.get("uid") in alive for ref in refs)]
+            if not orphans:
+                return
+            async with self._lock:
+                for key in orphans:
+                    raw = self.objects[key].raw
+                    self.objects[key].delete()
+                    await self._buses[key[0]].put({"type": "DELETED", "object": raw})
+
+    def _live_items(self) -> list[tuple[tuple[Any, str, str], Any]]:
+        return [(key, obj) for key, obj in self.objects.items() if not obj.deleted]
+
+    def _live(self) -> list[tuple[Any, str, Any]]:
+        return [(key[0], key[1], obj) for key, obj in self._live_items()]
+
+    # --- helpers for the tests ---------------------------------------------------------
+
+    def get(self, resource: str, name: str, namespace: str | None = NAMESPACE) -> dict | None:
+        key = (kmock.resource(resource), namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            return None
+        raw: dict = self.objects[key].raw
+        return raw
+
+    def live(self, resource: str, namespace: str | None = NAMESPACE) -> list[dict]:
+        res = kmock.resource(resource)
+        return [obj.raw for (r, ns, _), obj in self._live_items()
+                if r == res and (namespace is None or ns == namespace)]
+
+    def count_requests(self, method: str, resource: str) -> int:
+        res = kmock.resource(resource)
+        return sum(1 for r in self._requests
+                   if r.method == enums.method(method) and r.resource == res)
+
+
+def _merged(old: Any, patch: Any) -> Any:
+    if not isinstance(old, dict) or not isinstance(patch, dict):
+        return patch
+    out = dict(old)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merged(old.get(key), value)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def emulated_apiserver(kubeconfig: Path) -> AsyncIterator[ApiServer]:
+    """A started emulator and a kubeconfig file pointing at it (the caller sets KUBECONFIG)."""
+    emulator = ApiServer()
+    for name, info in RESOURCES.items():
+        emulator.resources[name] = kmock.ResourceInfo(
+            namespaced=info.get("namespaced", True), kind=info["kind"],
+            singular=info["singular"], verbs=VERBS, shortnames=info.get("shortnames", set()),
+            subresources=info.get("subresources", set()))
+    async with emulator, kmock.Server(emulator) as server:
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+            "clusters": [{"name": "emulator", "cluster": {"server": str(server.url).rstrip("/")}}],
+            "users": [{"name": "tester", "user": {"token": "not-a-secret"}}],
+            "contexts": [{"name": "emulator", "context": {"cluster": "emulator",
+                                                          "user": "tester"}}],
+        }))
+        yield emulator
+
+
+@contextlib.asynccontextmanager
+async def running_operator(*, standalone: bool = True, priority: int = 0,
+                           peering_name: str = "atlas-operator") -> AsyncIterator[asyncio.Task]:
+    """The real operator: kopf's runner with our handlers, in this event loop."""
+    import kopf
+
+    from atlas_operator import handlers
+
+    handlers.reset_client()
+    stop, ready = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(kopf.operator(
+        # kopf makes peering mandatory whenever a peering name is given, even standalone.
+        clusterwide=True, standalone=standalone, priority=priority,
+        peering_name=None if standalone else peering_name,
+        stop_flag=stop, ready_flag=ready))
+    await asyncio.wait_for(ready.wait(), timeout=15)
+    try:
+        yield task
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=15)
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0,
+                     message: str = "condition") -> Any:
+    """Poll `check` until it returns something truthy (and return it) or fail."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            result = check()
+        except (KeyError, TypeError, IndexError):
+            result = None
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        await asyncio.sleep(0.05)

@@ -1,0 +1,232 @@
+"""End to end: the real operator (kopf's runner) against the Kubernetes emulator on loopback."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from atlas_operator import LAST_APPLIED_ANNOTATION, PUBLISHED_VERSION_ANNOTATION
+from operator_harness import NAMESPACE, ApiServer, eventually, running_operator
+
+ENDPOINTS = f"/apis/atlas.ai/v1alpha1/namespaces/{NAMESPACE}/atlasendpoints"
+NAME = "coder"
+CHILDREN = {  # resource -> names the operator must create for NAME
+    "apps/v1/deployments": [NAME],
+    "v1/services": [NAME],
+    "v1/configmaps": [f"{NAME}-rollout"],
+    "v1/persistentvolumeclaims": [f"{NAME}-data"],
+    "batch/v1/jobs": [f"{NAME}-trainer"],
+    "v1/serviceaccounts": [f"{NAME}-trainer"],
+    "rbac.authorization.k8s.io/v1/roles": [f"{NAME}-trainer"],
+    "rbac.authorization.k8s.io/v1/rolebindings": [f"{NAME}-trainer"],
+}
+
+
+def endpoint(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "apiVersion": "atlas.ai/v1alpha1", "kind": "AtlasEndpoint",
+        "metadata": {"name": NAME, "namespace": NAMESPACE},
+        "spec": {"model": {"source": "Qwen/Qwen2.5-Coder-1.5B-Instruct"},
+                 "speculators": {"static": {"model": "Qwen/Qwen2.5-Coder-0.5B-Instruct"}},
+                 "rollout": {"canaryFraction": 0}},
+    }
+    body["spec"].update(spec)
+    return body
+
+
+async def send(api: ApiServer, method: str, path: str, body: Any) -> dict[str, Any]:
+    content_type = "application/json" if method == "POST" else "application/merge-patch+json"
+    async with api.clients[0].request(method, path, json=body,
+                                      headers={"Content-Type": content_type}) as response:
+        assert response.status < 300, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+
+def condition(api: ApiServer, type_: str) -> dict[str, Any] | None:
+    body = api.get("atlas.ai/v1alpha1/atlasendpoints", NAME)
+    for cond in ((body or {}).get("status") or {}).get("conditions", []):
+        if cond["type"] == type_:
+            return dict(cond)
+    return None
+
+
+def all_children_exist(api: ApiServer) -> bool:
+    return all(api.get(res, name) for res, names in CHILDREN.items() for name in names)
+
+
+async def test_create_renders_children_with_specs_and_owner_references(
+        apiserver: ApiServer, operator: Any) -> None:
+    created = await send(apiserver, "POST", ENDPOINTS, endpoint(replicas=2))
+    uid = created["metadata"]["uid"]
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+
+    for resource, names in CHILDREN.items():
+        for name in names:
+            child = apiserver.get(resource, name)
+            assert child is not None
+            refs = child["metadata"]["ownerReferences"]
+            assert refs == [{"apiVersion": "atlas.ai/v1alpha1", "kind": "AtlasEndpoint",
+                             "name": NAME, "uid": uid, "controller": True,
+                             "blockOwnerDeletion": True}], resource
+
+    deployment = apiserver.get("apps/v1/deployments", NAME)
+    pod = deployment["spec"]["template"]["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    sglang, sidecar = pod["containers"]
+    assert (sglang["name"], sidecar["name"]) == ("sglang", "sidecar")
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
+    assert "--sglang-url" in sidecar["args"] and "http://127.0.0.1:30000" in sidecar["args"]
+    assert {"name": "rollout", "configMap": {"name": f"{NAME}-rollout"}} in pod["volumes"]
+    assert sidecar["readinessProbe"]["grpc"] == {"port": 50051}
+
+    service = apiserver.get("v1/services", NAME)
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {"grpc": 50051,
+                                                                       "metrics": 9090}
+    job = apiserver.get("batch/v1/jobs", f"{NAME}-trainer")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:5] == ["trainer", "--mirror-dir", "/data/mirror", "--weights-dir",
+                        "/data/weights"]
+    assert apiserver.get("v1/configmaps", f"{NAME}-rollout")["data"]["weight-version"] == ""
+
+
+async def test_status_follows_the_deployment_becoming_ready(
+        apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    pending = await eventually(lambda: condition(apiserver, "Ready")["reason"] == "PodsNotReady"
+                               and condition(apiserver, "Ready"), message="Ready=PodsNotReady")
+    assert pending["status"] == "False"
+
+    # The Deployment controller reports the pod ready.
+    await send(apiserver, "PATCH", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{NAME}"
+               "/status", {"status": {"replicas": 1, "readyReplicas": 1,
+                                      "availableReplicas": 1}})
+    ready = await eventually(lambda: condition(apiserver, "Ready")["status"] == "True"
+                             and condition(apiserver, "Ready"), message="Ready=True")
+    assert ready["reason"] == "Serving"
+    assert condition(apiserver, "TargetReady")["status"] == "True"
+    assert condition(apiserver, "SidecarReady")["status"] == "True"
+    status = apiserver.get("atlas.ai/v1alpha1/atlasendpoints", NAME)["status"]
+    assert status["readyReplicas"] == 1 and status["replicas"] == 1
+    assert status["observedGeneration"] == 1
+    assert status["selector"] == "app.kubernetes.io/component=serving,atlas.ai/endpoint=coder"
+
+
+async def test_spec_change_updates_children_in_place(apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    before = copy.deepcopy(apiserver.get("apps/v1/deployments", NAME))
+    posts_before = apiserver.count_requests("POST", "apps/v1/deployments")
+
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+               {"spec": {"replicas": 3, "controller": {"maxLookahead": 5},
+                         "placement": {"nodeSelector": {"pool": "b200-spot"}}}})
+
+    def updated() -> dict[str, Any] | None:
+        d = apiserver.get("apps/v1/deployments", NAME)
+        return d if d and d["spec"]["replicas"] == 3 else None
+
+    after = await eventually(updated, message="Deployment patched")
+    assert after["metadata"]["uid"] == before["metadata"]["uid"]  # same object, patched
+    assert apiserver.count_requests("POST", "apps/v1/deployments") == posts_before
+    sidecar_args = after["spec"]["template"]["spec"]["containers"][1]["args"]
+    assert sidecar_args[sidecar_args.index("--max-lookahead") + 1] == "5"
+    # A map key removed from the spec is removed from the child (the merge patch nulls it).
+    assert after["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "b200-spot"}
+    await eventually(lambda: apiserver.get("atlas.ai/v1alpha1/atlasendpoints", NAME)
+                     ["status"].get("observedGeneration") == 2, message="observedGeneration 2")
+
+
+async def test_new_weight_version_updates_configmap_without_touching_pods(
+        apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    template_before = copy.deepcopy(apiserver.get("apps/v1/deployments", NAME)["spec"]["template"])
+    deployment_patches = apiserver.count_requests("PATCH", "apps/v1/deployments")
+
+    # The trainer reports through the status subresource...
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}/status",
+               {"status": {"latestPublishedVersion": "w-0001",
+                           "acceptLengthByVersion": {"w-0001": 3.25}}})
+    cm = await eventually(lambda: apiserver.get("v1/configmaps", f"{NAME}-rollout")["data"]
+                          ["weight-version"] == "w-0001", message="ConfigMap weight-version")
+    assert cm
+    # ...or through the annotation, which wins.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+               {"metadata": {"annotations": {PUBLISHED_VERSION_ANNOTATION: "w-0002"}}})
+    await eventually(lambda: apiserver.get("v1/configmaps", f"{NAME}-rollout")["data"]
+                     ["weight-version"] == "w-0002", message="ConfigMap weight-version w-0002")
+
+    status = await eventually(lambda: (s := apiserver.get("atlas.ai/v1alpha1/atlasendpoints",
+                                                           NAME)["status"])
+                              .get("servingWeightVersion") == "w-0002" and s,
+                              message="status.servingWeightVersion")
+    assert status["latestPublishedVersion"] == "w-0002"
+    deployment = apiserver.get("apps/v1/deployments", NAME)
+    assert deployment["spec"]["template"] == template_before
+    assert apiserver.count_requests("PATCH", "apps/v1/deployments") == deployment_patches
+    promoted = [e for e in apiserver.live("v1/events") if e.get("reason") == "WeightsPromoted"]
+    assert {e["message"] for e in promoted} >= {"serving weight version w-0002"}
+
+
+async def test_invalid_spec_sets_condition_and_event_without_children(
+        apiserver: ApiServer, operator: Any) -> None:
+    bad = endpoint(serving={"tensorParallelSize": 4})  # 4 GPUs' worth of TP on 1 GPU
+    await send(apiserver, "POST", ENDPOINTS, bad)
+    ready = await eventually(lambda: condition(apiserver, "Ready"), message="Ready condition")
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "placement.gpuCount must be at least serving.tensorParallelSize" in ready["message"]
+    events = await eventually(lambda: [e for e in apiserver.live("v1/events")
+                                       if e.get("reason") == "InvalidSpec"], message="event")
+    assert events[0]["type"] == "Warning"
+    assert events[0]["involvedObject"]["name"] == NAME
+    assert apiserver.get("apps/v1/deployments", NAME) is None
+
+    # Still alive, not crash-looping: fixing the spec brings the children.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}", {"spec": {"placement": {"gpuCount": 4}}})
+    await eventually(lambda: all_children_exist(apiserver), message="children after the fix")
+    assert len([e for e in apiserver.live("v1/events") if e.get("reason") == "InvalidSpec"]) == 1
+
+
+async def test_delete_removes_children(apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    async with apiserver.clients[0].delete(f"{ENDPOINTS}/{NAME}") as response:
+        assert response.status < 300
+    await eventually(lambda: not any(apiserver.live(res) for res in CHILDREN),
+                     message="children gone")
+    assert apiserver.get("atlas.ai/v1alpha1/atlasendpoints", NAME) is None
+
+
+async def test_restart_mid_way_converges_without_duplicates(apiserver: ApiServer) -> None:
+    # The first operator dies while the apiserver refuses Jobs: it got half-way.
+    apiserver.fail_creates.add("jobs")
+    async with running_operator():
+        await send(apiserver, "POST", ENDPOINTS, endpoint())
+        await eventually(lambda: apiserver.get("apps/v1/deployments", NAME),
+                         message="Deployment from the first operator")
+        await eventually(lambda: apiserver.count_requests("POST", "batch/v1/jobs") >= 1,
+                         message="a refused Job")
+    assert apiserver.get("batch/v1/jobs", f"{NAME}-trainer") is None
+    deployment_uid = apiserver.get("apps/v1/deployments", NAME)["metadata"]["uid"]
+
+    apiserver.fail_creates.clear()
+    async with running_operator():
+        await eventually(lambda: all_children_exist(apiserver), message="converged")
+    for resource, names in CHILDREN.items():
+        assert [o["metadata"]["name"] for o in apiserver.live(resource)] == names
+    assert apiserver.get("apps/v1/deployments", NAME)["metadata"]["uid"] == deployment_uid
+    assert apiserver.count_requests("POST", "apps/v1/deployments") == 1
+
+
+@pytest.mark.parametrize("field", ["data"])
+async def test_last_applied_annotation_excludes_rollout_data(
+        apiserver: ApiServer, operator: Any, field: str) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    cm = await eventually(lambda: apiserver.get("v1/configmaps", f"{NAME}-rollout"),
+                          message="ConfigMap")
+    assert field not in cm["metadata"]["annotations"][LAST_APPLIED_ANNOTATION]
