@@ -68,9 +68,7 @@ class ServingStats:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter("atlas_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.completion_tokens = Counter(
-            "atlas_completion_tokens", "Tokens generated", registry=r
-        )
+        self.completion_tokens = Counter("atlas_completion_tokens", "Tokens generated", registry=r)
         self.tokens_per_s = Gauge(
             "atlas_tokens_per_second",
             f"Tokens generated per second over the last {TOKENS_PER_S_WINDOW_S:.0f} s",

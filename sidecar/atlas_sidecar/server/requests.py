@@ -107,9 +107,7 @@ def _prompt(request: pb.GenerateRequest, limits: Limits) -> PromptInput:
     raise RequestError("input", "one of prompt, messages or prompt_token_ids is required")
 
 
-def _messages(
-    messages: list[pb.ChatMessage], limits: Limits
-) -> tuple[tuple[str, str], ...]:
+def _messages(messages: list[pb.ChatMessage], limits: Limits) -> tuple[tuple[str, str], ...]:
     if not messages:
         raise RequestError("messages", "must hold at least one message")
     if len(messages) > limits.max_messages:

@@ -268,7 +268,10 @@ class AtlasService:
             tokens_per_second=self.stats.recent_tokens_per_s(),
             speculators=[
                 pb.SpeculatorStats(
-                    name=name, steps=t.steps, drafted=t.drafted, accepted=t.accepted,
+                    name=name,
+                    steps=t.steps,
+                    drafted=t.drafted,
+                    accepted=t.accepted,
                     accept_len=t.accept_len,
                 )  # fmt: skip
                 for name, t in sorted(snap.speculators.items())

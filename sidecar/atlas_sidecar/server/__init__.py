@@ -1,0 +1,1 @@
+"""The gRPC sidecar: the atlas.v1 service around one Engine (``atlas serve``)."""
