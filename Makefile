@@ -31,7 +31,7 @@ demo: venv
 	$(BIN)/atlas demo
 
 test: venv tools
-	$(BIN)/atlas models pull smollm2-135m-instruct
+	$(BIN)/atlas models pull smollm2-135m-instruct qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	# pytest exits 5 when nothing was collected: not a failure.
 	$(BIN)/python -m pytest -q tests || [ $$? -eq 5 ]
 
