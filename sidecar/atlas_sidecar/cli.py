@@ -12,6 +12,12 @@ from typing import Any
 from atlas_sidecar import models
 from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from atlas_sidecar.errors import RequestError
+from atlas_sidecar.server.commands import (
+    add_generate_endpoint_args,
+    add_loadtest_parser,
+    add_serve_parser,
+    generate_remote,
+)
 from atlas_sidecar.workloads import WorkloadError
 
 SPECULATORS = ("none", "static")
@@ -56,6 +62,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from atlas_sidecar.sampling import SamplingParams
     from atlas_sidecar.workloads import encode
 
+    if args.endpoint:
+        return generate_remote(args)
     _quiet_libraries()
     engine = _build_engine(args)
     params = SamplingParams(
@@ -160,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     _add_model_args(p)
+    add_generate_endpoint_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmark modes side by side; prints a table, writes JSON")
@@ -177,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=96)
     _add_model_args(p)
     p.set_defaults(func=cmd_demo)
+
+    add_serve_parser(sub, _add_model_args)
+    add_loadtest_parser(sub)
     return parser
 
 

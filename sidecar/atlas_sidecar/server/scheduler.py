@@ -184,7 +184,7 @@ class Scheduler:
                 self._cond.wait()
             if self._stopping:
                 return None
-            admitted = []
+            admitted: list[Job] = []
             while self._pending and len(self._active) + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
             return admitted

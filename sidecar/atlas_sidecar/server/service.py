@@ -134,7 +134,9 @@ class AtlasService:
                     request_id=parsed.request_id,
                     text=event.result.text,
                     token_ids=event.result.token_ids,
-                    finish_reason=_FINISH.get(event.result.finish_reason, 0),
+                    finish_reason=_FINISH.get(
+                        event.result.finish_reason, pb.FINISH_REASON_UNSPECIFIED
+                    ),
                     usage=_usage(event.result, event.ttft_s),
                     weight_version=self.weights.serving,
                 )
@@ -153,7 +155,9 @@ class AtlasService:
                     request_id=parsed.request_id,
                     text=event.text,
                     token_ids=event.token_ids,
-                    finish_reason=_FINISH.get(event.result.finish_reason, 0),
+                    finish_reason=_FINISH.get(
+                        event.result.finish_reason, pb.FINISH_REASON_UNSPECIFIED
+                    ),
                     usage=_usage(event.result, event.ttft_s),
                     weight_version=self.weights.serving,
                 )

@@ -1,0 +1,269 @@
+"""The sidecar's subcommands: ``atlas serve``, ``atlas loadtest``, ``atlas generate --endpoint``.
+
+Parsers are registered without importing grpc or torch, so ``atlas --help`` stays fast;
+each command imports what it needs when it runs. Tokens come from files or the
+environment, never from the command line (where ``ps`` would show them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+AUTH_TOKEN_ENV = "ATLAS_AUTH_TOKEN"
+ADMIN_TOKEN_ENV = "ATLAS_ADMIN_TOKEN"
+BACKENDS = ("torch",)
+SPECULATORS = ("static", "none")
+
+
+def _read_token(path: str | None, env: str) -> str | None:
+    if path:
+        token = Path(path).read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"token file {path} is empty")
+        return token
+    return os.environ.get(env) or None
+
+
+# -- atlas serve ------------------------------------------------------------------------
+
+
+def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("serve", help="run the gRPC sidecar (atlas.v1) around the engine")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    p.add_argument("--backend", default="torch", help="target backend: torch (sglang: later)")
+    p.add_argument("--sglang-url", help="the SGLang server, for --backend sglang")
+    p.add_argument("--speculator", choices=SPECULATORS, default="static")
+    p.add_argument("--draft-num-layers", type=int,
+                   help="draft with the target's first N layers, not --draft")  # fmt: skip
+    add_model_args(p)
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoding at once")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a slot before RESOURCE_EXHAUSTED")  # fmt: skip
+    # Defaults (None) are the server's own Limits: one source of truth.
+    p.add_argument("--max-prompt-tokens", type=int, help="default 8192")
+    p.add_argument("--max-prompt-chars", type=int, help="default 100000")
+    p.add_argument("--max-tokens-limit", type=int,
+                   help="largest max_tokens a request may ask for (default 4096)")  # fmt: skip
+    p.add_argument("--max-message-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-concurrent-streams", type=int, default=256, help="per connection")
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics; 0: off")
+    p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="CA for client certificates: mutual TLS")
+    p.add_argument("--auth-token-file",
+                   help=f"bearer token required on every RPC (or ${AUTH_TOKEN_ENV})")  # fmt: skip
+    p.add_argument("--admin-token-file",
+                   help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}; default: auth's)")  # fmt: skip
+    p.add_argument("--weight-version-file", default="/etc/atlas/rollout/weight-version",
+                   help="the rollout ConfigMap's weight version (read if present)")  # fmt: skip
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM")  # fmt: skip
+    p.add_argument("--log-prompts", action="store_true", help="log prompt text (off: privacy)")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+
+def server_config_from_args(args: argparse.Namespace) -> Any:
+    from atlas_sidecar.server.app import ServerConfig, TlsConfig
+
+    if args.backend not in BACKENDS:
+        raise ValueError(
+            f"backend {args.backend!r} is not available yet; use one of: {', '.join(BACKENDS)}"
+        )
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        tls = TlsConfig(
+            Path(args.tls_cert),
+            Path(args.tls_key),
+            Path(args.tls_client_ca) if args.tls_client_ca else None,
+        )
+    elif args.tls_client_ca:
+        raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_message_bytes=args.max_message_bytes,
+        max_concurrent_streams=args.max_concurrent_streams,
+        limits=_limits(args),
+        tls=tls,
+        auth_token=_read_token(args.auth_token_file, AUTH_TOKEN_ENV),
+        admin_token=_read_token(args.admin_token_file, ADMIN_TOKEN_ENV),
+        weight_version_file=Path(args.weight_version_file) if args.weight_version_file else None,
+        drain_timeout_s=args.drain_timeout,
+        log_prompts=args.log_prompts,
+        target_model=args.target,
+    )
+
+
+def _limits(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from atlas_sidecar.server.requests import Limits
+
+    given = {
+        "max_prompt_chars": args.max_prompt_chars,
+        "max_prompt_tokens": args.max_prompt_tokens,
+        "max_tokens": args.max_tokens_limit,
+    }
+    return replace(Limits(), **{k: v for k, v in given.items() if v is not None})
+
+
+def build_engine(args: argparse.Namespace) -> Any:
+    from atlas_sidecar.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.engine import Engine
+    from atlas_sidecar.speculators.static import StaticSpeculator
+
+    target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
+    speculator = None
+    if args.speculator == "static":
+        if args.draft_num_layers:
+            draft = CausalLMRunner.load(
+                args.target, dtype=args.dtype, device=args.device, num_layers=args.draft_num_layers
+            )
+        else:
+            draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
+        speculator = StaticSpeculator(draft)
+    return Engine(target, target.tokenizer, speculator, lookahead=args.lookahead)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from atlas_sidecar.server.app import serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = server_config_from_args(args)  # fail on bad flags before loading models
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    engine = build_engine(args)
+    asyncio.run(serve(engine, config))
+    return 0
+
+
+# -- the client side: endpoint flags, atlas generate --endpoint, atlas loadtest ---------
+
+
+def add_generate_endpoint_args(p: argparse.ArgumentParser) -> None:
+    """``atlas generate --endpoint host:port``: generate on a running sidecar."""
+    p.add_argument("--endpoint", help="a sidecar's host:port; generate there, not in-process")
+    add_endpoint_args(p)
+
+
+def add_endpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
+    p.add_argument("--tls-ca", help="CA certificate (PEM) to trust; implies --tls")
+    p.add_argument("--tls-cert", dest="client_cert", help="client certificate: mutual TLS")
+    p.add_argument("--tls-key", dest="client_key", help="client private key: mutual TLS")
+    p.add_argument("--token-file", help=f"bearer token (or ${AUTH_TOKEN_ENV})")
+    p.add_argument("--timeout", type=float, help="deadline per request, seconds")
+
+
+def client_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "token": _read_token(args.token_file, AUTH_TOKEN_ENV),
+        "tls": args.tls,
+        "ca_cert": Path(args.tls_ca) if args.tls_ca else None,
+        "client_cert": Path(args.client_cert) if args.client_cert else None,
+        "client_key": Path(args.client_key) if args.client_key else None,
+    }
+
+
+def generate_remote(args: argparse.Namespace) -> int:
+    """``atlas generate --endpoint``: the same output as local generation, from a sidecar."""
+    from atlas_sidecar.client import AtlasClient, AtlasError
+    from atlas_sidecar.errors import RequestError
+
+    if not args.prompt.strip():
+        raise RequestError("prompt", "must not be empty")
+    sampling = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+        "stop": tuple(args.stop or ()),
+    }
+    if args.raw:
+        prompt = {"prompt": args.prompt}
+    else:
+        prompt = {"messages": [{"role": "user", "content": args.prompt}]}
+    try:
+        with AtlasClient(args.endpoint, timeout=args.timeout, **client_settings(args)) as client:
+            result = client.generate(**prompt, **sampling)
+    except AtlasError as exc:
+        print(f"atlas: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.text)
+    usage = result.usage
+    stats = {
+        "completion_tokens": usage.completion_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "target_forwards": usage.target_forwards,
+        "drafted": usage.drafted,
+        "accepted": usage.accepted,
+        "accept_len": round(usage.accept_len, 3),
+        "speculators": [s.name for s in usage.speculators],
+        "elapsed_s": round(usage.elapsed_s, 4),
+        "endpoint": args.endpoint,
+    }
+    print(json.dumps(stats), file=sys.stderr)
+    return 0
+
+
+def add_loadtest_parser(sub: Any) -> None:
+    p = sub.add_parser("loadtest", help="closed-loop load on sidecars: throughput, p50/p99")
+    p.add_argument("--endpoint", action="append", required=True,
+                   help="[name=]host:port; repeat to compare (spec=... plain=...)")  # fmt: skip
+    p.add_argument("--concurrency", default="1,4,8,16", help="comma-separated client counts")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per level")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--workload", default="python", help="python, rust, chat or drift")
+    p.add_argument("--prompts", type=int, default=16, help="distinct prompts (cycled)")
+    p.add_argument("--out", default="bench-out/loadtest.json", help="JSON output path")
+    add_endpoint_args(p)
+    p.set_defaults(func=cmd_loadtest)
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from atlas_sidecar import loadtest, workloads
+
+    endpoints = loadtest.parse_endpoints(args.endpoint)
+    levels = loadtest.parse_levels(args.concurrency)
+    loaders = {
+        "python": workloads.humaneval,
+        "rust": workloads.humaneval_rust,
+        "chat": workloads.mtbench,
+        "drift": lambda n: workloads.drift(max(1, n // 3)),
+    }
+    if args.workload not in loaders:
+        raise ValueError(f"unknown workload {args.workload!r}; use one of {', '.join(loaders)}")
+    prompts = loaders[args.workload](args.prompts)
+    print(f"{len(prompts)} {args.workload} prompts, {args.max_tokens} new tokens, "
+          f"{args.duration:.0f} s per level\n{loadtest.HEADER}", flush=True)  # fmt: skip
+    rows = asyncio.run(
+        loadtest.run(
+            endpoints, prompts, levels, args.duration, args.max_tokens, client_settings(args)
+        )
+    )
+    config = {k: v for k, v in vars(args).items() if k != "func" and "token" not in k}
+    loadtest.write_json(rows, Path(args.out), config)
+    print(f"wrote {args.out}")
+    return 0 if all(r.errors == 0 for r in rows) else 1
