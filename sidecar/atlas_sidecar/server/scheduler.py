@@ -150,6 +150,10 @@ class Scheduler:
             self._thread.join(timeout)
 
     @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
     def queued(self) -> int:
         return len(self._pending)
 
