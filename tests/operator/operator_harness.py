@@ -20,7 +20,6 @@ os.environ.setdefault("ATLAS_RETRY_SECONDS", "0.5")
 import attrs  # noqa: E402
 import jsonpatch  # noqa: E402
 import kmock  # noqa: E402
-import pytest  # noqa: E402
 import yaml  # noqa: E402
 from kmock._internal import enums, rendering  # noqa: E402
 
@@ -56,8 +55,9 @@ VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 class ApiServer(kmock.KubernetesEmulator):
     """kmock's emulator plus the few apiserver behaviours the operator relies on:
 
-    - metadata stamping (uid, resourceVersion, creationTimestamp, generation that moves
-      only when .spec changes): kmock stamps nothing, and ownerReferences need uids;
+    - metadata stamping (name from generateName, uid, resourceVersion, creationTimestamp,
+      generation that moves only when .spec changes): kmock stamps nothing, and
+      ownerReferences need uids;
     - the garbage collector: deleting an owner deletes everything whose ownerReferences
       name its uid (this is how a real cluster removes an endpoint's children);
     - injected failures: `fail_creates` makes POSTs of those plurals answer 503 without
@@ -75,6 +75,8 @@ class ApiServer(kmock.KubernetesEmulator):
                     raise kmock.KubernetesError(status=503, reason="ServiceUnavailable",
                                                 message="injected failure")
                 meta = request.data.setdefault("metadata", {})
+                if not meta.get("name") and meta.get("generateName"):  # kopf's events use it
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("creationTimestamp",
                                 dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
@@ -101,7 +103,8 @@ class ApiServer(kmock.KubernetesEmulator):
             # A real apiserver answers a failed JSON-patch `test` (kopf's optimistic
             # concurrency) with 422, which kopf expects; kmock would answer 500.
             raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from e
-        if request.action == enums.action.DELETE and request.name and response.status < 300:
+        # An owner goes away on DELETE, or on the PATCH that drops its last finalizer.
+        if request.action in (enums.action.DELETE, enums.action.UPDATE) and request.name:
             await self._collect_garbage()
         return response
 
@@ -183,7 +186,6 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
                            peering_name: str = "atlas-operator") -> AsyncIterator[asyncio.Task]:
     """The real operator: kopf's runner with our handlers, in this event loop."""
     import kopf
-
     from atlas_operator import handlers
 
     handlers.reset_client()

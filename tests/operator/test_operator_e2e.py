@@ -5,9 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-import pytest
-
-from atlas_operator import LAST_APPLIED_ANNOTATION, PUBLISHED_VERSION_ANNOTATION
+from atlas_operator import PUBLISHED_VERSION_ANNOTATION
 from operator_harness import NAMESPACE, ApiServer, eventually, running_operator
 
 ENDPOINTS = f"/apis/atlas.ai/v1alpha1/namespaces/{NAMESPACE}/atlasendpoints"
@@ -221,12 +219,3 @@ async def test_restart_mid_way_converges_without_duplicates(apiserver: ApiServer
         assert [o["metadata"]["name"] for o in apiserver.live(resource)] == names
     assert apiserver.get("apps/v1/deployments", NAME)["metadata"]["uid"] == deployment_uid
     assert apiserver.count_requests("POST", "apps/v1/deployments") == 1
-
-
-@pytest.mark.parametrize("field", ["data"])
-async def test_last_applied_annotation_excludes_rollout_data(
-        apiserver: ApiServer, operator: Any, field: str) -> None:
-    await send(apiserver, "POST", ENDPOINTS, endpoint())
-    cm = await eventually(lambda: apiserver.get("v1/configmaps", f"{NAME}-rollout"),
-                          message="ConfigMap")
-    assert field not in cm["metadata"]["annotations"][LAST_APPLIED_ANNOTATION]

@@ -1,0 +1,342 @@
+"""kopf handlers: reconcile AtlasEndpoints into children, roll out weights, report status.
+
+One path does all the work, `reconcile()`, called from:
+  - create / update / resume of an endpoint, and a periodic timer (drift, trainer rounds,
+    canary clocks): full reconcile, children applied;
+  - any event of an endpoint (e.g. the trainer patched a published version) and any event
+    of an owned Deployment or Job: rollout and status only.
+Every step is idempotent: reading is cheap, writing happens only when something differs.
+Handlers are sync (kopf runs them in its thread pool); a per-endpoint lock keeps a timer and
+an event from interleaving on the same endpoint.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
+
+from atlas_operator import API_VERSION, GROUP, KIND, MANAGED_BY, PLURAL, VERSION
+from atlas_operator import rollout as rollouts
+from atlas_operator import status as statuses
+from atlas_operator.kube import Kube, apply, load_api_client
+from atlas_operator.render import (
+    Owner,
+    owner_from_body,
+    render_children,
+    render_trainer_job,
+    rollout_configmap_name,
+    selector_labels,
+    selector_string,
+    trainer_name,
+)
+from atlas_operator.spec import InvalidSpecError, validate_spec
+
+RESYNC_SECONDS = float(os.environ.get("ATLAS_RESYNC_SECONDS", "30"))
+RETRY_SECONDS = float(os.environ.get("ATLAS_RETRY_SECONDS", "15"))
+MAX_WORKERS = int(os.environ.get("ATLAS_MAX_WORKERS", "8"))
+
+_kube: Kube | None = None
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def kube() -> Kube:
+    global _kube
+    if _kube is None:
+        _kube = Kube(load_api_client())
+    return _kube
+
+
+def reset_client() -> None:
+    """Forget the API client (tests start a fresh operator against a fresh emulator)."""
+    global _kube
+    _kube = None
+    with _locks_guard:
+        _locks.clear()
+
+
+def _lock(namespace: str, name: str) -> threading.Lock:
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+# --- kopf wiring -----------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress and diff-base in annotations, not in .status: the status schema is
+    # structural and would prune kopf's fields.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    # Only warnings become Kubernetes Events by themselves; the rest we post on purpose.
+    settings.posting.level = logging.WARNING
+    settings.execution.max_workers = MAX_WORKERS
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+
+
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    # kopf's own readers; the same sources load_api_client() uses.
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return kopf.login_with_service_account(**kwargs)
+    return kopf.login_with_kubeconfig(**kwargs)
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+def on_endpoint_changed(body: kopf.Body, **_: Any) -> None:
+    reconcile(body["metadata"]["namespace"], body["metadata"]["name"], apply_children=True)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS)
+def on_resync(body: kopf.Body, **_: Any) -> None:
+    reconcile(body["metadata"]["namespace"], body["metadata"]["name"], apply_children=True)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def on_endpoint_event(event: Mapping[str, Any], body: kopf.Body, **_: Any) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    if event.get("type") == "DELETED":
+        # The children go with it: their ownerReferences hand them to the garbage collector.
+        with _locks_guard:
+            _locks.pop((namespace, name), None)
+        return
+    reconcile(namespace, name, apply_children=False)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+@kopf.on.event("batch", "v1", "jobs", labels={"app.kubernetes.io/managed-by": MANAGED_BY})
+def on_child_event(body: kopf.Body, **_: Any) -> None:
+    owner = next((ref for ref in body["metadata"].get("ownerReferences") or []
+                  if ref.get("kind") == KIND and ref.get("apiVersion") == API_VERSION), None)
+    if owner is not None:
+        reconcile(body["metadata"]["namespace"], owner["name"], apply_children=False)
+
+
+# --- the reconcile path ----------------------------------------------------------------
+
+
+def reconcile(namespace: str, name: str, apply_children: bool) -> None:
+    """Bring one endpoint's children, rollout and status up to date."""
+    with _lock(namespace, name):
+        api = kube()
+        try:
+            body = api.get(API_VERSION, KIND, namespace, name)  # fresh: timers hold old bodies
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return
+            _reconcile(api, body, apply_children)
+        except ApiException as e:
+            if e.status in (409, 429) or e.status >= 500:
+                raise kopf.TemporaryError(f"API {e.status}: {e.reason}",
+                                          delay=RETRY_SECONDS) from e
+            raise
+
+
+def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
+    owner = owner_from_body(body)
+    status: dict[str, Any] = dict(body.get("status") or {})
+    generation = body["metadata"].get("generation")
+    now = _now()
+    try:
+        spec = validate_spec(body.get("spec") or {})
+    except InvalidSpecError as e:
+        _report_failure(api, body, status, "InvalidSpec", f"invalid spec: {e}", generation)
+        return
+
+    trainer_status = dict(status.get("trainer") or {})
+    if apply_children:
+        try:
+            for child in render_children(owner, spec):
+                _apply_child(api, child)
+            trainer_status = _sync_trainer(api, body, owner, spec, trainer_status, now)
+        except ApiException as e:
+            if e.status in (400, 403, 422):
+                # The apiserver rejected what the spec renders to (say, a bad quantity):
+                # retrying at once would not help. Report it; the resync timer retries.
+                _report_failure(api, body, status, "ApplyFailed",
+                                f"a child was rejected ({e.status}): {_api_message(e)}",
+                                generation)
+                return
+            raise
+    else:
+        trainer_status = _observe_trainer(api, owner, spec, trainer_status)
+
+    configmap = api.get("v1", "ConfigMap", owner.namespace, rollout_configmap_name(owner))
+    published = rollouts.published_version(body["metadata"].get("annotations") or {}, status)
+    accept = {str(k): float(v) for k, v in (status.get("acceptLengthByVersion") or {}).items()}
+    plan = None
+    if configmap is not None:
+        state = rollouts.state_from(configmap.get("data") or {}, status)
+        plan = rollouts.plan_rollout(spec["rollout"], state, published, accept, now)
+        data = plan.configmap_data()
+        if (configmap.get("data") or {}) != data:
+            # Only the data changes: the pod template is untouched, so no pod restarts.
+            api.patch("v1", "ConfigMap", owner.namespace, configmap["metadata"]["name"],
+                      {"data": data})
+        for event in plan.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+
+    deployment = api.get("apps/v1", "Deployment", owner.namespace, owner.name)
+    ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
+    pods = [] if deployment is None or ready >= spec["replicas"] else \
+        api.list("v1", "Pod", owner.namespace, selector_labels(owner))
+
+    conditions = list(status.get("conditions") or [])
+    stamp = rollouts.format_time(now)
+    for type_, (ok, reason, message) in statuses.serving_conditions(
+            spec["replicas"], deployment, pods).items():
+        conditions = statuses.set_condition(conditions, type_, ok, reason, message, stamp,
+                                            generation)
+    ok, reason, message = statuses.trainer_condition(
+        spec["trainer"]["enabled"], trainer_status.get("phase", "Pending"),
+        int(trainer_status.get("restarts") or 0), trainer_status.pop("message", ""))
+    conditions = statuses.set_condition(conditions, "TrainerReady", ok, reason, message, stamp,
+                                        generation)
+    rejected = list(plan.state.rejected) if plan else list(
+        (status.get("rollout") or {}).get("rejectedVersions") or [])
+    ok, reason, message = statuses.degraded_condition(
+        published, rejected, int(trainer_status.get("restarts") or 0))
+    conditions = statuses.set_condition(conditions, "SpeculatorDegraded", ok, reason, message,
+                                        stamp, generation)
+
+    serving = plan.state.serving if plan else status.get("servingWeightVersion", "")
+    desired: dict[str, Any] = {
+        "replicas": int(((deployment or {}).get("status") or {}).get("replicas") or 0),
+        "readyReplicas": ready,
+        "selector": selector_string(owner),
+        "servingWeightVersion": serving or None,
+        "canaryWeightVersion": (plan.state.canary or None) if plan else None,
+        "latestPublishedVersion": published or None,
+        "recentAcceptLength": accept.get(serving) if serving else None,
+        "trainer": trainer_status,
+        "conditions": conditions,
+    }
+    if plan is not None:
+        desired["rollout"] = rollouts.rollout_status(plan)
+    if apply_children:  # the generation is reconciled only once its children are applied
+        desired["observedGeneration"] = generation
+    _patch_status(api, owner, status, desired)
+
+
+def _apply_child(api: Kube, child: dict[str, Any]) -> None:
+    kind = child["kind"]
+    if kind == "ConfigMap":
+        apply(api, child, create_only=("data",))  # data belongs to the rollout logic
+    elif kind == "PersistentVolumeClaim":
+        applied = apply(api, child, create_only=("spec",))  # a PVC spec is immutable...
+        _grow_pvc(api, child, applied.object)  # ...except that its size may grow
+    else:
+        apply(api, child)
+
+
+def _grow_pvc(api: Kube, desired: dict[str, Any], live: dict[str, Any]) -> None:
+    want = desired["spec"]["resources"]["requests"]["storage"]
+    have = ((live.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage")
+    if have is not None and parse_quantity(str(want)) > parse_quantity(str(have)):
+        meta = desired["metadata"]
+        api.patch("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"],
+                  {"spec": {"resources": {"requests": {"storage": want}}}})
+
+
+def _sync_trainer(api: Kube, body: dict[str, Any], owner: Owner, spec: dict[str, Any],
+                  trainer_status: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
+    """Keep one trainer Job: create it, recreate it after a finished round (schedule) or a
+    failure (exponential backoff), and delete it when the trainer is disabled."""
+    name = trainer_name(owner)
+    restarts = int(trainer_status.get("restarts") or 0)
+    if not spec["trainer"]["enabled"]:
+        api.delete("batch/v1", "Job", owner.namespace, name)
+        return {"phase": "Disabled", "restarts": 0}
+    desired = render_trainer_job(owner, spec)
+    live = api.get("batch/v1", "Job", owner.namespace, name)
+    job = statuses.job_state(live)
+    finished = job.finished_at or now
+    result: dict[str, Any] = {"phase": job.phase, "restarts": restarts, "message": job.message,
+                              "lastFinishedAt": rollouts.format_time(finished)
+                              if job.phase in ("Succeeded", "Failed") else
+                              trainer_status.get("lastFinishedAt")}
+    if job.phase == "Failed":
+        delay = statuses.restart_delay_s(spec["trainer"]["restartBackoffSeconds"], restarts)
+        if now < finished + dt.timedelta(seconds=delay):
+            result.update(phase="BackingOff",
+                          message=f"{job.message}; next attempt in "
+                                  f"{int((finished - now).total_seconds()) + delay}s")
+            return result
+        api.delete("batch/v1", "Job", owner.namespace, name)
+        apply(api, desired)
+        kopf.event(body, type="Warning", reason="TrainerRestarted",
+                   message=f"trainer Job failed; recreated (restart {restarts + 1})")
+        return {**result, "phase": "Pending", "restarts": restarts + 1,
+                "message": "trainer Job recreated after a failure"}
+    if job.phase == "Succeeded":
+        interval = spec["trainer"]["schedule"]["roundIntervalSeconds"]
+        if now >= finished + dt.timedelta(seconds=interval):
+            api.delete("batch/v1", "Job", owner.namespace, name)
+            apply(api, desired)
+            return {**result, "phase": "Pending", "restarts": 0,
+                    "message": "next training round started"}
+        return {**result, "restarts": 0}
+    # Pending or Running: make sure it matches the spec (its pod template is immutable, so a
+    # changed trainer spec recreates the Job).
+    apply(api, desired, recreate_on_change=("spec",))
+    return result
+
+
+def _observe_trainer(api: Kube, owner: Owner, spec: dict[str, Any],
+                     trainer_status: dict[str, Any]) -> dict[str, Any]:
+    if not spec["trainer"]["enabled"]:
+        return {"phase": "Disabled", "restarts": 0}
+    job = statuses.job_state(api.get("batch/v1", "Job", owner.namespace, trainer_name(owner)))
+    phase = trainer_status.get("phase")
+    # BackingOff is a decision of the full reconcile; an event must not erase it.
+    if not (job.phase == "Failed" and phase == "BackingOff"):
+        phase = job.phase
+    return {**trainer_status, "phase": phase, "message": job.message}
+
+
+def _report_failure(api: Kube, body: dict[str, Any], status: dict[str, Any], reason: str,
+                    message: str, generation: int | None) -> None:
+    """Ready=False with the reason, and a Warning event the first time it is seen: no crash
+    loop and no event storm while the spec stays broken."""
+    conditions = list(status.get("conditions") or [])
+    before = statuses.get_condition(conditions, "Ready")
+    conditions = statuses.set_condition(conditions, "Ready", False, reason, message,
+                                        rollouts.format_time(_now()), generation)
+    owner = owner_from_body(body)
+    _patch_status(api, owner, status, {"conditions": conditions,
+                                       "observedGeneration": generation})
+    if before is None or (before.get("reason"), before.get("message")) != (reason, message):
+        kopf.event(body, type="Warning", reason=reason, message=message)
+
+
+def _patch_status(api: Kube, owner: Owner, current: Mapping[str, Any],
+                  desired: Mapping[str, Any]) -> None:
+    patch = statuses.status_patch(current, desired)
+    if patch:
+        api.patch(API_VERSION, KIND, owner.namespace, owner.name, {"status": patch},
+                  subresource="status")
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)[:512]
+    except (ValueError, AttributeError):
+        return str(e.reason)

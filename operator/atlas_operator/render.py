@@ -1,0 +1,427 @@
+"""Pure functions that render an AtlasEndpoint's children from its (defaulted) spec.
+
+No API calls here: each function takes the endpoint's identity and spec and returns plain
+manifests, so the tests can check them without any Kubernetes. Children and their names:
+
+    Deployment  <name>              SGLang target + ATLAS sidecar per pod
+    Service     <name>              gRPC (sidecar.port) and metrics (sidecar.metricsPort)
+    ConfigMap   <name>-rollout      weight version the sidecars serve (changed hot)
+    PVC         <name>-data         /data/weights (adaptive weights), /data/mirror (traffic)
+    Job         <name>-trainer      `atlas trainer`, when trainer.enabled
+    ServiceAccount/Role/RoleBinding <name>-trainer   lets the trainer report new versions
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from atlas_operator import (
+    API_VERSION,
+    CANARY_FRACTION_KEY,
+    CANARY_VERSION_KEY,
+    GROUP,
+    KIND,
+    MANAGED_BY,
+    PLURAL,
+    ROLLOUT_MOUNT_PATH,
+    WEIGHT_VERSION_KEY,
+)
+
+Manifest = dict[str, Any]
+Spec = Mapping[str, Any]
+
+DATA_MOUNT_PATH = "/data"
+WEIGHTS_DIR = f"{DATA_MOUNT_PATH}/weights"
+MIRROR_DIR = f"{DATA_MOUNT_PATH}/mirror"
+HF_HOME = f"{DATA_MOUNT_PATH}/hf-cache"
+TLS_MOUNT_PATH = "/etc/atlas/tls"
+SIDECAR_UID = 1000  # the sidecar and trainer images run as this user (docker/*.Dockerfile)
+
+
+@dataclass(frozen=True)
+class Owner:
+    """The identity of the AtlasEndpoint whose children are rendered."""
+
+    name: str
+    namespace: str
+    uid: str
+
+
+def owner_from_body(body: Mapping[str, Any]) -> Owner:
+    meta = body["metadata"]
+    return Owner(name=meta["name"], namespace=meta["namespace"], uid=meta["uid"])
+
+
+# --- names and labels ------------------------------------------------------------------
+
+
+def deployment_name(owner: Owner) -> str:
+    return owner.name
+
+
+def service_name(owner: Owner) -> str:
+    return owner.name
+
+
+def rollout_configmap_name(owner: Owner) -> str:
+    return f"{owner.name}-rollout"
+
+
+def data_pvc_name(owner: Owner) -> str:
+    return f"{owner.name}-data"
+
+
+def trainer_name(owner: Owner) -> str:
+    return f"{owner.name}-trainer"
+
+
+def selector_labels(owner: Owner) -> dict[str, str]:
+    """Labels that select the serving pods. Never change them: a Deployment's selector is
+    immutable."""
+    return {f"{GROUP}/endpoint": owner.name, "app.kubernetes.io/component": "serving"}
+
+
+def labels(owner: Owner, component: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "atlas-endpoint",
+        "app.kubernetes.io/instance": owner.name,
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        f"{GROUP}/endpoint": owner.name,
+    }
+
+
+def owner_reference(owner: Owner) -> dict[str, Any]:
+    # controller=True marks us as the managing controller; blockOwnerDeletion keeps the
+    # endpoint around (foreground deletion) until the garbage collector removed the child.
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": owner.name, "uid": owner.uid,
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(owner: Owner, name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "namespace": owner.namespace, "labels": labels(owner, component),
+            "ownerReferences": [owner_reference(owner)]}
+
+
+def selector_string(owner: Owner) -> str:
+    """The serving pods' selector as `kubectl -l` and the scale subresource want it."""
+    return ",".join(f"{k}={v}" for k, v in sorted(selector_labels(owner).items()))
+
+
+# --- containers ------------------------------------------------------------------------
+
+
+def _resources(spec_resources: Mapping[str, Any], gpu_name: str, gpus: int) -> dict[str, Any]:
+    out = {kind: dict(values) for kind, values in spec_resources.items() if values}
+    if gpus > 0:
+        # Extended resources (GPUs) must be set in limits; requests default to them.
+        out.setdefault("limits", {})[gpu_name] = gpus
+    return out
+
+
+def sglang_args(spec: Spec) -> list[str]:
+    model, serving = spec["model"], spec["serving"]
+    args = ["--model-path", model["source"], "--revision", model["revision"],
+            "--dtype", model["dtype"], "--tp-size", str(serving["tensorParallelSize"]),
+            # Loopback only: SGLang has no auth, and only the sidecar in this pod talks to it.
+            "--host", "127.0.0.1", "--port", str(serving["port"])]
+    if model["quantization"] != "none":
+        args += ["--quantization", model["quantization"]]
+    return args + list(serving["extraArgs"])
+
+
+def _sglang_health_probe(spec: Spec, period: int, timeout: int, failures: int) -> dict[str, Any]:
+    # An exec probe, because SGLang listens on loopback and kubelet probes the pod IP.
+    url = f"http://127.0.0.1:{spec['serving']['port']}/health"
+    code = f"import urllib.request; urllib.request.urlopen('{url}', timeout={timeout})"
+    return {"exec": {"command": ["python3", "-c", code]}, "periodSeconds": period,
+            "timeoutSeconds": timeout + 1, "failureThreshold": failures}
+
+
+def sglang_container(spec: Spec) -> dict[str, Any]:
+    serving, placement = spec["serving"], spec["placement"]
+    return {
+        "name": "sglang",
+        "image": serving["image"],
+        "imagePullPolicy": serving["imagePullPolicy"],
+        "command": ["python3", "-m", "sglang.launch_server"],
+        "args": sglang_args(spec),
+        "env": [{"name": "HF_HOME", "value": HF_HOME}],
+        "resources": _resources(serving["resources"], placement["gpuResourceName"],
+                                placement["gpuCount"]),
+        "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+        # Loading a large model takes minutes: allow up to 30 min before liveness applies.
+        "startupProbe": _sglang_health_probe(spec, period=10, timeout=5, failures=180),
+        "readinessProbe": _sglang_health_probe(spec, period=10, timeout=5, failures=3),
+        "livenessProbe": _sglang_health_probe(spec, period=30, timeout=10, failures=5),
+    }
+
+
+def sidecar_args(spec: Spec) -> list[str]:
+    model, sidecar = spec["model"], spec["sidecar"]
+    adaptive, static = spec["speculators"]["adaptive"], spec["speculators"]["static"]
+    args = ["serve", "--port", str(sidecar["port"]), "--metrics-port", str(sidecar["metricsPort"]),
+            "--backend", "sglang", "--sglang-url", f"http://127.0.0.1:{spec['serving']['port']}",
+            "--model", model["source"], "--revision", model["revision"],
+            "--max-lookahead", str(spec["controller"]["maxLookahead"]),
+            # The whole rollout ConfigMap is mounted here: weight-version, canary-version and
+            # canary-fraction are files the sidecar re-reads; kubelet refreshes them in place.
+            "--weight-version-file", f"{ROLLOUT_MOUNT_PATH}/{WEIGHT_VERSION_KEY}",
+            "--weights-dir", WEIGHTS_DIR]
+    if static.get("model"):
+        args += ["--static-speculator", static["model"],
+                 "--static-speculator-revision", static["revision"],
+                 "--static-speculator-architecture", static["architecture"]]
+    if adaptive["enabled"]:
+        args += ["--mirror-dir", MIRROR_DIR, "--mirror-fraction", str(adaptive["mirrorFraction"])]
+    else:
+        args += ["--no-adaptive"]
+    if sidecar.get("tls"):
+        args += ["--tls-cert", f"{TLS_MOUNT_PATH}/tls.crt",
+                 "--tls-key", f"{TLS_MOUNT_PATH}/tls.key"]
+    return args
+
+
+def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
+    port = spec["sidecar"]["port"]
+    # kubelet's gRPC probe (standard health service) cannot speak TLS: fall back to TCP then.
+    check: dict[str, Any] = {"tcpSocket": {"port": port}} if spec["sidecar"].get("tls") \
+        else {"grpc": {"port": port}}
+    return {**check, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
+
+
+def sidecar_container(spec: Spec) -> dict[str, Any]:
+    sidecar = spec["sidecar"]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    if sidecar.get("auth"):
+        # The token goes in by reference; it never appears in the spec, args or logs.
+        env.append({"name": "ATLAS_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": sidecar["auth"]["secretName"], "key": sidecar["auth"]["key"]}}})
+    mounts = [{"name": "rollout", "mountPath": ROLLOUT_MOUNT_PATH, "readOnly": True},
+              {"name": "data", "mountPath": DATA_MOUNT_PATH},
+              {"name": "tmp", "mountPath": "/tmp"}]
+    if sidecar.get("tls"):
+        mounts.append({"name": "tls", "mountPath": TLS_MOUNT_PATH, "readOnly": True})
+    return {
+        "name": "sidecar",
+        "image": sidecar["image"],
+        "imagePullPolicy": sidecar["imagePullPolicy"],
+        "command": ["atlas"],
+        "args": sidecar_args(spec),
+        "env": env,
+        "ports": [{"name": "grpc", "containerPort": sidecar["port"], "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": sidecar["metricsPort"],
+                   "protocol": "TCP"}],
+        "resources": _resources(sidecar["resources"], "", 0),
+        "volumeMounts": mounts,
+        "startupProbe": _sidecar_probe(spec, period=5, failures=120),
+        "readinessProbe": _sidecar_probe(spec, period=5, failures=3),
+        "livenessProbe": _sidecar_probe(spec, period=20, failures=3),
+        "securityContext": {"runAsNonRoot": True, "runAsUser": SIDECAR_UID,
+                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+
+
+def _placement(spec: Spec) -> dict[str, Any]:
+    placement = spec["placement"]
+    out: dict[str, Any] = {"nodeSelector": dict(placement["nodeSelector"]),
+                           "tolerations": [dict(t) for t in placement["tolerations"]]}
+    if placement.get("priorityClassName"):
+        out["priorityClassName"] = placement["priorityClassName"]
+    return out
+
+
+# --- children --------------------------------------------------------------------------
+
+
+def render_deployment(owner: Owner, spec: Spec) -> Manifest:
+    """The serving Deployment. Its pod template depends on the spec only: the weight
+    version lives in the rollout ConfigMap, so a new version never restarts a pod."""
+    sidecar = spec["sidecar"]
+    volumes: list[dict[str, Any]] = [
+        {"name": "data", "persistentVolumeClaim": {"claimName": data_pvc_name(owner)}},
+        # Mounted as a directory, never with subPath: subPath mounts do not see updates.
+        {"name": "rollout", "configMap": {"name": rollout_configmap_name(owner)}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory",
+                                      "sizeLimit": spec["serving"]["shmSize"]}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if sidecar.get("tls"):
+        volumes.append({"name": "tls", "secret": {"secretName": sidecar["tls"]["secretName"]}})
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, deployment_name(owner), "serving"),
+        "spec": {
+            "replicas": spec["replicas"],
+            "selector": {"matchLabels": selector_labels(owner)},
+            # GPU nodes rarely have a spare GPU to surge onto: replace pods one at a time.
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": 3600,
+            "template": {
+                "metadata": {
+                    "labels": {**labels(owner, "serving"), **selector_labels(owner)},
+                    "annotations": {"prometheus.io/scrape": "true",
+                                    "prometheus.io/port": str(sidecar["metricsPort"]),
+                                    "prometheus.io/path": "/metrics"},
+                },
+                "spec": {
+                    **_placement(spec),
+                    "enableServiceLinks": False,
+                    # Lets in-flight generations finish before the pod goes away.
+                    "terminationGracePeriodSeconds": 60,
+                    "securityContext": {"fsGroup": SIDECAR_UID,
+                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "containers": [sglang_container(spec), sidecar_container(spec)],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def render_service(owner: Owner, spec: Spec) -> Manifest:
+    sidecar = spec["sidecar"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, service_name(owner), "serving"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(owner),
+            "ports": [
+                {"name": "grpc", "port": sidecar["port"], "targetPort": "grpc",
+                 "protocol": "TCP"},
+                {"name": "metrics", "port": sidecar["metricsPort"], "targetPort": "metrics",
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def render_rollout_configmap(owner: Owner, data: Mapping[str, str]) -> Manifest:
+    """The ConfigMap the sidecars read their weight version from. Its data is owned by the
+    rollout logic (rollout.py); rendering only supplies the initial content."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, rollout_configmap_name(owner), "rollout"),
+        "data": dict(data),
+    }
+
+
+def initial_rollout_data() -> dict[str, str]:
+    return {WEIGHT_VERSION_KEY: "", CANARY_VERSION_KEY: "", CANARY_FRACTION_KEY: "0"}
+
+
+def render_data_pvc(owner: Owner, spec: Spec) -> Manifest:
+    storage = spec["storage"]
+    pvc_spec: dict[str, Any] = {"accessModes": [storage["accessMode"]],
+                                "resources": {"requests": {"storage": storage["size"]}}}
+    if storage.get("storageClassName"):
+        pvc_spec["storageClassName"] = storage["storageClassName"]
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": _metadata(owner, data_pvc_name(owner), "storage"), "spec": pvc_spec}
+
+
+def trainer_args(owner: Owner, spec: Spec) -> list[str]:
+    schedule = spec["trainer"]["schedule"]
+    return ["trainer", "--mirror-dir", MIRROR_DIR, "--weights-dir", WEIGHTS_DIR,
+            "--model", spec["model"]["source"], "--revision", spec["model"]["revision"],
+            "--max-steps", str(schedule["maxStepsPerRound"]),
+            # Stop cleanly a minute before the Job's deadline kills the pod.
+            "--max-seconds", str(max(schedule["maxRoundSeconds"] - 60, 60)),
+            "--publish-to", f"{PLURAL}.{GROUP}/{owner.namespace}/{owner.name}"]
+
+
+def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
+    """One training round. A Job's pod template is immutable, so a changed trainer spec
+    means delete and recreate (handled by the caller), not a patch."""
+    trainer, placement = spec["trainer"], spec["placement"]
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": trainer_name(owner),
+        # Never: each retry is a fresh pod; the Job controller backs off exponentially.
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "securityContext": {"fsGroup": SIDECAR_UID, "runAsNonRoot": True,
+                            "runAsUser": SIDECAR_UID,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer",
+            "image": trainer["image"],
+            "command": ["atlas"],
+            "args": trainer_args(owner, spec),
+            "env": [{"name": "HF_HOME", "value": HF_HOME}, {"name": "HOME", "value": "/tmp"}],
+            "resources": _resources(trainer["resources"], placement["gpuResourceName"],
+                                    trainer["gpuCount"]),
+            "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},
+                             {"name": "tmp", "mountPath": "/tmp"}],
+            "securityContext": {"allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]}},
+        }],
+        "volumes": [{"name": "data",
+                     "persistentVolumeClaim": {"claimName": data_pvc_name(owner)}},
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}}],
+    }
+    if trainer["gpuCount"] > 0:
+        pod_spec.update(_placement(spec))
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(owner, trainer_name(owner), "trainer"),
+        "spec": {
+            "backoffLimit": trainer["backoffLimit"],
+            "activeDeadlineSeconds": trainer["schedule"]["maxRoundSeconds"],
+            "template": {"metadata": {"labels": labels(owner, "trainer")}, "spec": pod_spec},
+        },
+    }
+
+
+def render_trainer_rbac(owner: Owner) -> list[Manifest]:
+    """The trainer's identity: it may read its own endpoint and patch its status (to report
+    a published version and accept lengths), and nothing else."""
+    name = trainer_name(owner)
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount",
+         "metadata": _metadata(owner, name, "trainer"), "automountServiceAccountToken": True},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": _metadata(owner, name, "trainer"),
+         "rules": [
+             {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [owner.name],
+              "verbs": ["get", "patch"]},
+             {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"],
+              "resourceNames": [owner.name], "verbs": ["get", "patch"]},
+         ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": _metadata(owner, name, "trainer"),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name,
+                       "namespace": owner.namespace}]},
+    ]
+
+
+def render_children(owner: Owner, spec: Spec) -> list[Manifest]:
+    """Every child the spec asks for, in the order they should be applied (the volume and
+    the ConfigMap before the pods that mount them). The trainer Job is separate: it has
+    its own lifecycle (rounds, restarts with backoff)."""
+    children = [render_data_pvc(owner, spec),
+                render_rollout_configmap(owner, initial_rollout_data()),
+                render_deployment(owner, spec), render_service(owner, spec)]
+    if spec["trainer"]["enabled"]:
+        children += render_trainer_rbac(owner)
+    return children
+
+
+def canonical_json(obj: Any) -> str:
+    """A stable serialization, so equal manifests compare (and annotate) equal."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
