@@ -38,7 +38,7 @@ from atlas_operator.render import (
     selector_string,
     trainer_name,
 )
-from atlas_operator.spec import InvalidSpecError, validate_spec
+from atlas_operator.spec import InvalidSpecError, validate_endpoint
 
 RESYNC_SECONDS = float(os.environ.get("ATLAS_RESYNC_SECONDS", "30"))
 RETRY_SECONDS = float(os.environ.get("ATLAS_RETRY_SECONDS", "15"))
@@ -156,7 +156,7 @@ def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
     generation = body["metadata"].get("generation")
     now = _now()
     try:
-        spec = validate_spec(body.get("spec") or {})
+        spec = validate_endpoint(body)
     except InvalidSpecError as e:
         _report_failure(api, body, status, "InvalidSpec", f"invalid spec: {e}", generation)
         return

@@ -161,29 +161,56 @@ def sglang_container(spec: Spec) -> dict[str, Any]:
     }
 
 
+# The sidecar's --dtype words for the model dtypes SGLang takes.
+SIDECAR_DTYPES = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
 def sidecar_args(spec: Spec) -> list[str]:
+    """`atlas serve` flags. Only flags the sidecar CLI has: anything newer travels as
+    environment variables (sidecar_env), which an older sidecar simply ignores."""
     model, sidecar = spec["model"], spec["sidecar"]
-    adaptive, static = spec["speculators"]["adaptive"], spec["speculators"]["static"]
-    args = ["serve", "--port", str(sidecar["port"]), "--metrics-port", str(sidecar["metricsPort"]),
+    static = spec["speculators"]["static"]
+    args = ["serve", "--host", "0.0.0.0", "--port", str(sidecar["port"]),
+            "--metrics-port", str(sidecar["metricsPort"]),
             "--backend", "sglang", "--sglang-url", f"http://127.0.0.1:{spec['serving']['port']}",
-            "--model", model["source"], "--revision", model["revision"],
-            "--max-lookahead", str(spec["controller"]["maxLookahead"]),
-            # The whole rollout ConfigMap is mounted here: weight-version, canary-version and
-            # canary-fraction are files the sidecar re-reads; kubelet refreshes them in place.
-            "--weight-version-file", f"{ROLLOUT_MOUNT_PATH}/{WEIGHT_VERSION_KEY}",
-            "--weights-dir", WEIGHTS_DIR]
+            "--target", model["source"], "--dtype", SIDECAR_DTYPES[model["dtype"]],
+            "--device", "cuda" if sidecar["gpuCount"] > 0 else "cpu",
+            # The bound; the controller picks the lookahead of each step below it.
+            "--lookahead", str(spec["controller"]["maxLookahead"]),
+            # The whole rollout ConfigMap is mounted there (weight-version, canary-version,
+            # canary-fraction); kubelet refreshes the files in place, no restart.
+            "--weight-version-file", f"{ROLLOUT_MOUNT_PATH}/{WEIGHT_VERSION_KEY}"]
     if static.get("model"):
-        args += ["--static-speculator", static["model"],
-                 "--static-speculator-revision", static["revision"],
-                 "--static-speculator-architecture", static["architecture"]]
-    if adaptive["enabled"]:
-        args += ["--mirror-dir", MIRROR_DIR, "--mirror-fraction", str(adaptive["mirrorFraction"])]
+        args += ["--speculator", "static", "--draft", static["model"]]
     else:
-        args += ["--no-adaptive"]
+        args += ["--speculator", "none"]
     if sidecar.get("tls"):
         args += ["--tls-cert", f"{TLS_MOUNT_PATH}/tls.crt",
                  "--tls-key", f"{TLS_MOUNT_PATH}/tls.key"]
     return args
+
+
+def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
+    adaptive, static = spec["speculators"]["adaptive"], spec["speculators"]["static"]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "ATLAS_MODEL_REVISION", "value": spec["model"]["revision"]},
+        {"name": "ATLAS_ADAPTIVE", "value": "1" if adaptive["enabled"] else "0"},
+        {"name": "ATLAS_WEIGHTS_DIR", "value": WEIGHTS_DIR},
+        {"name": "ATLAS_MIRROR_DIR", "value": MIRROR_DIR},
+        {"name": "ATLAS_MIRROR_FRACTION", "value": f"{adaptive['mirrorFraction']:g}"},
+    ]
+    if static.get("model"):
+        env += [{"name": "ATLAS_DRAFT_REVISION", "value": static["revision"]},
+                {"name": "ATLAS_DRAFT_ARCHITECTURE", "value": static["architecture"]}]
+    if spec["sidecar"].get("auth"):
+        # By reference: the token never appears in the spec, the args or any log.
+        auth = spec["sidecar"]["auth"]
+        env.append({"name": "ATLAS_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": auth["secretName"], "key": auth["key"]}}})
+    return env
 
 
 def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
@@ -196,14 +223,6 @@ def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
 
 def sidecar_container(spec: Spec) -> dict[str, Any]:
     sidecar = spec["sidecar"]
-    env: list[dict[str, Any]] = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "HOME", "value": "/tmp"},
-    ]
-    if sidecar.get("auth"):
-        # The token goes in by reference; it never appears in the spec, args or logs.
-        env.append({"name": "ATLAS_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": sidecar["auth"]["secretName"], "key": sidecar["auth"]["key"]}}})
     mounts = [{"name": "rollout", "mountPath": ROLLOUT_MOUNT_PATH, "readOnly": True},
               {"name": "data", "mountPath": DATA_MOUNT_PATH},
               {"name": "tmp", "mountPath": "/tmp"}]
@@ -215,11 +234,12 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
         "imagePullPolicy": sidecar["imagePullPolicy"],
         "command": ["atlas"],
         "args": sidecar_args(spec),
-        "env": env,
+        "env": sidecar_env(spec),
         "ports": [{"name": "grpc", "containerPort": sidecar["port"], "protocol": "TCP"},
                   {"name": "metrics", "containerPort": sidecar["metricsPort"],
                    "protocol": "TCP"}],
-        "resources": _resources(sidecar["resources"], "", 0),
+        "resources": _resources(sidecar["resources"], spec["placement"]["gpuResourceName"],
+                                sidecar["gpuCount"]),
         "volumeMounts": mounts,
         "startupProbe": _sidecar_probe(spec, period=5, failures=120),
         "readinessProbe": _sidecar_probe(spec, period=5, failures=3),
@@ -334,14 +354,25 @@ def render_data_pvc(owner: Owner, spec: Spec) -> Manifest:
             "metadata": _metadata(owner, data_pvc_name(owner), "storage"), "spec": pvc_spec}
 
 
-def trainer_args(owner: Owner, spec: Spec) -> list[str]:
+def trainer_args() -> list[str]:
+    return ["trainer", "--mirror-dir", MIRROR_DIR, "--weights-dir", WEIGHTS_DIR]
+
+
+def trainer_env(owner: Owner, spec: Spec) -> list[dict[str, Any]]:
+    """What a training round needs beyond its two directories, and where to report."""
     schedule = spec["trainer"]["schedule"]
-    return ["trainer", "--mirror-dir", MIRROR_DIR, "--weights-dir", WEIGHTS_DIR,
-            "--model", spec["model"]["source"], "--revision", spec["model"]["revision"],
-            "--max-steps", str(schedule["maxStepsPerRound"]),
-            # Stop cleanly a minute before the Job's deadline kills the pod.
-            "--max-seconds", str(max(schedule["maxRoundSeconds"] - 60, 60)),
-            "--publish-to", f"{PLURAL}.{GROUP}/{owner.namespace}/{owner.name}"]
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "HF_HOME", "value": HF_HOME},
+        {"name": "ATLAS_TARGET_MODEL", "value": spec["model"]["source"]},
+        {"name": "ATLAS_MODEL_REVISION", "value": spec["model"]["revision"]},
+        {"name": "ATLAS_MAX_STEPS", "value": str(schedule["maxStepsPerRound"])},
+        # Stop cleanly a minute before the Job's deadline kills the pod.
+        {"name": "ATLAS_MAX_SECONDS", "value": str(max(schedule["maxRoundSeconds"] - 60, 60))},
+        # Publish by patching this endpoint (status.latestPublishedVersion) in-cluster.
+        {"name": "ATLAS_ENDPOINT", "value": f"{owner.namespace}/{owner.name}"},
+        {"name": "ATLAS_ENDPOINT_RESOURCE", "value": f"{PLURAL}.{GROUP}"},
+    ]
 
 
 def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
@@ -360,8 +391,8 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
             "name": "trainer",
             "image": trainer["image"],
             "command": ["atlas"],
-            "args": trainer_args(owner, spec),
-            "env": [{"name": "HF_HOME", "value": HF_HOME}, {"name": "HOME", "value": "/tmp"}],
+            "args": trainer_args(),
+            "env": trainer_env(owner, spec),
             "resources": _resources(trainer["resources"], placement["gpuResourceName"],
                                     trainer["gpuCount"]),
             "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},

@@ -16,7 +16,15 @@ from typing import Any
 
 import jsonschema
 
-from atlas_operator.crd import CROSS_FIELD_RULES, QUANTITY_PATTERN, Schema, openapi_schema
+from atlas_operator.crd import (
+    CROSS_FIELD_RULES,
+    MAX_NAME_LENGTH,
+    NAME_PATTERN,
+    NAME_RULE,
+    QUANTITY_PATTERN,
+    Schema,
+    openapi_schema,
+)
 
 Spec = dict[str, Any]
 
@@ -104,3 +112,18 @@ def validate_spec(spec: Mapping[str, Any]) -> Spec:
     if errors:
         raise InvalidSpecError(errors)
     return defaulted
+
+
+def validate_endpoint(body: Mapping[str, Any]) -> Spec:
+    """validate_spec() plus the rule on metadata.name; returns the defaulted spec."""
+    name = str((body.get("metadata") or {}).get("name") or "")
+    name_ok = len(name) <= MAX_NAME_LENGTH and re.match(NAME_PATTERN, name) is not None
+    try:
+        spec = validate_spec(body.get("spec") or {})
+    except InvalidSpecError as e:
+        if not name_ok:
+            raise InvalidSpecError([NAME_RULE[1], *e.errors]) from e
+        raise
+    if not name_ok:
+        raise InvalidSpecError([NAME_RULE[1]])
+    return spec

@@ -132,7 +132,7 @@ async def test_spec_change_updates_children_in_place(apiserver: ApiServer, opera
     assert after["metadata"]["uid"] == before["metadata"]["uid"]  # same object, patched
     assert apiserver.count_requests("POST", "apps/v1/deployments") == posts_before
     sidecar_args = after["spec"]["template"]["spec"]["containers"][1]["args"]
-    assert sidecar_args[sidecar_args.index("--max-lookahead") + 1] == "5"
+    assert sidecar_args[sidecar_args.index("--lookahead") + 1] == "5"
     # A map key removed from the spec is removed from the child (the merge patch nulls it).
     assert after["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "b200-spot"}
     await eventually(lambda: apiserver.get("atlas.ai/v1alpha1/atlasendpoints", NAME)

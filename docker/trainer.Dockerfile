@@ -1,0 +1,22 @@
+# syntax=docker/dockerfile:1
+# The ATLAS online trainer (`atlas trainer`), run by the operator as a Job per round: it
+# distills the adaptive drafter from mirrored traffic and publishes new weight versions by
+# patching its AtlasEndpoint (hence the Kubernetes client from the `operator` extra).
+# Build from the repository root:
+#   docker build -f docker/trainer.Dockerfile -t ghcr.io/atlas-specdec/atlas-trainer:0.1.0 .
+FROM python:3.11-slim AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+COPY pyproject.toml README.md /src/
+COPY sidecar /src/sidecar
+COPY kernels /src/kernels
+COPY operator /src/operator
+RUN pip install "torch==2.13.0" && pip install "/src[operator]"
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH HOME=/tmp
+COPY --from=build /opt/venv /opt/venv
+USER 1000:1000
+ENTRYPOINT ["atlas"]
+CMD ["trainer", "--mirror-dir", "/data/mirror", "--weights-dir", "/data/weights"]
