@@ -192,8 +192,6 @@ class AtlasService:
             # The client went away or its deadline passed: grpc cancels this task.
             code = _cancel_code(context)
             raise
-        except grpc.aio.AbortError:
-            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.exception("%s failed", rpc)
