@@ -43,6 +43,9 @@ from atlas_operator.spec import InvalidSpecError, validate_endpoint
 RESYNC_SECONDS = float(os.environ.get("ATLAS_RESYNC_SECONDS", "30"))
 RETRY_SECONDS = float(os.environ.get("ATLAS_RETRY_SECONDS", "15"))
 MAX_WORKERS = int(os.environ.get("ATLAS_MAX_WORKERS", "8"))
+# How long a silent peer still counts as alive: a crashed active replica is replaced after it.
+PEERING_LIFETIME_S = int(os.environ.get("ATLAS_PEERING_LIFETIME", "60"))
+REQUEST_TIMEOUT_S = float(os.environ.get("ATLAS_REQUEST_TIMEOUT", "60"))
 
 _kube: Kube | None = None
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -86,9 +89,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Only warnings become Kubernetes Events by themselves; the rest we post on purpose.
     settings.posting.level = logging.WARNING
     settings.execution.max_workers = MAX_WORKERS
+    settings.peering.lifetime = PEERING_LIFETIME_S
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.networking.request_timeout = 60
+    settings.networking.request_timeout = REQUEST_TIMEOUT_S
 
 
 @kopf.on.login()
@@ -268,7 +272,11 @@ def _sync_trainer(api: Kube, body: dict[str, Any], owner: Owner, spec: dict[str,
     desired = render_trainer_job(owner, spec)
     live = api.get("batch/v1", "Job", owner.namespace, name)
     job = statuses.job_state(live)
-    finished = job.finished_at or now
+    # A Job may not say when it finished: then the first time we saw it finished counts.
+    seen_before = trainer_status.get("phase") in ("Failed", "BackingOff", "Succeeded")
+    remembered = rollouts.parse_time(trainer_status.get("lastFinishedAt")) if seen_before \
+        else None
+    finished = job.finished_at or remembered or now
     result: dict[str, Any] = {"phase": job.phase, "restarts": restarts, "message": job.message,
                               "lastFinishedAt": rollouts.format_time(finished)
                               if job.phase in ("Succeeded", "Failed") else

@@ -16,6 +16,8 @@ from typing import Any
 # Fast clocks for the operator (read when atlas_operator.handlers is imported).
 os.environ.setdefault("ATLAS_RESYNC_SECONDS", "1")
 os.environ.setdefault("ATLAS_RETRY_SECONDS", "0.5")
+os.environ.setdefault("ATLAS_PEERING_LIFETIME", "3")
+os.environ.setdefault("ATLAS_REQUEST_TIMEOUT", "4")
 
 import attrs  # noqa: E402
 import jsonpatch  # noqa: E402
@@ -186,6 +188,7 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
                            peering_name: str = "atlas-operator") -> AsyncIterator[asyncio.Task]:
     """The real operator: kopf's runner with our handlers, in this event loop."""
     import kopf
+
     from atlas_operator import handlers
 
     handlers.reset_client()
@@ -200,7 +203,9 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
         yield task
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
+        # kopf exits gracefully within seconds; a peering farewell that the emulator leaves
+        # unanswered holds it for one request timeout (ATLAS_REQUEST_TIMEOUT, short here).
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(task, timeout=15)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+
 from atlas_operator import crd
 from atlas_operator.spec import InvalidSpecError, apply_defaults, validate_endpoint
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from atlas_operator import PUBLISHED_VERSION_ANNOTATION
 from operator_harness import NAMESPACE, ApiServer, eventually, running_operator
 
+from atlas_operator import PUBLISHED_VERSION_ANNOTATION
+
 ENDPOINTS = f"/apis/atlas.ai/v1alpha1/namespaces/{NAMESPACE}/atlasendpoints"
+PEERINGS = "/apis/kopf.dev/v1/clusterkopfpeerings"
+PEERING = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+           "metadata": {"name": "atlas-operator"}}
 NAME = "coder"
 CHILDREN = {  # resource -> names the operator must create for NAME
     "apps/v1/deployments": [NAME],
@@ -219,3 +223,87 @@ async def test_restart_mid_way_converges_without_duplicates(apiserver: ApiServer
         assert [o["metadata"]["name"] for o in apiserver.live(resource)] == names
     assert apiserver.get("apps/v1/deployments", NAME)["metadata"]["uid"] == deployment_uid
     assert apiserver.count_requests("POST", "apps/v1/deployments") == 1
+
+
+async def test_failed_trainer_job_is_recreated_with_backoff(
+        apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS,
+               endpoint(trainer={"restartBackoffSeconds": 1}))
+    job_name = f"{NAME}-trainer"
+    first = await eventually(lambda: apiserver.get("batch/v1/jobs", job_name), message="Job")
+    await send(apiserver, "PATCH", f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{job_name}/status",
+               {"status": {"failed": 4, "conditions": [
+                   {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                    "lastTransitionTime": "2020-01-01T00:00:00Z"}]}})
+    second = await eventually(
+        lambda: (j := apiserver.get("batch/v1/jobs", job_name))
+        and j["metadata"]["uid"] != first["metadata"]["uid"] and j, timeout=15,
+        message="a new trainer Job")
+    assert second["spec"] == first["spec"]
+    status = await eventually(lambda: (s := apiserver.get("atlas.ai/v1alpha1/atlasendpoints",
+                                                           NAME)["status"])["trainer"]
+                              .get("restarts") == 1 and s, message="trainer.restarts == 1")
+    assert status["trainer"]["phase"] in ("Pending", "Running")
+    assert [e for e in apiserver.live("v1/events") if e.get("reason") == "TrainerRestarted"]
+
+
+async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) -> None:
+    from test_manifests import chart_rules
+
+    rules = chart_rules()  # skips without helm
+    await send(apiserver, "POST", PEERINGS, PEERING)  # as the chart's templates/peering.yaml
+    async with running_operator(standalone=False, priority=10):
+        await send(apiserver, "POST", ENDPOINTS, endpoint(trainer={"restartBackoffSeconds": 1}))
+        await eventually(lambda: all_children_exist(apiserver), message="all children")
+        await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}/status",
+                   {"status": {"latestPublishedVersion": "w-1"}})
+        await send(apiserver, "PATCH",
+                   f"/apis/batch/v1/namespaces/{NAMESPACE}/jobs/{NAME}-trainer/status",
+                   {"status": {"conditions": [{"type": "Failed", "status": "True"}]}})
+        await eventually(lambda: [e for e in apiserver.live("v1/events")
+                                  if e.get("reason") == "TrainerRestarted"], timeout=15,
+                         message="trainer restart")
+        async with apiserver.clients[0].delete(f"{ENDPOINTS}/{NAME}") as response:
+            assert response.status < 300
+        await eventually(lambda: not apiserver.live("apps/v1/deployments"), message="deleted")
+
+    def verb(request: Any) -> str:
+        if request.method.value == "GET":
+            return "watch" if request.params.get("watch") in ("true", "1") else \
+                "get" if request.name else "list"
+        return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[
+            request.method.value]
+
+    used = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+             verb(r))
+            for r in apiserver._requests
+            if r.resource is not None and r.resource.plural
+            and not r.headers.get("User-Agent", "").startswith("kmock")}  # not the test's own
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert used - granted == set()
+    # The run exercised the interesting verbs, so the check above means something.
+    assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
+            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create")} <= used
+
+
+async def test_two_replicas_peer_and_only_one_works(apiserver: ApiServer) -> None:
+    await send(apiserver, "POST", PEERINGS, PEERING)
+    async with running_operator(standalone=False, priority=5):  # the standby
+        async with running_operator(standalone=False, priority=10):  # the active one
+            await eventually(lambda: len((apiserver.get(
+                "kopf.dev/v1/clusterkopfpeerings", "atlas-operator", None) or {})
+                .get("status") or {}) == 2, message="both replicas in the peering")
+            await send(apiserver, "POST", ENDPOINTS, endpoint())
+            await eventually(lambda: all_children_exist(apiserver), message="all children")
+            await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}/status",
+                       {"status": {"latestPublishedVersion": "w-7"}})
+            await eventually(lambda: [e for e in apiserver.live("v1/events")
+                                      if e.get("reason") == "WeightsPromoted"], message="event")
+            await eventually(lambda: condition(apiserver, "Ready"), message="status")
+    # One replica did the work: one create per child, one promotion event, not two.
+    for resource, names in CHILDREN.items():
+        assert apiserver.count_requests("POST", resource) == len(names), resource
+    promoted = [e for e in apiserver.live("v1/events") if e.get("reason") == "WeightsPromoted"]
+    assert len(promoted) == 1

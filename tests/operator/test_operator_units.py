@@ -1,0 +1,159 @@
+"""Pure parts of the operator: rendering, the rollout decision, the idempotent apply."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import pytest
+
+from atlas_operator import kube, render, rollout, status
+from atlas_operator.spec import validate_spec
+
+OWNER = render.Owner(name="coder", namespace="serving", uid="u-1")
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def spec(**overrides: Any) -> dict[str, Any]:
+    return validate_spec({"model": {"source": "Qwen/Qwen2.5-Coder-1.5B-Instruct"}, **overrides})
+
+
+def test_pod_template_does_not_depend_on_weight_versions() -> None:
+    # The rollout ConfigMap carries the version; the template must not, or pods would restart.
+    rendered = str(render.render_deployment(OWNER, spec()))
+    assert "weight-version" in rendered  # the file path the sidecar reads...
+    configmap = render.render_rollout_configmap(OWNER, {"weight-version": "w-9"})
+    assert configmap["data"]["weight-version"] == "w-9"
+    assert "w-9" not in rendered  # ...but never a version itself
+
+
+def test_sidecar_args_parse_with_the_real_sidecar_cli() -> None:
+    cli = pytest.importorskip("atlas_sidecar.cli")
+    args = render.sidecar_args(spec(speculators={"static": {"model": "Qwen/Qwen2.5-0.5B"}},
+                                    sidecar={"tls": {"secretName": "t"}}))
+    parsed = cli.build_parser().parse_args(args)
+    assert parsed.command == "serve" and parsed.port == 50051 and parsed.lookahead == 8
+    assert parsed.sglang_url == "http://127.0.0.1:30000" and parsed.tls_cert
+
+
+def test_tls_switches_sidecar_probes_to_tcp_and_auth_goes_by_secret_reference() -> None:
+    container = render.sidecar_container(spec(sidecar={"tls": {"secretName": "t"},
+                                                        "auth": {"secretName": "tok"}}))
+    assert "tcpSocket" in container["readinessProbe"]
+    token = next(e for e in container["env"] if e["name"] == "ATLAS_AUTH_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "token"}
+
+
+def test_gpus_go_to_limits_of_the_right_containers() -> None:
+    deployment = render.render_deployment(OWNER, spec(placement={"gpuCount": 4},
+                                                      serving={"tensorParallelSize": 4}))
+    sglang, sidecar = deployment["spec"]["template"]["spec"]["containers"]
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert "--tp-size" in sglang["args"] and "4" in sglang["args"]
+    assert "limits" not in sidecar["resources"]  # sidecar.gpuCount defaults to 0
+
+
+def policy(**overrides: Any) -> dict[str, Any]:
+    return {**spec()["rollout"], **overrides}
+
+
+def test_first_version_is_promoted_at_once() -> None:
+    plan = rollout.plan_rollout(policy(), rollout.RolloutState(), "w-1", {}, NOW)
+    assert plan.configmap_data()["weight-version"] == "w-1"
+    assert [e.reason for e in plan.events] == ["WeightsPromoted"]
+
+
+def test_new_version_goes_to_canary_then_is_promoted_after_the_duration() -> None:
+    state = rollout.RolloutState(serving="w-1")
+    plan = rollout.plan_rollout(policy(canaryFraction=0.2), state, "w-2", {}, NOW)
+    assert plan.configmap_data() == {"weight-version": "w-1", "canary-version": "w-2",
+                                     "canary-fraction": "0.2"}
+    later = NOW + dt.timedelta(seconds=599)
+    assert rollout.plan_rollout(policy(), plan.state, "w-2", {}, later).state == plan.state
+    done = rollout.plan_rollout(policy(), plan.state, "w-2", {}, later + dt.timedelta(seconds=1))
+    assert done.configmap_data()["weight-version"] == "w-2"
+    assert done.configmap_data()["canary-version"] == ""
+
+
+def test_canary_with_a_worse_accept_length_is_rolled_back_and_not_retried() -> None:
+    state = rollout.RolloutState(serving="w-1", canary="w-2", canary_started_at=NOW)
+    plan = rollout.plan_rollout(policy(), state, "w-2", {"w-1": 3.0, "w-2": 2.5}, NOW)
+    assert plan.state == rollout.RolloutState(serving="w-1", rejected=("w-2",))
+    assert plan.events[0].type == "Warning"
+    again = rollout.plan_rollout(policy(), plan.state, "w-2", {}, NOW)
+    assert again.state == plan.state and not again.events
+    degraded = status.degraded_condition("w-2", plan.state.rejected, 0)
+    assert degraded[:2] == (True, "CanaryRolledBack")
+
+
+def test_conditions_keep_their_transition_time_until_the_status_flips() -> None:
+    conds = status.set_condition([], "Ready", False, "Pending", "m", "t1", 1)
+    conds = status.set_condition(conds, "Ready", False, "PodsNotReady", "m2", "t2", 2)
+    assert conds[0]["lastTransitionTime"] == "t1" and conds[0]["reason"] == "PodsNotReady"
+    conds = status.set_condition(conds, "Ready", True, "Serving", "m3", "t3", 2)
+    assert conds[0]["lastTransitionTime"] == "t3"
+
+
+def test_restart_backoff_is_exponential_and_capped() -> None:
+    assert [status.restart_delay_s(60, n) for n in range(4)] == [60, 120, 240, 480]
+    assert status.restart_delay_s(60, 20) == 3600
+
+
+class FakeKube:
+    """An in-memory stand-in for kube.Kube that records writes."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.writes: list[str] = []
+
+    def get(self, api_version: str, kind: str, namespace: str, name: str) -> Any:
+        return self.objects.get(name)
+
+    def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        self.writes.append("create")
+        self.objects[obj["metadata"]["name"]] = obj
+        return obj
+
+    def patch(self, api_version: str, kind: str, namespace: str, name: str,
+              patch: dict[str, Any], subresource: str | None = None) -> dict[str, Any]:
+        self.writes.append("patch")
+        merged = kube.deep_merge(self.objects[name], patch)
+        self.objects[name] = _drop_nulls(merged)
+        return self.objects[name]
+
+    def delete(self, api_version: str, kind: str, namespace: str, name: str) -> None:
+        self.writes.append("delete")
+        self.objects.pop(name, None)
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    return value
+
+
+def test_apply_creates_then_does_nothing_then_patches_and_removes_dropped_keys() -> None:
+    fake = FakeKube()
+    service = render.render_service(OWNER, spec())
+    service["spec"]["sessionAffinity"] = "ClientIP"
+    assert kube.apply(fake, service).action == "created"  # type: ignore[arg-type]
+    assert kube.apply(fake, service).action == "unchanged"  # type: ignore[arg-type]
+    del service["spec"]["sessionAffinity"]
+    assert kube.apply(fake, service).action == "patched"  # type: ignore[arg-type]
+    assert "sessionAffinity" not in fake.objects["coder"]["spec"]
+    assert fake.writes == ["create", "patch"]
+
+
+def test_apply_leaves_create_only_fields_and_recreates_immutable_ones() -> None:
+    fake = FakeKube()
+    configmap = render.render_rollout_configmap(OWNER, render.initial_rollout_data())
+    kube.apply(fake, configmap, create_only=("data",))  # type: ignore[arg-type]
+    fake.objects["coder-rollout"]["data"]["weight-version"] = "w-3"  # the rollout's write
+    assert kube.apply(fake, configmap, create_only=("data",)).action == "unchanged"  # type: ignore[arg-type]
+    assert fake.objects["coder-rollout"]["data"]["weight-version"] == "w-3"
+
+    job = render.render_trainer_job(OWNER, spec())
+    kube.apply(fake, job)  # type: ignore[arg-type]
+    changed = render.render_trainer_job(OWNER, spec(trainer={"gpuCount": 2}))
+    result = kube.apply(fake, changed, recreate_on_change=("spec",))  # type: ignore[arg-type]
+    assert result.action == "recreated" and "delete" in fake.writes
