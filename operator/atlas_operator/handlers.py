@@ -45,7 +45,6 @@ RETRY_SECONDS = float(os.environ.get("ATLAS_RETRY_SECONDS", "15"))
 MAX_WORKERS = int(os.environ.get("ATLAS_MAX_WORKERS", "8"))
 # How long a silent peer still counts as alive: a crashed active replica is replaced after it.
 PEERING_LIFETIME_S = int(os.environ.get("ATLAS_PEERING_LIFETIME", "60"))
-REQUEST_TIMEOUT_S = float(os.environ.get("ATLAS_REQUEST_TIMEOUT", "60"))
 
 _kube: Kube | None = None
 _locks: dict[tuple[str, str], threading.Lock] = {}
@@ -92,7 +91,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = PEERING_LIFETIME_S
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
-    settings.networking.request_timeout = REQUEST_TIMEOUT_S
+    # Read at startup (not import): how long one API request may take.
+    settings.networking.request_timeout = float(os.environ.get("ATLAS_REQUEST_TIMEOUT", "60"))
 
 
 @kopf.on.login()

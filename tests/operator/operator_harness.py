@@ -17,7 +17,6 @@ from typing import Any
 os.environ.setdefault("ATLAS_RESYNC_SECONDS", "1")
 os.environ.setdefault("ATLAS_RETRY_SECONDS", "0.5")
 os.environ.setdefault("ATLAS_PEERING_LIFETIME", "3")
-os.environ.setdefault("ATLAS_REQUEST_TIMEOUT", "4")
 
 import attrs  # noqa: E402
 import jsonpatch  # noqa: E402
@@ -204,7 +203,7 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
     finally:
         stop.set()
         # kopf exits gracefully within seconds; a peering farewell that the emulator leaves
-        # unanswered holds it for one request timeout (ATLAS_REQUEST_TIMEOUT, short here).
+        # unanswered holds it for one request timeout (the peering test shortens it).
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(task, timeout=15)
 
