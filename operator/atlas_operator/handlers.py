@@ -196,7 +196,7 @@ def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
             api.patch("v1", "ConfigMap", owner.namespace, configmap["metadata"]["name"],
                       {"data": data})
         for event in plan.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            _event(body, type_=event.type, reason=event.reason, message=event.message)
 
     deployment = api.get("apps/v1", "Deployment", owner.namespace, owner.name)
     ready = int(((deployment or {}).get("status") or {}).get("readyReplicas") or 0)
@@ -290,7 +290,7 @@ def _sync_trainer(api: Kube, body: dict[str, Any], owner: Owner, spec: dict[str,
             return result
         api.delete("batch/v1", "Job", owner.namespace, name)
         apply(api, desired)
-        kopf.event(body, type="Warning", reason="TrainerRestarted",
+        _event(body, type_="Warning", reason="TrainerRestarted",
                    message=f"trainer Job failed; recreated (restart {restarts + 1})")
         return {**result, "phase": "Pending", "restarts": restarts + 1,
                 "message": "trainer Job recreated after a failure"}
@@ -332,7 +332,7 @@ def _report_failure(api: Kube, body: dict[str, Any], status: dict[str, Any], rea
     _patch_status(api, owner, status, {"conditions": conditions,
                                        "observedGeneration": generation})
     if before is None or (before.get("reason"), before.get("message")) != (reason, message):
-        kopf.event(body, type="Warning", reason=reason, message=message)
+        _event(body, type_="Warning", reason=reason, message=message)
 
 
 def _patch_status(api: Kube, owner: Owner, current: Mapping[str, Any],
@@ -341,6 +341,11 @@ def _patch_status(api: Kube, owner: Owner, current: Mapping[str, Any],
     if patch:
         api.patch(API_VERSION, KIND, owner.namespace, owner.name, {"status": patch},
                   subresource="status")
+
+
+def _event(body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """A Kubernetes Event on the endpoint (kopf posts it in the background, thread-safely)."""
+    kopf.event(kopf.Body(body), type=type_, reason=reason, message=message)  # type: ignore[arg-type]
 
 
 def _api_message(e: ApiException) -> str:
