@@ -6,7 +6,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from typing import Any
 
 from atlas_sidecar import models
@@ -20,7 +19,7 @@ from atlas_sidecar.server.commands import (
 )
 from atlas_sidecar.workloads import WorkloadError
 
-SPECULATORS = ("none", "static")
+SPECULATORS = ("none", "static", "suffix", "atlas")
 
 
 def _quiet_libraries() -> None:
@@ -34,15 +33,13 @@ def _quiet_libraries() -> None:
 
 def _build_engine(args: argparse.Namespace) -> Any:
     from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.engine import Engine
-    from atlas_sidecar.speculators.static import StaticSpeculator
+    from atlas_sidecar.modes import NEEDS_DRAFT, build_engine
 
     target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
-    speculator = None
-    if args.speculator == "static":
+    draft = None
+    if args.speculator in NEEDS_DRAFT:
         draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
-        speculator = StaticSpeculator(draft)
-    return Engine(target, target.tokenizer, speculator, lookahead=args.lookahead)
+    return build_engine(args.speculator, target, draft, args.lookahead)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -104,12 +101,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Target alone, then with the static speculator, on one real prompt: the speedup."""
+    """One real prompt: the target alone, with the static speculator, and with ATLAS."""
     from atlas_sidecar import workloads
     from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.engine import Engine
+    from atlas_sidecar.modes import build_engine
     from atlas_sidecar.sampling import SamplingParams
-    from atlas_sidecar.speculators.static import StaticSpeculator
 
     _quiet_libraries()
     print(f"loading {args.target} and {args.draft} ({args.dtype}, {args.device})...")
@@ -118,22 +114,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     prompt = workloads.humaneval(1)[0]
     ids = workloads.encode(target.tokenizer, prompt)
     params = SamplingParams(max_tokens=args.max_tokens)
-    plain = Engine(target, target.tokenizer)
-    spec = Engine(target, target.tokenizer, StaticSpeculator(draft), lookahead=args.lookahead)
-    plain.generate(ids, SamplingParams(max_tokens=2))  # warm-up
-    started = time.perf_counter()
-    base = plain.generate(ids, params)
-    fast = spec.generate(ids, params)
-    print(f"\nprompt: {prompt.prompt_id} ({len(ids)} tokens)\n")
-    print(fast.text)
-    print()
-    for name, r in (("target_only", base), ("static", fast)):
-        print(f"{name:<12} {r.tokens_per_s:6.2f} tok/s  accept_len {r.accept_len:4.2f}  "
-              f"draft {r.draft_s:5.2f}s  verify {r.verify_s:5.2f}s")  # fmt: skip
-    print(f"speedup: {fast.tokens_per_s / base.tokens_per_s:.2f}x; "
-          f"outputs identical: {fast.token_ids == base.token_ids}; "
-          f"wall {time.perf_counter() - started:.1f}s")  # fmt: skip
-    return 0 if fast.token_ids == base.token_ids else 1
+    engines = {m: build_engine(m, target, draft, args.lookahead)
+               for m in ("target_only", "static", "atlas")}  # fmt: skip
+    engines["target_only"].generate(ids, SamplingParams(max_tokens=2))  # warm-up
+    results = {mode: engine.generate(ids, params) for mode, engine in engines.items()}
+    base = results["target_only"]
+    print(f"\nprompt: {prompt.prompt_id} ({len(ids)} tokens)\n\n{results['atlas'].text}\n")
+    for mode, r in results.items():
+        speedup = r.tokens_per_s / base.tokens_per_s
+        print(f"{mode:<12} {r.tokens_per_s:6.2f} tok/s  {speedup:5.2f}x  accept_len "
+              f"{r.accept_len:4.2f}  identical: {r.token_ids == base.token_ids}")  # fmt: skip
+    return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -159,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text for one prompt")
     p.add_argument("prompt", help="the user prompt (wrapped in the chat template)")
-    p.add_argument("--speculator", choices=SPECULATORS, default="static")
+    p.add_argument("--speculator", choices=SPECULATORS, default="atlas",
+                   help="atlas: the controller picks suffix/static/none per step")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from atlas_sidecar.backends.base import TargetBackend
+from atlas_sidecar.controller import DraftPolicy, FixedPolicy
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import (
     SamplingParams,
@@ -175,7 +176,12 @@ class Sequence:
 
 
 class Engine:
-    """Speculative decoding over one target backend and (optionally) one speculator."""
+    """Speculative decoding over one target backend.
+
+    Drafts come from a policy: one speculator at a fixed lookahead (``speculator``,
+    ``lookahead``), or the confidence-aware controller (``policy``) choosing among
+    several per step.
+    """
 
     def __init__(
         self,
@@ -183,13 +189,18 @@ class Engine:
         tokenizer: Any,
         speculator: Drafter | None = None,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        policy: DraftPolicy | None = None,
     ) -> None:
         if not 0 <= lookahead <= MAX_LOOKAHEAD:
             raise ValueError(f"lookahead must be in 0..{MAX_LOOKAHEAD}, got {lookahead}")
         self.target = target
         self.tokenizer = tokenizer
-        self.speculator = speculator
-        self.lookahead = lookahead if speculator is not None else 0
+        self.policy: DraftPolicy = policy or FixedPolicy(speculator, lookahead)
+        # The cap on drafted tokens per step; the controller picks its own below it.
+        if policy is not None:
+            self.lookahead = MAX_LOOKAHEAD
+        else:
+            self.lookahead = lookahead if speculator is not None else 0
 
     # -- one request, start to finish ------------------------------------------------
 
@@ -259,12 +270,12 @@ class Engine:
         # The target always adds one token of its own, so draft at most remaining - 1.
         lookahead = min(self.lookahead, remaining - 1)
         t0 = time.perf_counter()
-        draft = Draft.empty()
-        if self.speculator is not None and lookahead > 0:
+        name, draft = "none", Draft.empty()
+        if lookahead > 0:
             request = DraftRequest(
                 seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator
             )
-            draft = self.speculator.propose([request])[0]
+            name, draft = self.policy.draft(request)
             draft.tokens = _usable_prefix(draft.tokens[:lookahead], self.target.vocab_size)
         t1 = time.perf_counter()
         logits = self.target.forward(seq.seq_id, [seq.output[-1], *draft.tokens])
@@ -272,9 +283,10 @@ class Engine:
         # Keep the verified prefix: prompt + output (its pending token) + accepted drafts.
         self.target.truncate(seq.seq_id, len(seq.prompt) + len(seq.output) + accepted)
         t2 = time.perf_counter()
+        self.policy.observe(seq.seq_id, name, draft, accepted, t1 - t0, t2 - t1)
         seq.steps.append(
             StepStats(
-                speculator=self.speculator.name if draft.tokens and self.speculator else "none",
+                speculator=name if draft.tokens else "none",
                 drafted=len(draft.tokens),
                 accepted=accepted,
                 draft_s=t1 - t0,
@@ -291,8 +303,7 @@ class Engine:
     def release(self, seq: Sequence) -> None:
         """Free the sequence's caches (target and speculator); safe to call twice."""
         self.target.release(seq.seq_id)
-        if self.speculator is not None:
-            self.speculator.release(seq.seq_id)
+        self.policy.release(seq.seq_id)
 
     def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> tuple[int, int]:
         if seq.params.greedy:

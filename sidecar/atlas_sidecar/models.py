@@ -259,6 +259,6 @@ def load(ref: str, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
         )
     except Exception as exc:  # corrupt weights, missing files, offline hub ids...
         raise ModelError(f"could not load model {ref!r} from {location}: {exc}") from exc
-    model.to(device)
+    model = model.to(device)  # type: ignore[arg-type]  # transformers' stub mistypes .to
     model.eval()
     return model, tokenizer

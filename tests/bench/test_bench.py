@@ -34,7 +34,8 @@ def test_bench_drift_reports_every_mode_and_phase(tmp_path, capsys):
 
 def test_bench_takes_a_users_trace(tmp_path):
     trace = tmp_path / "trace.jsonl"
-    trace.write_text('{"phase": "sql", "prompt": "Write SQL to count rows.", "max_new_tokens": 6}\n')
+    row = '{"phase": "sql", "prompt": "Write SQL to count rows.", "max_new_tokens": 6}'
+    trace.write_text(row + "\n")
     config = bench.BenchConfig(
         target=SMOL, draft=SMOL, dtype="fp32", prompts_file=str(trace), modes=("target_only",)
     )

@@ -23,6 +23,7 @@ def test_generate_prints_text_and_statistics():
     result = atlas(
         "generate", "Write a Python function that reverses a string.",
         "--target", SMOL, "--draft", SMOL, "--dtype", "fp32", "--max-tokens", "24",
+        "--speculator", "static",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "def " in result.stdout

@@ -19,7 +19,7 @@ from typing import Any
 AUTH_TOKEN_ENV = "ATLAS_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "ATLAS_ADMIN_TOKEN"
 BACKENDS = ("torch",)
-SPECULATORS = ("static", "none")
+SPECULATORS = ("atlas", "static", "suffix", "none")
 
 
 def _read_token(path: str | None, env: str) -> str | None:
@@ -40,7 +40,8 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--backend", default="torch", help="target backend: torch (sglang: later)")
     p.add_argument("--sglang-url", help="the SGLang server, for --backend sglang")
-    p.add_argument("--speculator", choices=SPECULATORS, default="static")
+    p.add_argument("--speculator", choices=SPECULATORS, default="atlas",
+                   help="atlas: the controller picks suffix/static/none per step")  # fmt: skip
     p.add_argument("--draft-num-layers", type=int,
                    help="draft with the target's first N layers, not --draft")  # fmt: skip
     add_model_args(p)
@@ -123,20 +124,20 @@ def _limits(args: argparse.Namespace) -> Any:
 
 def build_engine(args: argparse.Namespace) -> Any:
     from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.engine import Engine
-    from atlas_sidecar.speculators.static import StaticSpeculator
+    from atlas_sidecar.modes import NEEDS_DRAFT
+    from atlas_sidecar.modes import build_engine as build_mode
 
     target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
-    speculator = None
-    if args.speculator == "static":
-        if args.draft_num_layers:
-            draft = CausalLMRunner.load(
-                args.target, dtype=args.dtype, device=args.device, num_layers=args.draft_num_layers
-            )
-        else:
-            draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
-        speculator = StaticSpeculator(draft)
-    return Engine(target, target.tokenizer, speculator, lookahead=args.lookahead)
+    draft = None
+    if args.speculator in NEEDS_DRAFT:
+        draft_ref = args.target if args.draft_num_layers else args.draft
+        draft = CausalLMRunner.load(
+            draft_ref, dtype=args.dtype, device=args.device, num_layers=args.draft_num_layers
+        )
+    return build_mode(
+        "target_only" if args.speculator == "none" else args.speculator,
+        target, draft, args.lookahead,
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

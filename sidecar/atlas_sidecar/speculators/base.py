@@ -7,6 +7,7 @@ returns draft tokens with a confidence per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,6 +23,9 @@ class DraftRequest:
     lookahead: int  # how many tokens to propose (may return fewer)
     params: SamplingParams
     generator: torch.Generator | None = None
+    # For drafters that pay per token: called with the confidences so far after each
+    # drafted token; False stops the draft early (the controller's goodput test).
+    keep_going: Callable[[list[float]], bool] | None = None
 
 
 @dataclass
@@ -32,6 +36,9 @@ class Draft:
     # [len(tokens), V]: the distribution each token was sampled from, for rejection
     # sampling. None means the drafter is deterministic (a one-hot q).
     probs: torch.Tensor | None = None
+    # Which kind of evidence produced it (e.g. "suffix:3" for a 3-gram match): the
+    # controller learns acceptance per bucket.
+    bucket: str = ""
 
     @classmethod
     def empty(cls) -> Draft:

@@ -64,6 +64,8 @@ class StaticSpeculator:
                 sampled_from.append(probs)
             tokens.append(token)
             confidences.append(float(probs[token]))
+            if request.keep_going is not None and not request.keep_going(confidences):
+                break
             if step + 1 < request.lookahead:  # the last draft token need not be fed
                 logits = self.runner.forward(request.seq_id, [token])[-1]
                 self._cached_tokens[request.seq_id].append(token)

@@ -1,0 +1,92 @@
+"""The controller: goodput arithmetic, calibration, backing off, and exactness on a model."""
+
+from __future__ import annotations
+
+import pytest
+
+from atlas_sidecar.controller import AcceptanceStats, Controller, CostModel, expected_tokens
+from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.speculators.base import Draft, DraftRequest
+
+
+class ScriptedDrafter:
+    """Proposes a fixed draft with fixed confidences (free, like the suffix index)."""
+
+    name = "suffix"
+
+    def __init__(self, tokens: list[int], confidences: list[float]) -> None:
+        self.draft = Draft(tokens, confidences, bucket="suffix")
+
+    def propose(self, requests):
+        return [Draft(self.draft.tokens[: r.lookahead], self.draft.confidences[: r.lookahead],
+                      bucket="suffix") for r in requests]  # fmt: skip
+
+    def release(self, seq_id):
+        pass
+
+
+def costs(per_token: float) -> CostModel:
+    model = CostModel()
+    for n in (1, 2, 4, 8, 16, 17):
+        model.observe_verify(n, 0.1 + per_token * (n - 1))
+    return model
+
+
+def request(lookahead: int = 16) -> DraftRequest:
+    return DraftRequest("s", [1, 2, 3], lookahead, SamplingParams())
+
+
+def test_expected_tokens_sums_prefix_acceptance():
+    assert expected_tokens([]) == [1.0]
+    assert expected_tokens([0.5, 0.5]) == [1.0, 1.5, 1.75]
+
+
+def test_verify_cost_interpolates_and_extrapolates():
+    model = costs(0.01)
+    assert model.verify(3) == pytest.approx(0.12)
+    assert model.verify(33) == pytest.approx(0.42)
+
+
+def test_confident_draft_is_taken_in_full_when_verification_is_cheap():
+    controller = Controller([ScriptedDrafter([7] * 8, [0.95] * 8)], 16, costs(0.001))
+    name, draft = controller.draft(request())
+    assert name == "suffix"
+    assert len(draft.tokens) == 8
+
+
+def test_controller_backs_off_when_verification_is_expensive():
+    # Each extra verified token costs as much as a whole step: speculation cannot win.
+    controller = Controller([ScriptedDrafter([7] * 8, [0.55] * 8)], 16, costs(0.1))
+    name, draft = controller.draft(request())
+    assert name == "none"
+    assert draft.tokens == []
+
+
+def test_lookahead_is_cut_where_confidence_drops():
+    drafter = ScriptedDrafter([7] * 8, [0.95, 0.95, 0.95, 0.05, 0.05, 0.05, 0.05, 0.05])
+    controller = Controller([drafter], 16, costs(0.01))
+    _, draft = controller.draft(request())
+    assert len(draft.tokens) == 3
+
+
+def test_calibration_learns_that_a_bucket_is_overconfident():
+    stats = AcceptanceStats()
+    before = stats.prob("suffix:1", 0.95)
+    for _ in range(50):
+        stats.observe("suffix:1", [0.95, 0.95], accepted=0)
+    assert before > 0.9
+    assert stats.prob("suffix:1", 0.95) < 0.2
+    assert stats.prob("suffix:4", 0.95) > 0.9  # other buckets keep their own evidence
+
+
+def test_rejected_drafts_turn_the_controller_off_for_that_request():
+    drafter = ScriptedDrafter([7] * 8, [0.75] * 8)
+    controller = Controller([drafter], 16, costs(0.01))
+    assert controller.draft(request())[0] == "suffix"
+    for _ in range(30):
+        _, draft = controller.draft(request())
+        if not draft.tokens:
+            break
+        verify_s = 0.1 + 0.01 * len(draft.tokens)  # what costs(0.01) predicts
+        controller.observe("s", "suffix", draft, 0, 0.0, verify_s)
+    assert controller.draft(request())[0] == "none"
