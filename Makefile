@@ -36,8 +36,8 @@ test: venv tools
 	$(BIN)/python -m pytest -q tests || [ $$? -eq 5 ]
 
 lint: venv
-	$(BIN)/ruff check sidecar operator kernels tests
-	$(BIN)/mypy sidecar/atlas_sidecar operator/atlas_operator kernels/atlas_kernels
+	$(BIN)/ruff check sidecar operator tests
+	$(BIN)/mypy sidecar/atlas_sidecar operator/atlas_operator
 
 bench: venv
 	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
