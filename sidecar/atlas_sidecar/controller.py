@@ -118,6 +118,12 @@ class AcceptanceStats:
         n = cell.accepted + cell.rejected
         return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
 
+    def rate(self, bucket: str, prior: float = 0.75) -> float:
+        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft."""
+        accepted = sum(c.accepted for (b, _), c in self._cells.items() if b == bucket)
+        rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
+        return (accepted + PRIOR_STRENGTH * prior) / (accepted + rejected + PRIOR_STRENGTH)
+
     def observe(self, bucket: str, confidences: list[float], accepted: int) -> None:
         """Tokens up to the first rejection are evidence; the ones after it are unseen."""
         for i, confidence in enumerate(confidences[: accepted + 1]):
@@ -193,8 +199,14 @@ class Controller:
     def name(self) -> str:
         return "atlas"
 
-    def _accept_prob(self, seq_id: str, name: str, bucket: str, confidence: float) -> float:
-        p = self.acceptance.prob(bucket, confidence)
+    def _accept_prob(
+        self, seq_id: str, name: str, bucket: str, confidence: float | None
+    ) -> float:
+        """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
+        if confidence is None:
+            p = self.acceptance.rate(bucket)
+        else:
+            p = self.acceptance.prob(bucket, confidence)
         own = self._memory.get(seq_id, _SequenceMemory()).ratio(name)
         return p if own is None else (1 - SEQUENCE_WEIGHT) * p + SEQUENCE_WEIGHT * own
 
@@ -225,7 +237,7 @@ class Controller:
                 draft = _cut(draft, plan.lookahead)
             else:
                 # A model drafter pays per token: plan from its typical acceptance first.
-                typical = self._accept_prob(request.seq_id, name, name, 0.75)
+                typical = self._accept_prob(request.seq_id, name, name, None)
                 plan = self._best_cut(name, [typical] * cap, cap)
                 draft = Draft.empty()
             if plan.goodput > best.goodput and plan.lookahead > 0:
@@ -240,7 +252,7 @@ class Controller:
 
         def keep_going(confidences: list[float]) -> bool:
             probs = [self._accept_prob(request.seq_id, name, name, c) for c in confidences]
-            typical = self._accept_prob(request.seq_id, name, name, 0.75)
+            typical = self._accept_prob(request.seq_id, name, name, None)
             now = self._best_cut(name, probs, len(probs))
             ahead = self._best_cut(name, probs + [typical], len(probs) + 1)
             return ahead.lookahead == len(probs) + 1 and ahead.goodput >= now.goodput
