@@ -301,9 +301,12 @@ class Engine:
         return added
 
     def release(self, seq: Sequence) -> None:
-        """Free the sequence's caches (target and speculator); safe to call twice."""
-        self.target.release(seq.seq_id)
+        """Free the sequence's caches (speculators, then target); safe to call twice.
+
+        Speculators go first: a learning drafter may still read the target's recorded
+        hidden states of the finished sequence."""
         self.policy.release(seq.seq_id)
+        self.target.release(seq.seq_id)
 
     def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> tuple[int, int]:
         if seq.params.greedy:

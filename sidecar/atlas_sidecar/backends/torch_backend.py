@@ -5,10 +5,12 @@ Also runs draft models (the static speculator), which need exactly the same oper
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from atlas_sidecar import models
 
@@ -48,11 +50,57 @@ def truncate_layers(model: Any, num_layers: int) -> Any:
     return model
 
 
+@dataclass
+class ForwardItem:
+    """Tokens to append to one sequence's cache in a batched forward.
+
+    ``parents`` makes the tokens a tree: ``parents[i]`` is the index of token i's
+    parent among ``tokens``, or -1 for the end of the cached prefix. Token i then
+    attends to the cache and to its ancestors only, at position cached_len + depth(i).
+    ``None`` is a plain chain (each token follows the one before it).
+    """
+
+    seq_id: str
+    tokens: list[int]
+    parents: list[int] | None = None
+
+
+def tree_depths(parents: list[int]) -> list[int]:
+    """Depth of each tree node (children of the cached prefix have depth 0)."""
+    depths: list[int] = []
+    for i, parent in enumerate(parents):
+        if not -1 <= parent < i:
+            raise ValueError(f"tree parent {parent} of node {i} must precede it")
+        depths.append(0 if parent < 0 else depths[parent] + 1)
+    return depths
+
+
+def tree_ancestry(parents: list[int]) -> torch.Tensor:
+    """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
+    n = len(parents)
+    mask = torch.eye(n, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask
+
+
 class CausalLMRunner:
-    """A Hugging Face causal LM with one DynamicCache per live sequence."""
+    """A Hugging Face causal LM with one DynamicCache per live sequence.
+
+    ``forward_many`` runs several sequences (each with its own cache length and its
+    own number of new tokens, chains or trees) in one batched forward: their caches
+    are padded side by side and a 4D attention mask keeps every row to its own
+    tokens. With ``record_hidden``, the final hidden state of every cached token is
+    kept too (what a neural drafter learns from).
+    """
 
     def __init__(
-        self, model: Any, tokenizer: Any, max_sequences: int = DEFAULT_MAX_SEQUENCES
+        self,
+        model: Any,
+        tokenizer: Any,
+        max_sequences: int = DEFAULT_MAX_SEQUENCES,
+        record_hidden: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -62,7 +110,9 @@ class CausalLMRunner:
         self.max_context = int(getattr(model.config, "max_position_embeddings", 0) or 32768)
         self.eos_token_ids = _eos_ids(model, tokenizer)
         self.max_sequences = max_sequences
+        self.record_hidden = record_hidden
         self._caches: dict[str, DynamicCache] = {}
+        self._hidden: dict[str, torch.Tensor] = {}
 
     @classmethod
     def load(
@@ -71,11 +121,16 @@ class CausalLMRunner:
         dtype: str | None = None,
         device: str = "cpu",
         num_layers: int | None = None,
+        record_hidden: bool = False,
     ) -> CausalLMRunner:
         model, tokenizer = models.load(ref, dtype=parse_dtype(dtype, device), device=device)
         if num_layers is not None:
             truncate_layers(model, num_layers)
-        return cls(model, tokenizer)
+        return cls(model, tokenizer, record_hidden=record_hidden)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
 
     def start(self, seq_id: str) -> None:
         if seq_id in self._caches:
@@ -83,30 +138,158 @@ class CausalLMRunner:
         if len(self._caches) >= self.max_sequences:
             raise RuntimeError(f"too many live sequences (max {self.max_sequences})")
         self._caches[seq_id] = DynamicCache(config=self.model.config)
+        if self.record_hidden:
+            self._hidden[seq_id] = torch.empty(0, self.hidden_size, dtype=self.dtype)
 
-    @torch.inference_mode()
     def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor:
         """Append ``tokens`` to the sequence's cache; return their logits [len, V] in fp32."""
-        cache = self._caches[seq_id]
-        input_ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return out.logits[0].float()
+        return self.forward_many([ForwardItem(seq_id, tokens)])[0]
+
+    @torch.inference_mode()
+    def forward_many(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        """Append each item's tokens to its sequence's cache in one batched forward.
+
+        Returns each item's logits [len(tokens), V] in fp32 (row i predicts the token
+        after tokens[i]). A tree item's cache then holds every node: ``keep`` chooses
+        the accepted path.
+        """
+        if not items:
+            return []
+        if any(not item.tokens for item in items):
+            raise ValueError("every item needs at least one token")
+        if len({item.seq_id for item in items}) != len(items):
+            raise ValueError("a sequence may appear once per forward")
+        if len(items) == 1 and items[0].parents is None:
+            item = items[0]  # the common single-chain case: the cache as it is
+            cache = self._caches[item.seq_id]
+            ids = torch.tensor([item.tokens], dtype=torch.long, device=self.device)
+            logits, hidden = self._run(ids, cache, None, None)
+            self._append_hidden(item.seq_id, hidden[0])
+            return [logits[0].float()]
+        return self._forward_padded(items)
+
+    def _forward_padded(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        caches = [self._caches[item.seq_id] for item in items]
+        for cache in caches:
+            if any(type(layer) is not DynamicLayer for layer in cache.layers):
+                raise NotImplementedError("batched and tree forwards need full-attention layers")
+        past = [cache.get_seq_length() for cache in caches]
+        widths = [len(item.tokens) for item in items]
+        pad_past, width = max(past), max(widths)
+        rows = len(items)
+        ids = torch.zeros(rows, width, dtype=torch.long)
+        positions = torch.zeros(rows, width, dtype=torch.long)
+        # mask[r, 0, q, k]: may row r's query q see key k? Keys: [past | pad | new].
+        mask = torch.zeros(rows, 1, width, pad_past + width, dtype=torch.bool)
+        for r, item in enumerate(items):
+            n = widths[r]
+            parents = item.parents if item.parents is not None else list(range(-1, n - 1))
+            if len(parents) != n:
+                raise ValueError(f"{item.seq_id}: {n} tokens but {len(parents)} parents")
+            ids[r, :n] = torch.tensor(item.tokens)
+            positions[r, :n] = past[r] + torch.tensor(tree_depths(parents))
+            positions[r, n:] = past[r] + torch.arange(n, width)
+            mask[r, 0, :, : past[r]] = True
+            mask[r, 0, :n, pad_past : pad_past + n] = tree_ancestry(parents)
+            # Padding queries see themselves only (a row of all-False would give NaNs).
+            idx = torch.arange(n, width)
+            mask[r, 0, idx, pad_past + idx] = True
+        layers = []
+        if pad_past:
+            for layer_idx in range(len(caches[0].layers)):
+                kv = [(c.layers[layer_idx].keys, c.layers[layer_idx].values) if n else None
+                      for c, n in zip(caches, past, strict=True)]  # fmt: skip
+                shape = next(pair[0].shape for pair in kv if pair is not None)
+                empty = torch.empty(1, shape[1], 0, shape[3], dtype=self.dtype, device=self.device)
+                layers.append(tuple(
+                    torch.cat([_pad_past(empty if pair is None else pair[i], pad_past)
+                               for pair in kv])
+                    for i in (0, 1)
+                ))  # fmt: skip
+        batch_cache = DynamicCache(ddp_cache_data=layers) if pad_past else DynamicCache()
+        logits, hidden = self._run(
+            ids.to(self.device), batch_cache, positions.to(self.device), mask.to(self.device)
+        )
+        out = []
+        for r, (item, cache) in enumerate(zip(items, caches, strict=True)):
+            n = widths[r]
+            for layer_idx, layer in enumerate(batch_cache.layers):
+                new_k = layer.keys[r : r + 1, :, pad_past : pad_past + n]
+                new_v = layer.values[r : r + 1, :, pad_past : pad_past + n]
+                cache.layers[layer_idx].update(new_k, new_v)
+            self._append_hidden(item.seq_id, hidden[r, :n])
+            out.append(logits[r, :n].float())
+        return out
+
+    def _run(
+        self,
+        ids: torch.Tensor,
+        cache: DynamicCache,
+        positions: torch.Tensor | None,
+        mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward through the decoder and the LM head: (logits, final hidden states)."""
+        decoder = self.model.get_decoder()
+        out = decoder(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state
+        return self.model.get_output_embeddings()(hidden), hidden
+
+    def _append_hidden(self, seq_id: str, hidden: torch.Tensor) -> None:
+        if self.record_hidden:
+            self._hidden[seq_id] = torch.cat([self._hidden[seq_id], hidden.to("cpu")])
 
     def truncate(self, seq_id: str, length: int) -> None:
         cache = self._caches[seq_id]
         excess = cache.get_seq_length() - length
         if excess > 0:
             cache.crop(-excess)  # transformers 5 crops by a negative count of tokens
+        if self.record_hidden:
+            self._hidden[seq_id] = self._hidden[seq_id][:length]
+
+    def keep(self, seq_id: str, prefix: int, path: list[int]) -> None:
+        """After a tree forward: keep the first ``prefix`` cached tokens, then the tree
+        nodes at indices ``path`` (root to leaf), dropping the other branches."""
+        cache = self._caches[seq_id]
+        index = torch.cat([torch.arange(prefix), prefix + torch.tensor(path, dtype=torch.long)])
+        if len(index) > cache.get_seq_length():
+            raise ValueError(f"{seq_id}: path {path} beyond the cache")
+        for layer in cache.layers:
+            if layer.is_initialized:
+                device_index = index.to(layer.keys.device)
+                layer.keys = layer.keys.index_select(-2, device_index)
+                layer.values = layer.values.index_select(-2, device_index)
+        if self.record_hidden:
+            self._hidden[seq_id] = self._hidden[seq_id].index_select(0, index)
+
+    def hidden(self, seq_id: str) -> torch.Tensor:
+        """[cached_len, hidden_size] final hidden states (on CPU); needs ``record_hidden``."""
+        if not self.record_hidden:
+            raise RuntimeError("this runner does not record hidden states")
+        return self._hidden[seq_id]
 
     def cached_len(self, seq_id: str) -> int:
         return int(self._caches[seq_id].get_seq_length())
 
     def release(self, seq_id: str) -> None:
         self._caches.pop(seq_id, None)
+        self._hidden.pop(seq_id, None)
 
     @property
     def live_sequences(self) -> int:
         return len(self._caches)
+
+
+def _pad_past(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Cached keys or values [1, heads, length, dim], zero-padded to ``width`` positions."""
+    if tensor.shape[2] == width:
+        return tensor
+    return torch.nn.functional.pad(tensor, (0, 0, 0, width - tensor.shape[2]))
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
