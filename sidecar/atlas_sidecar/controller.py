@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atlas_sidecar.backends.base import TargetBackend
@@ -124,13 +125,13 @@ class AcceptanceStats:
         rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
         return (accepted + PRIOR_STRENGTH * prior) / (accepted + rejected + PRIOR_STRENGTH)
 
-    def observe(self, bucket: str, confidences: list[float], accepted: int) -> None:
-        """Tokens up to the first rejection are evidence; the ones after it are unseen."""
-        for i, confidence in enumerate(confidences[: accepted + 1]):
+    def observe(self, bucket: str, accepted: list[float], rejected: list[float]) -> None:
+        """Confidences of draft tokens the target accepted, and of ones it rejected."""
+        for confidence, outcome in [(c, True) for c in accepted] + [(c, False) for c in rejected]:
             cell = self._cells.setdefault((bucket, _bin(confidence)), _Beta())
             cell.accepted *= DECAY
             cell.rejected *= DECAY
-            if i < accepted:
+            if outcome:
                 cell.accepted += 1.0
             else:
                 cell.rejected += 1.0
@@ -157,9 +158,13 @@ class _SequenceMemory:
 @dataclass
 class Plan:
     speculator: str  # "none" or a speculator's name
-    lookahead: int
+    nodes: list[int]  # the draft tokens (tree nodes) to verify
     expected_tokens: float
     expected_s: float
+
+    @property
+    def lookahead(self) -> int:
+        return len(self.nodes)
 
     @property
     def goodput(self) -> float:
@@ -176,8 +181,22 @@ def expected_tokens(accept_probs: list[float]) -> list[float]:
     return out
 
 
+def path_probs(accept_probs: list[float], parents: list[int]) -> list[float]:
+    """P(a node and all its ancestors are accepted), from each node's own P(accept)."""
+    out: list[float] = []
+    for p, parent in zip(accept_probs, parents, strict=True):
+        out.append(p * (1.0 if parent < 0 else out[parent]))
+    return out
+
+
 class Controller:
-    """Plans each step for each sequence; learns from what the target accepted."""
+    """Plans each step for each sequence; learns from what the target accepted.
+
+    In a batch of B sequences, a plan of k draft tokens is costed at its share of a
+    forward in which every sequence feeds k + 1 tokens: verify(B * (k + 1)) / B. When
+    the target is compute-bound at that size (large batches), speculating stops paying
+    and the controller drafts nothing.
+    """
 
     def __init__(
         self,
@@ -199,9 +218,7 @@ class Controller:
     def name(self) -> str:
         return "atlas"
 
-    def _accept_prob(
-        self, seq_id: str, name: str, bucket: str, confidence: float | None
-    ) -> float:
+    def _accept_prob(self, seq_id: str, name: str, bucket: str, confidence: float | None) -> float:
         """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
         if confidence is None:
             p = self.acceptance.rate(bucket)
@@ -210,81 +227,142 @@ class Controller:
         own = self._memory.get(seq_id, _SequenceMemory()).ratio(name)
         return p if own is None else (1 - SEQUENCE_WEIGHT) * p + SEQUENCE_WEIGHT * own
 
-    def _best_cut(self, name: str, probs: list[float], cap: int) -> Plan:
+    def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
+        return self.costs.verify(batch_size * tokens_per_seq) / batch_size
+
+    def _best_cut(
+        self, name: str, probs: list[float], parents: list[int], cap: int, batch_size: int
+    ) -> Plan:
+        """The most goodput-efficient subtree: the nodes most likely to be reached."""
+        reach = path_probs(probs, parents)
+        # Ancestors are at least as likely as their descendants and come first on ties,
+        # so every top-n set is closed under parents.
+        order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
         draft_s = self.costs.draft_per_token(name)
-        gains = expected_tokens(probs[:cap])
-        plans = [
-            Plan(name, k, gains[k], self.costs.verify(k + 1) + draft_s * k)
-            for k in range(len(gains))
-        ]
-        return max(plans, key=lambda p: p.goodput)
+        best = Plan(name, [], 1.0, self._verify_share(1, batch_size))
+        gained = 1.0
+        for n, node in enumerate(order, start=1):
+            gained += reach[node]
+            plan = Plan(
+                name, sorted(order[:n]), gained, self._verify_share(n + 1, batch_size) + draft_s * n
+            )
+            if plan.goodput > best.goodput:
+                best = plan
+        return best
 
-    def draft(self, request: DraftRequest) -> tuple[str, Draft]:
+    def draft(self, request: DraftRequest, batch_size: int = 1) -> tuple[str, Draft]:
         """Choose a speculator and lookahead for one sequence; return (name, its draft)."""
-        cap = min(request.lookahead, self.max_lookahead)
-        baseline = Plan("none", 0, 1.0, self.costs.verify(1))
-        best, best_draft = baseline, Draft.empty()
-        if cap <= 0:
-            return self._chose(best), best_draft
-        for name, speculator in self.speculators.items():
-            if name in self.free_drafters:
-                draft = speculator.propose([_with_lookahead(request, cap)])[0]
-                probs = [
-                    self._accept_prob(request.seq_id, name, draft.bucket or name, c)
-                    for c in draft.confidences
-                ]
-                plan = self._best_cut(name, probs, cap)
-                draft = _cut(draft, plan.lookahead)
-            else:
-                # A model drafter pays per token: plan from its typical acceptance first.
-                typical = self._accept_prob(request.seq_id, name, name, None)
-                plan = self._best_cut(name, [typical] * cap, cap)
-                draft = Draft.empty()
-            if plan.goodput > best.goodput and plan.lookahead > 0:
-                best, best_draft = plan, draft
-        if best.speculator != "none" and best.speculator not in self.free_drafters:
-            best_draft = self._draft_with_early_exit(request, best)
-        return self._chose(best), best_draft
+        return self.draft_many([request], batch_size)[0]
 
-    def _draft_with_early_exit(self, request: DraftRequest, plan: Plan) -> Draft:
-        """Run a model drafter, stopping once another token no longer pays for itself."""
-        name = plan.speculator
+    def draft_many(
+        self, requests: list[DraftRequest], batch_size: int | None = None
+    ) -> list[tuple[str, Draft]]:
+        """Plan every sequence of a batch; each model drafter runs once for all its picks."""
+        batch = batch_size or len(requests)
+        chosen: list[tuple[Plan, Draft]] = []
+        free: dict[str, list[Draft]] = {}
+        for name in self.free_drafters:
+            if name in self.speculators:
+                free[name] = self._propose(name, [
+                    _with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests
+                ], per_call=True)  # fmt: skip
+        for i, request in enumerate(requests):
+            cap = min(request.lookahead, self.max_lookahead)
+            best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
+            if cap > 0:
+                for name in self.speculators:
+                    if name in free:
+                        draft = free[name][i]
+                        probs = [
+                            self._accept_prob(request.seq_id, name, draft.bucket or name, c)
+                            for c in draft.confidences
+                        ]
+                        plan = self._best_cut(name, probs, draft.chain_parents(), cap, batch)
+                        draft = draft.subset(plan.nodes)
+                    else:
+                        # A model drafter pays per token: plan from its typical acceptance.
+                        typical = self._accept_prob(request.seq_id, name, name, None)
+                        chain = list(range(-1, cap - 1))
+                        plan = self._best_cut(name, [typical] * cap, chain, cap, batch)
+                        draft = Draft.empty()
+                    if plan.goodput > best.goodput and plan.lookahead > 0:
+                        best, best_draft = plan, draft
+            chosen.append((best, best_draft))
+        self._run_model_drafters(requests, chosen, batch)
+        return [(self._chose(plan), draft) for plan, draft in chosen]
+
+    def _run_model_drafters(
+        self, requests: list[DraftRequest], chosen: list[tuple[Plan, Draft]], batch: int
+    ) -> None:
+        """Draft with each chosen model drafter, all of its sequences in one call."""
+        for name in self.speculators:
+            if name in self.free_drafters:
+                continue
+            picked = [i for i, (plan, _) in enumerate(chosen) if plan.speculator == name]
+            if not picked:
+                continue
+            planned = []
+            for i in picked:
+                request = _with_lookahead(requests[i], chosen[i][0].lookahead)
+                request.keep_going = self._early_exit(request.seq_id, name, batch)
+                planned.append(request)
+            for i, draft in zip(picked, self._propose(name, planned), strict=True):
+                draft.bucket = draft.bucket or name
+                chosen[i] = (chosen[i][0], draft)
+
+    def _early_exit(self, seq_id: str, name: str, batch: int) -> Callable[[list[float]], bool]:
+        """Stop a model drafter once another token no longer pays for itself."""
 
         def keep_going(confidences: list[float]) -> bool:
-            probs = [self._accept_prob(request.seq_id, name, name, c) for c in confidences]
-            typical = self._accept_prob(request.seq_id, name, name, None)
-            now = self._best_cut(name, probs, len(probs))
-            ahead = self._best_cut(name, probs + [typical], len(probs) + 1)
-            return ahead.lookahead == len(probs) + 1 and ahead.goodput >= now.goodput
+            probs = [self._accept_prob(seq_id, name, name, c) for c in confidences]
+            typical = self._accept_prob(seq_id, name, name, None)
+            n = len(probs)
+            now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
+            ahead = self._best_cut(name, probs + [typical], list(range(-1, n)), n + 1, batch)
+            return ahead.lookahead == n + 1 and ahead.goodput >= now.goodput
 
-        planned = _with_lookahead(request, plan.lookahead)
-        planned.keep_going = keep_going
-        draft = self.speculators[name].propose([planned])[0]
-        draft.bucket = draft.bucket or name
-        return draft
+        return keep_going
+
+    def _propose(
+        self, name: str, requests: list[DraftRequest], per_call: bool = False
+    ) -> list[Draft]:
+        """Run a speculator and learn its cost: per drafted token, or per call if free."""
+        started = time.perf_counter()
+        drafts = self.speculators[name].propose(requests)
+        seconds = time.perf_counter() - started
+        if per_call:
+            self.costs.observe_draft(name, 1, seconds / max(len(requests), 1))
+        else:
+            self.costs.observe_draft(name, sum(len(d.tokens) for d in drafts), seconds)
+        return drafts
 
     def _chose(self, plan: Plan) -> str:
         key = f"{plan.speculator}:{plan.lookahead}"
         self.choices[key] = self.choices.get(key, 0) + 1
         return plan.speculator
 
-    def observe(
-        self, seq_id: str, name: str, draft: Draft, accepted: int, draft_s: float,
-        verify_s: float,
-    ) -> None:  # fmt: skip
-        self.costs.observe_verify(len(draft.tokens) + 1, verify_s)
+    def observe_verify(self, tokens_fed: int, seconds: float) -> None:
+        """One target forward over ``tokens_fed`` tokens (all sequences of the batch)."""
+        self.costs.observe_verify(tokens_fed, seconds)
+
+    def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
+        """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
         if name == "none" or not draft.tokens:
             return
-        if name not in self.free_drafters:
-            self.costs.observe_draft(name, len(draft.tokens), draft_s)
-        else:
-            self.costs.observe_draft(name, 1, draft_s)  # free drafters cost per call
-        bucket = draft.bucket or name
-        self.acceptance.observe(bucket, draft.confidences, accepted)
+        # Every other child of the root and of the accepted nodes met the target and lost.
+        checked, on_path = {-1, *path}, set(path)
+        rejected = [
+            i for i, parent in enumerate(draft.chain_parents())
+            if parent in checked and i not in on_path
+        ]  # fmt: skip
+        self.acceptance.observe(
+            draft.bucket or name,
+            accepted=[draft.confidences[i] for i in path],
+            rejected=[draft.confidences[i] for i in rejected],
+        )
         memory = self._memory.setdefault(seq_id, _SequenceMemory())
-        seen = min(accepted + 1, len(draft.tokens))
-        memory.accepted[name] = memory.accepted.get(name, 0.0) + accepted
-        memory.drafted[name] = memory.drafted.get(name, 0.0) + seen
+        memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
+        memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + (1 if rejected else 0)
 
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)
@@ -298,15 +376,6 @@ def _with_lookahead(request: DraftRequest, lookahead: int) -> DraftRequest:
     )
 
 
-def _cut(draft: Draft, length: int) -> Draft:
-    return Draft(
-        tokens=draft.tokens[:length],
-        confidences=draft.confidences[:length],
-        probs=None if draft.probs is None else draft.probs[:length],
-        bucket=draft.bucket,
-    )
-
-
 class FixedPolicy:
     """One speculator at a fixed lookahead (or none): the baseline modes."""
 
@@ -315,13 +384,24 @@ class FixedPolicy:
         self.lookahead = lookahead if speculator is not None else 0
         self.name = speculator.name if speculator is not None else "none"
 
-    def draft(self, request: DraftRequest) -> tuple[str, Draft]:
-        lookahead = min(request.lookahead, self.lookahead)
-        if self.speculator is None or lookahead <= 0:
-            return "none", Draft.empty()
-        return self.name, self.speculator.propose([_with_lookahead(request, lookahead)])[0]
+    def draft_many(
+        self, requests: list[DraftRequest], batch_size: int | None = None
+    ) -> list[tuple[str, Draft]]:
+        out: list[tuple[str, Draft]] = [("none", Draft.empty()) for _ in requests]
+        picked = [i for i, r in enumerate(requests) if min(r.lookahead, self.lookahead) > 0]
+        if self.speculator is None or not picked:
+            return out
+        planned = [
+            _with_lookahead(requests[i], min(requests[i].lookahead, self.lookahead)) for i in picked
+        ]
+        for i, draft in zip(picked, self.speculator.propose(planned), strict=True):
+            out[i] = (self.name, draft)
+        return out
 
     def observe(self, *args: object) -> None:
+        pass
+
+    def observe_verify(self, tokens_fed: int, seconds: float) -> None:
         pass
 
     def release(self, seq_id: str) -> None:

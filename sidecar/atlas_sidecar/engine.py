@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from atlas_sidecar.backends.base import TargetBackend
+from atlas_sidecar.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.controller import DraftPolicy, FixedPolicy
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import (
@@ -30,6 +30,7 @@ from atlas_sidecar.sampling import (
     probs_from_logits,
     verify_greedy,
     verify_sampled,
+    verify_tree_greedy,
 )
 from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
 
@@ -266,39 +267,94 @@ class Engine:
 
     def step(self, seq: Sequence) -> list[int]:
         """One draft + verify round; return the tokens it added to the output."""
-        remaining = seq.params.max_tokens - len(seq.output)
-        # The target always adds one token of its own, so draft at most remaining - 1.
-        lookahead = min(self.lookahead, remaining - 1)
+        return self.step_many([seq])[0]
+
+    def step_many(self, seqs: list[Sequence]) -> list[list[int]]:
+        """One draft + verify round for several sequences, verified in one target forward.
+
+        Each sequence drafts its own chain or tree and accepts its own number of tokens;
+        the time of the shared draft and verify calls is split evenly in the step stats.
+        Returns the tokens each sequence added to its output.
+        """
+        if not seqs:
+            return []
+        if len({seq.seq_id for seq in seqs}) != len(seqs) or any(s.finished for s in seqs):
+            raise ValueError("step_many takes distinct unfinished sequences")
         t0 = time.perf_counter()
-        name, draft = "none", Draft.empty()
-        if lookahead > 0:
-            request = DraftRequest(
-                seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator
-            )
-            name, draft = self.policy.draft(request)
-            draft.tokens = _usable_prefix(draft.tokens[:lookahead], self.target.vocab_size)
+        drafts = self._draft(seqs)
         t1 = time.perf_counter()
-        logits = self.target.forward(seq.seq_id, [seq.output[-1], *draft.tokens])
-        accepted, bonus = self._accept(seq, draft, logits)
-        # Keep the verified prefix: prompt + output (its pending token) + accepted drafts.
-        self.target.truncate(seq.seq_id, len(seq.prompt) + len(seq.output) + accepted)
-        t2 = time.perf_counter()
-        self.policy.observe(seq.seq_id, name, draft, accepted, t1 - t0, t2 - t1)
-        seq.steps.append(
-            StepStats(
-                speculator=name if draft.tokens else "none",
-                drafted=len(draft.tokens),
-                accepted=accepted,
-                draft_s=t1 - t0,
-                verify_s=t2 - t1,
+        items = [
+            ForwardItem(
+                seq.seq_id,
+                [seq.output[-1], *draft.tokens],
+                [-1, *(p + 1 for p in draft.parents)] if draft.is_tree else None,
             )
-        )
-        added: list[int] = []
-        for token in [*draft.tokens[:accepted], bonus]:
-            added.append(token)
-            if seq.stop.add(token):
-                break
-        return added
+            for seq, (_, draft) in zip(seqs, drafts, strict=True)
+        ]
+        all_logits = _forward_many(self.target, items)
+        outcomes = []
+        for seq, (_, draft), logits in zip(seqs, drafts, all_logits, strict=True):
+            path, bonus = self._accept_path(seq, draft, logits)
+            # Keep the verified prefix: prompt + output (its pending token) + accepted drafts.
+            prefix = len(seq.prompt) + len(seq.output) - 1
+            if draft.is_tree:
+                self.target.keep(seq.seq_id, prefix, [0, *(i + 1 for i in path)])
+            else:
+                self.target.truncate(seq.seq_id, prefix + 1 + len(path))
+            outcomes.append((path, bonus))
+        t2 = time.perf_counter()
+        self.policy.observe_verify(sum(len(item.tokens) for item in items), t2 - t1)
+        share = len(seqs)
+        added_all: list[list[int]] = []
+        for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True):
+            accepted_tokens = [draft.tokens[i] for i in path]
+            self.policy.observe(seq.seq_id, name, draft, path)
+            seq.steps.append(
+                StepStats(
+                    speculator=name if draft.tokens else "none",
+                    drafted=len(draft.tokens),
+                    accepted=len(path),
+                    draft_s=(t1 - t0) / share,
+                    verify_s=(t2 - t1) / share,
+                )
+            )
+            added: list[int] = []
+            for token in [*accepted_tokens, bonus]:
+                added.append(token)
+                if seq.stop.add(token):
+                    break
+            added_all.append(added)
+        return added_all
+
+    def _draft(self, seqs: list[Sequence]) -> list[tuple[str, Draft]]:
+        """Ask the policy for each sequence's draft (none where no room is left)."""
+        drafts: list[tuple[str, Draft]] = [("none", Draft.empty()) for _ in seqs]
+        requests, where = [], []
+        for i, seq in enumerate(seqs):
+            # The target always adds one token of its own, so draft at most remaining - 1.
+            lookahead = min(self.lookahead, seq.params.max_tokens - len(seq.output) - 1)
+            if lookahead > 0:
+                requests.append(DraftRequest(
+                    seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator
+                ))  # fmt: skip
+                where.append(i)
+        if requests:
+            for i, (name, draft) in zip(
+                where, self.policy.draft_many(requests, batch_size=len(seqs)), strict=True
+            ):
+                drafts[i] = (name, _sanitize(draft, seqs[i], self.target.vocab_size))
+        return drafts
+
+    def _accept_path(
+        self, seq: Sequence, draft: Draft, logits: torch.Tensor
+    ) -> tuple[list[int], int]:
+        """The accepted draft nodes (root to leaf) and the target's own next token."""
+        if draft.is_tree:
+            if not seq.params.greedy:
+                raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
+            return verify_tree_greedy(draft.tokens, draft.chain_parents(), logits)
+        accepted, bonus = self._accept(seq, draft, logits)
+        return list(range(accepted)), bonus
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's caches (speculators, then target); safe to call twice.
@@ -327,9 +383,27 @@ def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
 
 
-def _usable_prefix(tokens: list[int], vocab: int) -> list[int]:
-    """Cut a draft at the first token the target cannot have produced."""
-    for i, token in enumerate(tokens):
-        if not 0 <= token < vocab:
-            return tokens[:i]
-    return tokens
+def _sanitize(draft: Draft, seq: Sequence, vocab: int) -> Draft:
+    """A draft the target can verify: tokens of its vocabulary, within the room left,
+    and a chain when sampling (multi-branch rejection sampling is not done here)."""
+    if not seq.params.greedy:
+        draft = draft.main_chain()
+    room = seq.params.max_tokens - len(seq.output) - 1
+    parents = draft.chain_parents()
+    keep: list[int] = []
+    usable = {-1}  # nodes whose whole path is kept
+    for i, token in enumerate(draft.tokens):
+        if len(keep) < room and 0 <= token < vocab and parents[i] in usable:
+            keep.append(i)
+            usable.add(i)
+    return draft if len(keep) == len(draft.tokens) else draft.subset(keep)
+
+
+def _forward_many(target: TargetBackend, items: list[ForwardItem]) -> list[torch.Tensor]:
+    """One batched forward where the backend has it; one forward per item otherwise."""
+    forward_many = getattr(target, "forward_many", None)
+    if forward_many is not None:
+        return list(forward_many(items))
+    if any(item.parents is not None for item in items):
+        raise NotImplementedError("this backend verifies chains only")
+    return [target.forward(item.seq_id, item.tokens) for item in items]

@@ -93,6 +93,29 @@ def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, i
     return accepted, target_tokens[accepted]
 
 
+def verify_tree_greedy(
+    draft: list[int], parents: list[int], target_logits: torch.Tensor
+) -> tuple[list[int], int]:
+    """Greedy acceptance down a draft tree: the path of nodes the target agrees with.
+
+    ``target_logits`` has one row for the sequence's pending token, then one per draft
+    node. Returns (accepted node indices root to leaf, the target's token after them).
+    """
+    target_tokens = target_logits.argmax(dim=-1).tolist()
+    children: dict[int, list[int]] = {}
+    for i, parent in enumerate(parents):
+        children.setdefault(parent, []).append(i)
+    path: list[int] = []
+    current = -1
+    while True:
+        wanted = target_tokens[current + 1]
+        nxt = next((c for c in children.get(current, []) if draft[c] == wanted), None)
+        if nxt is None:
+            return path, wanted
+        path.append(nxt)
+        current = nxt
+
+
 def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator).item())
 

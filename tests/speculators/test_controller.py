@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_sidecar.controller import AcceptanceStats, Controller, CostModel, expected_tokens
+from atlas_sidecar.controller import (
+    AcceptanceStats,
+    Controller,
+    CostModel,
+    expected_tokens,
+    path_probs,
+)
 from atlas_sidecar.sampling import SamplingParams
 from atlas_sidecar.speculators.base import Draft, DraftRequest
 
@@ -14,12 +20,14 @@ class ScriptedDrafter:
 
     name = "suffix"
 
-    def __init__(self, tokens: list[int], confidences: list[float]) -> None:
-        self.draft = Draft(tokens, confidences, bucket="suffix")
+    def __init__(
+        self, tokens: list[int], confidences: list[float], parents: list[int] | None = None
+    ) -> None:
+        self.draft = Draft(tokens, confidences, bucket="suffix", parents=parents)
 
     def propose(self, requests):
-        return [Draft(self.draft.tokens[: r.lookahead], self.draft.confidences[: r.lookahead],
-                      bucket="suffix") for r in requests]  # fmt: skip
+        return [self.draft.subset(list(range(min(r.lookahead, len(self.draft.tokens)))))
+                for r in requests]  # fmt: skip
 
     def release(self, seq_id):
         pass
@@ -73,7 +81,7 @@ def test_calibration_learns_that_a_bucket_is_overconfident():
     stats = AcceptanceStats()
     before = stats.prob("suffix:1", 0.95)
     for _ in range(50):
-        stats.observe("suffix:1", [0.95, 0.95], accepted=0)
+        stats.observe("suffix:1", accepted=[], rejected=[0.95])
     assert before > 0.9
     assert stats.prob("suffix:1", 0.95) < 0.2
     assert stats.prob("suffix:4", 0.95) > 0.9  # other buckets keep their own evidence
@@ -87,6 +95,42 @@ def test_rejected_drafts_turn_the_controller_off_for_that_request():
         _, draft = controller.draft(request())
         if not draft.tokens:
             break
-        verify_s = 0.1 + 0.01 * len(draft.tokens)  # what costs(0.01) predicts
-        controller.observe("s", "suffix", draft, 0, 0.0, verify_s)
+        controller.observe("s", "suffix", draft, [])
     assert controller.draft(request())[0] == "none"
+
+
+def test_path_probability_multiplies_down_the_tree():
+    assert path_probs([0.5, 0.5, 0.2], [-1, 0, -1]) == [0.5, 0.25, 0.2]
+
+
+def test_tree_cut_keeps_the_likeliest_nodes_and_their_ancestors():
+    # Root branches: 0 (0.9) -> 1 (0.9) -> 2 (0.9); 3 (0.3) a weak sibling of 0;
+    # 4 (0.1) under 3. The weak branch goes first, every kept node keeps its parent.
+    drafter = ScriptedDrafter([5, 6, 7, 8, 9], [0.95, 0.95, 0.95, 0.35, 0.15],
+                              parents=[-1, 0, 1, -1, 3])  # fmt: skip
+    controller = Controller([drafter], 16, costs(0.01))
+    _, draft = controller.draft(request())
+    assert draft.tokens[:3] == [5, 6, 7]
+    assert 9 not in draft.tokens
+    parents = draft.chain_parents()
+    assert all(p < i for i, p in enumerate(parents))
+
+
+def test_big_batches_back_off_to_no_speculation():
+    # Verification cost linear in the tokens of the whole batch (compute-bound): at one
+    # sequence a confident draft pays; at 32 sequences each extra token costs too much.
+    model = CostModel()
+    for n in (1, 8, 16, 32, 64, 128, 256, 512):
+        model.observe_verify(n, 0.1 + 0.01 * n)
+    controller = Controller([ScriptedDrafter([7] * 8, [0.7] * 8)], 16, model)
+    assert controller.draft(request(), batch_size=1)[0] == "suffix"
+    assert controller.draft(request(), batch_size=32)[0] == "none"
+
+
+def test_acceptance_learns_from_the_accepted_path_and_its_rejected_children():
+    drafter = ScriptedDrafter([5, 6, 7], [0.95, 0.95, 0.95], parents=[-1, -1, 0])
+    controller = Controller([drafter], 16, costs(0.01))
+    _, draft = controller.draft(request())
+    # Node 0 accepted; node 1 lost to it at the root, node 2 lost under it.
+    controller.observe("s", "suffix", draft, [0])
+    assert controller.acceptance.snapshot()["suffix/9"] == pytest.approx(1 / 3, abs=0.01)

@@ -57,3 +57,27 @@ def test_global_memory_is_bounded_by_evicting_the_oldest():
     assert spec.global_size <= 10
     assert propose(spec, "q", [1, 2], 2).tokens == []  # the oldest was evicted
     assert propose(spec, "r", [12, 13], 2).tokens == [14, 15]
+
+
+def test_split_evidence_grows_a_tree_with_the_favourite_branch_first():
+    spec = SuffixSpeculator()
+    for tail in ([1, 2, 9, 10, 11], [1, 2, 9, 10, 11], [1, 2, 8, 20, 21]):
+        spec.add_document([0, *tail])
+    draft = propose(spec, "q", [5, 1, 2], 6)
+    assert draft.is_tree
+    parents = draft.chain_parents()
+    assert all(p < i for i, p in enumerate(parents))
+    # Both continuations are in the tree; the main chain follows the majority.
+    assert draft.main_chain().tokens[:3] == [9, 10, 11]
+    roots = [draft.tokens[i] for i, p in enumerate(parents) if p == -1]
+    assert roots == [9, 8]
+    reach_9 = draft.confidences[0]
+    assert abs(reach_9 - 2 / 4) < 1e-9
+
+
+def test_agreeing_evidence_is_a_chain():
+    spec = SuffixSpeculator()
+    spec.add_document([0, 1, 2, 3, 4, 5])
+    draft = propose(spec, "q", [7, 1, 2], 3)
+    assert draft.tokens == [3, 4, 5]
+    assert not draft.is_tree

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+
+@dataclass
+class ForwardItem:
+    """Tokens to append to one sequence's cache in a batched forward.
+
+    ``parents`` makes the tokens a tree: ``parents[i]`` is the index of token i's
+    parent among ``tokens``, or -1 for the end of the cached prefix. Token i then
+    attends to the cache and to its ancestors only, at position cached_len + depth(i).
+    ``None`` is a plain chain (each token follows the one before it).
+    """
+
+    seq_id: str
+    tokens: list[int]
+    parents: list[int] | None = None
 
 
 class TargetBackend(Protocol):
@@ -24,7 +40,15 @@ class TargetBackend(Protocol):
 
     def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor: ...
 
+    def forward_many(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        """Several sequences (chains or trees) in one forward; see ForwardItem."""
+        ...
+
     def truncate(self, seq_id: str, length: int) -> None: ...
+
+    def keep(self, seq_id: str, prefix: int, path: list[int]) -> None:
+        """After a tree forward: keep ``prefix`` cached tokens plus the nodes on ``path``."""
+        ...
 
     def cached_len(self, seq_id: str) -> int: ...
 

@@ -5,7 +5,6 @@ Also runs draft models (the static speculator), which need exactly the same oper
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +12,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from atlas_sidecar import models
+from atlas_sidecar.backends.base import ForwardItem
 
 DEFAULT_MAX_SEQUENCES = 256
 
@@ -48,21 +48,6 @@ def truncate_layers(model: Any, num_layers: int) -> Any:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:num_layers]
     return model
-
-
-@dataclass
-class ForwardItem:
-    """Tokens to append to one sequence's cache in a batched forward.
-
-    ``parents`` makes the tokens a tree: ``parents[i]`` is the index of token i's
-    parent among ``tokens``, or -1 for the end of the cached prefix. Token i then
-    attends to the cache and to its ancestors only, at position cached_len + depth(i).
-    ``None`` is a plain chain (each token follows the one before it).
-    """
-
-    seq_id: str
-    tokens: list[int]
-    parents: list[int] | None = None
 
 
 def tree_depths(parents: list[int]) -> list[int]:

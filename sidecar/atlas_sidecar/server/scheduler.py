@@ -1,10 +1,10 @@
-"""The scheduler: one worker thread owns the engine and steps its batch round-robin.
+"""The scheduler: one worker thread owns the engine and steps its batch together.
 
 The engine (and the tokenizer) is synchronous torch code and not thread-safe, so every
 call into it happens on this one thread. Requests wait in a bounded queue, are admitted
 into the batch (tokenized and prefilled) as slots free up, and each round every admitted
-sequence takes one draft+verify step: continuous batching at step granularity. When the
-engine learns to batch forwards, only ``_round`` changes.
+sequence takes one draft+verify step in one batched target forward: continuous batching
+at step granularity. The controller sees the batch size and drafts less as it grows.
 
 Results travel back to the caller as events through the job's ``sink`` (thread-safe).
 A cancelled or expired job is released before the next step any sequence takes, so
@@ -211,12 +211,25 @@ class Scheduler:
         self._progress(job, list(job.seq.output))
 
     def _round(self) -> None:
-        for job in list(self._active):
-            # Sweep before every step, not once a round: a cancelled request's cache
-            # is freed before any other sequence spends a forward.
-            self._reap()
-            if job in self._active:
+        """One draft + verify step for every admitted sequence, in one batched forward."""
+        # Cancelled and expired requests go first: their caches are freed before the
+        # batch spends a forward on them.
+        self._reap()
+        jobs = list(self._active)
+        if not jobs:
+            return
+        seqs = [job.seq for job in jobs if job.seq is not None]
+        try:
+            added_all = self.engine.step_many(seqs)
+        except Exception:  # noqa: BLE001 - find the bad sequence, keep the rest going
+            log.exception("batched step of %d sequences failed; retrying one by one", len(jobs))
+            for job in jobs:
                 self._step(job)
+            return
+        for job, added in zip(jobs, added_all, strict=True):
+            assert job.seq is not None
+            self.stats.step(job.seq.steps[-1], len(added))
+            self._progress(job, added)
 
     def _reap(self) -> None:
         now = time.monotonic()

@@ -39,10 +39,47 @@ class Draft:
     # Which kind of evidence produced it (e.g. "suffix:3" for a 3-gram match): the
     # controller learns acceptance per bucket.
     bucket: str = ""
+    # A draft tree: parents[i] is the index of token i's parent among ``tokens``, or -1
+    # for the sequence's last token. None is a chain. Parents precede their children,
+    # and a node's first child is its drafter's favourite (the "main chain").
+    parents: list[int] | None = None
 
     @classmethod
     def empty(cls) -> Draft:
         return cls(tokens=[], confidences=[])
+
+    @property
+    def is_tree(self) -> bool:
+        return self.parents is not None and self.parents != list(range(-1, len(self.tokens) - 1))
+
+    def chain_parents(self) -> list[int]:
+        return self.parents if self.parents is not None else list(range(-1, len(self.tokens) - 1))
+
+    def subset(self, nodes: list[int]) -> Draft:
+        """The draft restricted to ``nodes`` (ascending, closed under parents)."""
+        parents = self.chain_parents()
+        where = {old: new for new, old in enumerate(nodes)}
+        kept_parents = [-1 if parents[i] < 0 else where[parents[i]] for i in nodes]
+        return Draft(
+            tokens=[self.tokens[i] for i in nodes],
+            confidences=[self.confidences[i] for i in nodes],
+            probs=None if self.probs is None else self.probs[nodes],
+            bucket=self.bucket,
+            parents=None if self.parents is None else kept_parents,
+        )
+
+    def main_chain(self) -> Draft:
+        """The path that always follows the first child: a tree reduced to a chain."""
+        if not self.is_tree:
+            return self
+        parents, nodes, current = self.chain_parents(), [], -1
+        for i, parent in enumerate(parents):
+            if parent == current:
+                nodes.append(i)
+                current = i
+        chain = self.subset(nodes)
+        chain.parents = None
+        return chain
 
 
 class Drafter(Protocol):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from atlas_sidecar.backends.base import ForwardItem
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.sampling import probs_from_logits
 from atlas_sidecar.speculators.base import Draft, DraftRequest
@@ -29,49 +30,70 @@ class StaticSpeculator:
         self.runner = runner
         self._cached_tokens: dict[str, list[int]] = {}
 
-    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
-        return [self._propose_one(r) for r in requests]
-
-    def _sync(self, seq_id: str, context: list[int]) -> torch.Tensor:
-        """Bring the draft cache up to ``context``; return the logits after its last token."""
-        cached = self._cached_tokens.get(seq_id)
-        if cached is None:
-            self.runner.start(seq_id)
-            cached = []
-        # Keep at least one token to feed: we need fresh logits for the last position.
-        keep = min(common_prefix_len(cached, context), len(context) - 1)
-        self.runner.truncate(seq_id, keep)
-        logits = self.runner.forward(seq_id, context[keep:])[-1]
-        self._cached_tokens[seq_id] = list(context)
-        return logits
-
     @torch.inference_mode()
-    def _propose_one(self, request: DraftRequest) -> Draft:
-        if request.lookahead <= 0 or not request.context:
-            return Draft.empty()
-        params = request.params
-        logits = self._sync(request.seq_id, request.context)
-        tokens: list[int] = []
-        confidences: list[float] = []
-        sampled_from: list[torch.Tensor] = []
-        for step in range(request.lookahead):
-            if params.greedy:
-                probs = logits.float().softmax(dim=-1)
-                token = int(probs.argmax())
-            else:
-                probs = probs_from_logits(logits[None], params)[0]
-                token = int(torch.multinomial(probs, 1, generator=request.generator))
-                sampled_from.append(probs)
-            tokens.append(token)
-            confidences.append(float(probs[token]))
-            if request.keep_going is not None and not request.keep_going(confidences):
-                break
-            if step + 1 < request.lookahead:  # the last draft token need not be fed
-                logits = self.runner.forward(request.seq_id, [token])[-1]
-                self._cached_tokens[request.seq_id].append(token)
-        draft_probs = torch.stack(sampled_from) if sampled_from else None
-        return Draft(tokens=tokens, confidences=confidences, probs=draft_probs)
+    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+        """Draft for every request together: one batched draft forward per token."""
+        live = [r for r in requests if r.lookahead > 0 and r.context]
+        drafts = {r.seq_id: _Growing() for r in live}
+        logits = self._sync(live)
+        while live:
+            still = []
+            for request, row in zip(live, logits, strict=True):
+                draft = drafts[request.seq_id]
+                draft.add(row, request)
+                stop_early = request.keep_going is not None and not request.keep_going(
+                    draft.confidences
+                )
+                if len(draft.tokens) < request.lookahead and not stop_early:
+                    still.append(request)  # the last draft token need not be fed
+            live = still
+            if live:
+                items = [ForwardItem(r.seq_id, [drafts[r.seq_id].tokens[-1]]) for r in live]
+                logits = [out[-1] for out in self.runner.forward_many(items)]
+                for r in live:
+                    self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
+        return [drafts[r.seq_id].done() if r.seq_id in drafts else Draft.empty() for r in requests]
+
+    def _sync(self, requests: list[DraftRequest]) -> list[torch.Tensor]:
+        """Bring each draft cache up to its context; return the logits after its last token."""
+        items = []
+        for request in requests:
+            seq_id, context = request.seq_id, request.context
+            cached = self._cached_tokens.get(seq_id)
+            if cached is None:
+                self.runner.start(seq_id)
+                cached = []
+            # Keep at least one token to feed: we need fresh logits for the last position.
+            keep = min(common_prefix_len(cached, context), len(context) - 1)
+            self.runner.truncate(seq_id, keep)
+            self._cached_tokens[seq_id] = list(context)
+            items.append(ForwardItem(seq_id, context[keep:]))
+        return [out[-1] for out in self.runner.forward_many(items)]
 
     def release(self, seq_id: str) -> None:
         self._cached_tokens.pop(seq_id, None)
         self.runner.release(seq_id)
+
+
+class _Growing:
+    """A draft being built one token at a time."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.confidences: list[float] = []
+        self.sampled_from: list[torch.Tensor] = []
+
+    def add(self, logits: torch.Tensor, request: DraftRequest) -> None:
+        if request.params.greedy:
+            probs = logits.float().softmax(dim=-1)
+            token = int(probs.argmax())
+        else:
+            probs = probs_from_logits(logits[None], request.params)[0]
+            token = int(torch.multinomial(probs, 1, generator=request.generator))
+            self.sampled_from.append(probs)
+        self.tokens.append(token)
+        self.confidences.append(float(probs[token]))
+
+    def done(self) -> Draft:
+        probs = torch.stack(self.sampled_from) if self.sampled_from else None
+        return Draft(tokens=self.tokens, confidences=self.confidences, probs=probs)

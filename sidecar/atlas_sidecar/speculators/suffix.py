@@ -15,6 +15,8 @@ lookups: microseconds, against a target step of tens to hundreds of milliseconds
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter, deque
 from dataclasses import dataclass
 
@@ -63,9 +65,7 @@ class NgramIndex:
         found = self._where.get(key)
         if not found:
             return []
-        return [
-            (doc, nxt) for doc, nxt in reversed(found) if nxt < len(doc) and nxt != exclude_end
-        ]
+        return [(doc, nxt) for doc, nxt in reversed(found) if nxt < len(doc) and nxt != exclude_end]
 
     def __len__(self) -> int:
         return len(self._where)
@@ -142,19 +142,42 @@ class SuffixSpeculator:
         return 0, []
 
     def _propose_one(self, request: DraftRequest) -> Draft:
+        """A draft tree grown best-first: the ``lookahead`` likeliest continuations.
+
+        Each node's confidence is the share of its parent's evidence that continues
+        with its token; a node's reach is the product down its path. Where the
+        evidence agrees the tree is a chain; where it splits, both branches are
+        verified in the same forward.
+        """
         local = self._local_index(request.seq_id, request.context)
         if request.lookahead <= 0:
             return Draft.empty()
         match_len, candidates = self._candidates(local)
         tokens: list[int] = []
+        parents: list[int] = []
         confidences: list[float] = []
-        while candidates and len(tokens) < request.lookahead:
-            votes = Counter(doc[nxt] for doc, nxt in candidates)
-            # Majority, ties broken by recency (candidates are most recent first).
-            best = max(votes.values())
-            token = next(doc[nxt] for doc, nxt in candidates if votes[doc[nxt]] == best)
+        order = itertools.count()  # ties go to the sibling pushed first (the favourite)
+        heap: list[tuple[float, int, int, int, float, list[Occurrence]]] = []
+
+        def branch(parent: int, reach: float, evidence: list[Occurrence]) -> None:
+            votes = Counter(doc[nxt] for doc, nxt in evidence)
+            # Most votes first, ties broken by recency (evidence is most recent first).
+            for token in sorted(votes, key=lambda t: -votes[t]):
+                confidence = votes[token] / (len(evidence) + 1)  # +1: the unseen
+                following = [(d, n + 1) for d, n in evidence if d[n] == token]
+                heapq.heappush(heap, (-reach * confidence, next(order), parent, token,
+                                      confidence, following))  # fmt: skip
+
+        branch(-1, 1.0, candidates)
+        while heap and len(tokens) < request.lookahead:
+            neg_reach, _, parent, token, confidence, following = heapq.heappop(heap)
             tokens.append(token)
-            # One pseudo-count for "something unseen": a single witness is not certainty.
-            confidences.append(best / (len(candidates) + 1))
-            candidates = [(d, n + 1) for d, n in candidates if d[n] == token and n + 1 < len(d)]
-        return Draft(tokens=tokens, confidences=confidences, bucket=f"suffix:{min(match_len, 4)}")
+            parents.append(parent)
+            confidences.append(confidence)
+            branch(len(tokens) - 1, -neg_reach, [(d, n) for d, n in following if n < len(d)])
+        return Draft(
+            tokens=tokens,
+            confidences=confidences,
+            bucket=f"suffix:{min(match_len, 4)}",
+            parents=parents,
+        )
