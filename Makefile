@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TOOLS := .tools
 
-.PHONY: demo test venv lint bench tools clean
+.PHONY: demo test venv lint bench peers tools clean
 
 venv: $(STAMP)
 
@@ -39,7 +39,17 @@ lint: venv
 	$(BIN)/ruff check sidecar operator tests
 	$(BIN)/mypy sidecar/atlas_sidecar operator/atlas_operator
 
-bench: venv
+# Peers for `atlas bench`: Snowflake arctic-inference (vLLM's `suffix` method) is an
+# sdist only; its suffix tree (CPU C++) builds against the venv's torch in ~15 s. Its
+# CMake finds Python through PATH, hence the venv's bin/ first. Not needed by `make test`.
+peers: $(VENV)/.peers
+
+$(VENV)/.peers: $(STAMP)
+	$(BIN)/pip install -q nanobind==2.9.2 grpcio-tools==1.81.1 ninja cmake
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pip install -q --no-build-isolation --no-deps arctic-inference==0.3.0
+	touch $@
+
+bench: venv peers
 	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	$(BIN)/atlas bench --quick --out bench-out/quick.json
 

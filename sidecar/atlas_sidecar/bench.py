@@ -1,13 +1,19 @@
-"""``atlas bench``: speculative modes side by side on real prompt sets, one run.
+"""``atlas bench``: speculative modes and peers side by side on real prompt sets, one run.
 
 Every mode decodes the same prompts with the same target; speedups are ratios to
 ``target_only`` measured in the same run (the machine is noisy: never compare across
-runs). Greedy outputs of every mode are checked against ``target_only``'s.
+runs). Greedy outputs of every mode are checked against ``target_only``'s. Peers
+(``peers``: Hugging Face assisted generation and prompt lookup, arctic-inference suffix
+decoding) run as extra modes. Per request, the acceptance curve and the speedup show how
+each mode follows the stream's domain shifts; ``recovery`` counts how many requests a
+mode needs after each shift (see ``recovery``).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -15,14 +21,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from atlas_sidecar import workloads
+from atlas_sidecar import modes as our_modes
+from atlas_sidecar import peers, workloads
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, Engine, GenerationResult
-from atlas_sidecar.modes import MODES, NEEDS_DRAFT, build_engine
 from atlas_sidecar.sampling import SamplingParams
 
 # A divergence in bf16 is acceptable only at a near-tie of the target's top-2 logits.
 NEAR_TIE_LOGITS = 0.5
+# A mode has recovered from a domain shift at the first request whose accept_len is at
+# least (1 - RECOVERY_TOLERANCE) x its mean over the later requests of that phase.
+RECOVERY_TOLERANCE = 0.10
+
+
+def all_modes() -> tuple[str, ...]:
+    """Every mode ``atlas_sidecar.modes`` offers now, then the peers."""
+    return tuple(dict.fromkeys((*our_modes.MODES, *peers.PEERS)))
 
 
 @dataclass
@@ -35,7 +49,7 @@ class BenchConfig:
     prompts_file: str | None = None
     per_phase: int = 3
     max_new_tokens: int = 64
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = field(default_factory=all_modes)
     lookahead: int = DEFAULT_LOOKAHEAD
 
 
@@ -74,33 +88,61 @@ def _aggregate(results: list[GenerationResult]) -> dict[str, float]:
 
 
 def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    unknown = set(config.modes) - set(MODES)
+    known = all_modes()
+    unknown = set(config.modes) - set(known)
     if unknown:
-        raise ValueError(f"unknown modes {sorted(unknown)}; available: {', '.join(MODES)}")
+        raise ValueError(f"unknown modes {sorted(unknown)}; available: {', '.join(known)}")
     prompts = load_prompts(config)
     log(f"loading target {config.target} ({config.dtype}) and draft {config.draft}")
     target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
     draft = None
-    if NEEDS_DRAFT & set(config.modes):
+    if (our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes):
         draft = CausalLMRunner.load(config.draft, dtype=config.dtype, device=config.device)
-    engines = {m: build_engine(m, target, draft, config.lookahead) for m in config.modes}
-    # target_only first: it is the reference for speedups and output matching.
-    modes = sorted(config.modes, key=lambda m: m != "target_only")
-    runs = {mode: ModeRun() for mode in modes}
+    decoders: dict[str, peers.Decoder] = {}
+    unavailable: dict[str, str] = {}
+    for mode in config.modes:
+        if mode not in peers.PEERS:
+            decoders[mode] = our_modes.build_engine(mode, target, draft, config.lookahead)
+            continue
+        try:
+            decoders[mode] = peers.build_peer(mode, target, draft)
+        except peers.PeerUnavailable as exc:
+            unavailable[mode] = str(exc)
+            log(f"skipping peer {mode}: {exc}")
     encoded = [workloads.encode(target.tokenizer, p) for p in prompts]
-    # One untimed warm-up so that no mode pays for first-call allocations.
+    # Untimed warm-ups so that no mode pays for first-call allocations (only where a
+    # warm-up leaves no trace: not in the speculators that learn from every request).
     Engine(target, target.tokenizer).generate(encoded[0], SamplingParams(max_tokens=2))
+    for mode, decoder in list(decoders.items()):
+        if isinstance(decoder, peers.HFGenerate):
+            try:
+                decoder.generate(encoded[0], SamplingParams(max_tokens=2))
+            except Exception as exc:  # a peer's failure is reported, never fatal
+                unavailable[mode] = f"failed to warm up: {type(exc).__name__}: {exc}"
+                log(f"skipping peer {mode}: {unavailable[mode]}")
+                del decoders[mode]
+    # target_only first: it is the reference for speedups and output matching.
+    runs = {mode: ModeRun() for mode in sorted(decoders, key=lambda m: m != "target_only")}
     for index, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
         params = SamplingParams(max_tokens=prompt.max_new_tokens or config.max_new_tokens)
-        for mode in modes:
-            result = engines[mode].generate(ids, params)
+        for mode in list(runs):
+            try:
+                result = decoders[mode].generate(ids, params)
+            except Exception as exc:  # a peer's failure is reported, never fatal
+                if mode not in peers.PEERS:
+                    raise
+                unavailable[mode] = f"failed on {prompt.prompt_id}: {type(exc).__name__}: {exc}"
+                log(f"dropping peer {mode}: {unavailable[mode]}")
+                del runs[mode]
+                continue
             runs[mode].results.append(result)
             runs[mode].phases.append(prompt.phase)
             log(
-                f"[{index + 1}/{len(prompts)}] {prompt.phase:<7} {mode:<12} "
+                f"[{index + 1}/{len(prompts)}] {prompt.phase:<7} {mode:<16} "
                 f"{result.tokens_per_s:6.2f} tok/s  accept_len {result.accept_len:5.2f}"
             )
     summary = report(config, prompts, runs)
+    summary["unavailable"] = unavailable
     if "target_only" in runs:
         for mode, mode_run in runs.items():
             summary["modes"][mode]["divergences"] = divergences(
@@ -157,6 +199,11 @@ def report(
         "device": config.device,
         "max_new_tokens": config.max_new_tokens,
         "prompts": len(prompts),
+        "phase_starts": [
+            {"index": start, "phase": name}
+            for start, _, name in phase_segments([p.phase for p in prompts])
+        ],
+        "recovery_tolerance": RECOVERY_TOLERANCE,
         "modes": {},
     }
     base = _aggregate(reference.results) if reference else None
@@ -164,14 +211,13 @@ def report(
         overall = _aggregate(mode_run.results)
         entry: dict[str, Any] = dict(overall)
         entry["speedup"] = _ratio(overall, base)
-        entry["outputs_match"] = (
-            all(
-                r.token_ids == ref.token_ids
-                for r, ref in zip(mode_run.results, reference.results, strict=True)
-            )
-            if reference
-            else None
-        )
+        matches = (
+            [r.token_ids == ref.token_ids
+             for r, ref in zip(mode_run.results, reference.results, strict=True)]
+            if reference else None
+        )  # fmt: skip
+        entry["outputs_match"] = all(matches) if matches is not None else None
+        entry["match_rate"] = round(sum(matches) / len(matches), 3) if matches else None
         entry["phases"] = []
         for phase in phase_names:
             pairs = zip(mode_run.results, mode_run.phases, strict=True)
@@ -183,20 +229,76 @@ def report(
             )  # fmt: skip
             stats = _aggregate(picked)
             entry["phases"].append({"name": phase, **stats, "speedup": _ratio(stats, phase_base)})
-        entry["match_rate"] = (
-            round(sum(r.token_ids == ref.token_ids
-                      for r, ref in zip(mode_run.results, reference.results, strict=True))
-                  / len(mode_run.results), 3)
-            if reference else None
-        )  # fmt: skip
         entry["speculators"] = _speculator_use(mode_run.results)
-        entry["per_request"] = [
-            {"phase": p, "accept_len": round(r.accept_len, 3),
-             "tokens_per_s": round(r.tokens_per_s, 3)}
-            for r, p in zip(mode_run.results, mode_run.phases, strict=True)
-        ]  # fmt: skip
+        entry["curve"] = curve(prompts, mode_run, reference)
+        entry["recovery"] = recovery([c["accept_len"] for c in entry["curve"]], mode_run.phases)
         out["modes"][mode] = entry
+    out.update(best_peer(out["modes"]))
     return out
+
+
+def curve(
+    prompts: list[workloads.Prompt], mode_run: ModeRun, reference: ModeRun | None
+) -> list[dict[str, Any]]:
+    """Per request, in stream order: accept_len, tok/s and speedup on that same request."""
+    points = []
+    for index, (prompt, result) in enumerate(zip(prompts, mode_run.results, strict=True)):
+        base = reference.results[index].tokens_per_s if reference else 0.0
+        points.append({
+            "index": index, "phase": prompt.phase, "prompt": prompt.prompt_id,
+            "accept_len": round(result.accept_len, 3),
+            "tokens_per_s": round(result.tokens_per_s, 3),
+            "speedup": round(result.tokens_per_s / base, 3) if base else None,
+        })  # fmt: skip
+    return points
+
+
+def phase_segments(phases: list[str]) -> list[tuple[int, int, str]]:
+    """(start, end, name) of each run of consecutive requests with the same phase."""
+    segments: list[tuple[int, int, str]] = []
+    for index, phase in enumerate(phases):
+        if segments and segments[-1][2] == phase:
+            start, _, name = segments[-1]
+            segments[-1] = (start, index + 1, name)
+        else:
+            segments.append((index, index + 1, phase))
+    return segments
+
+
+def recovery(
+    accept_lens: list[float], phases: list[str], tolerance: float = RECOVERY_TOLERANCE
+) -> list[dict[str, Any]]:
+    """After each domain shift, how many requests a mode needs to reach its new level.
+
+    For the phase after a shift, with per-request accept_len a[0..n-1] in stream order,
+    ``requests`` is the smallest i such that a[i] >= (1 - tolerance) * mean(a[i+1..n-1]):
+    the requests of the new phase that ran before the mode was back within ``tolerance``
+    of (or above) its level over the rest of the phase. 0 means no dip. ``None`` when no
+    request qualifies before the phase's last one (never recovered, or a phase of one
+    request, which has no "rest" to compare with).
+    """
+    out = []
+    segments = phase_segments(phases)
+    for (_, _, before), (start, end, name) in itertools.pairwise(segments):
+        values = accept_lens[start:end]
+        requests = next(
+            (i for i in range(len(values) - 1)
+             if values[i] >= (1 - tolerance) * statistics.fmean(values[i + 1 :])),
+            None,
+        )  # fmt: skip
+        out.append({"from": before, "to": name, "shift_at": start, "requests": requests})
+    return out
+
+
+def best_peer(mode_entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The fastest peer in this run, and ATLAS's overall tokens/s relative to it."""
+    ran = {m: e for m, e in mode_entries.items() if m in peers.PEERS}
+    best = max(ran, key=lambda m: ran[m]["tokens_per_s"], default=None)
+    atlas = mode_entries.get("atlas")
+    ratio = None
+    if best is not None and atlas is not None and ran[best]["tokens_per_s"]:
+        ratio = round(atlas["tokens_per_s"] / ran[best]["tokens_per_s"], 3)
+    return {"best_peer": best, "atlas_vs_best_peer": ratio}
 
 
 def _speculator_use(results: list[GenerationResult]) -> dict[str, int]:
@@ -215,24 +317,44 @@ def _ratio(stats: dict[str, float], base: dict[str, float] | None) -> float | No
 
 
 def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{mode}: unavailable: {why}" for mode, why in result.get("unavailable", {}).items()]
+    if not result["modes"]:
+        return "\n".join(lines + ["no mode ran"])
     phases = [p["name"] for p in next(iter(result["modes"].values()))["phases"]]
     header = ["mode", "tok/s", "speedup", "accept_len", "match"] + [f"{p} x" for p in phases]
     notes = []
+    recoveries = []
     rows = [header]
     for mode, m in result["modes"].items():
         rows.append(
             [mode, f"{m['tokens_per_s']:.2f}", _fmt(m["speedup"]), f"{m['accept_len']:.2f}",
-             "yes" if m["outputs_match"] else f"{m['match_rate']:.0%}"]
+             "-" if m["outputs_match"] is None
+             else "yes" if m["outputs_match"] else f"{m['match_rate']:.0%}"]
             + [_fmt(p["speedup"]) for p in m["phases"]]
         )  # fmt: skip
         for d in m.get("divergences", []):
             tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
             notes.append(f"{mode}: {d['prompt']} diverges at token {d['position']}, "
                          f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
+        if m["recovery"]:
+            shifts = ", ".join(
+                f"{r['to']} {'never' if r['requests'] is None else r['requests']}"
+                for r in m["recovery"]
+            )
+            recoveries.append(f"  {mode}: {shifts}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines + notes)
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    if recoveries:
+        tolerance = f"{result.get('recovery_tolerance', RECOVERY_TOLERANCE):.0%}"
+        table.append(f"recovery: requests after a shift until accept_len is within {tolerance} "
+                     "of the phase's later mean")  # fmt: skip
+        table += recoveries
+    if result.get("best_peer"):
+        ratio = result.get("atlas_vs_best_peer")
+        vs = "" if ratio is None else f"; atlas vs best peer: {ratio:.2f}x tok/s"
+        table.append(f"best peer: {result['best_peer']}{vs}")
+    return "\n".join(table + notes + lines)
 
 
 def _fmt(value: float | None) -> str:
@@ -245,7 +367,46 @@ def write_json(result: dict[str, Any], path: str | Path) -> None:
     path.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def main(config: BenchConfig, out: str | None) -> int:
+def plot(result: dict[str, Any], path: str | Path) -> None:
+    """Two panels over the request index: accept_len and speedup, one line per mode,
+    with the phase boundaries marked and named."""
+    # The bench extra; a bare Figure needs neither pyplot nor a GUI backend.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(11, 7), layout="constrained")
+    accept_ax, speedup_ax = figure.subplots(2, 1, sharex=True)
+    for mode, m in result["modes"].items():
+        xs = [p["index"] for p in m["curve"]]
+        accept_ax.plot(xs, [p["accept_len"] for p in m["curve"]], marker="o", label=mode)
+        speedups = [float("nan") if p["speedup"] is None else p["speedup"] for p in m["curve"]]
+        speedup_ax.plot(xs, speedups, marker="o", label=mode)
+    for ax in (accept_ax, speedup_ax):
+        for start in result["phase_starts"]:
+            if start["index"] > 0:
+                ax.axvline(start["index"] - 0.5, color="grey", linestyle="--", linewidth=1)
+        ax.grid(alpha=0.3)
+    requests = max((len(m["curve"]) for m in result["modes"].values()), default=0)
+    starts = result["phase_starts"]
+    ends = [s["index"] for s in starts[1:]] + [requests]
+    for start, end in zip(starts, ends, strict=True):
+        middle = (start["index"] + end - 1) / 2
+        accept_ax.text(middle, 1.01, start["phase"], ha="center", va="bottom",
+                       transform=accept_ax.get_xaxis_transform())  # fmt: skip
+    speedup_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    speedup_ax.axhline(1.0, color="black", linewidth=0.8)
+    accept_ax.set_ylabel("accepted tokens / target forward")
+    speedup_ax.set_ylabel("speedup vs target_only")
+    speedup_ax.set_xlabel("request index (stream order)")
+    accept_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    figure.suptitle(f"atlas bench: {result['workload']}, target {result['target']} "
+                    f"({result['dtype']})")  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> int:
     started = time.perf_counter()
     result = run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     result["wall_s"] = round(time.perf_counter() - started, 1)
@@ -253,6 +414,13 @@ def main(config: BenchConfig, out: str | None) -> int:
     if out:
         write_json(result, out)
         print(f"wrote {out}")
+    plot_path = plot_path or (str(Path(out).with_suffix(".png")) if out else None)
+    if plot_path:
+        try:
+            plot(result, plot_path)
+            print(f"wrote {plot_path}")
+        except ImportError as exc:
+            print(f"no plot: matplotlib is missing ({exc}); pip install '.[bench]'")
     # Divergences are a failure unless every one is at a near-tie (bf16 rounding).
     found = [d for m in result["modes"].values() for d in m.get("divergences", [])]
     bad = [d for d in found if not d["near_tie"]]

@@ -94,10 +94,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         prompts_file=args.prompts,
         per_phase=args.per_phase or (2 if args.quick else 8),
         max_new_tokens=args.max_new_tokens or (64 if args.quick else 128),
-        modes=tuple(args.modes.split(",")) if args.modes else bench.MODES,
+        modes=tuple(args.modes.split(",")) if args.modes else bench.all_modes(),
         lookahead=args.lookahead,
     )
-    return bench.main(config, args.out)
+    return bench.main(config, args.out, args.plot)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -169,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSONL trace: phase, prompt, optional max_new_tokens")
     p.add_argument("--per-phase", type=int, help="prompts per phase")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--modes", help="comma-separated modes (default: all)")
+    p.add_argument("--modes", help="comma-separated modes (default: all): ours (target_only, "
+                   "static, suffix, atlas, ...) and the peers hf_assisted, hf_prompt_lookup, "
+                   "arctic_suffix")  # fmt: skip
     p.add_argument("--out", default="bench-out/bench.json", help="JSON output path")
+    p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     _add_model_args(p)
     p.set_defaults(func=cmd_bench)
 
