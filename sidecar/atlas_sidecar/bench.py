@@ -286,7 +286,10 @@ def recovery(
              if values[i] >= (1 - tolerance) * statistics.fmean(values[i + 1 :])),
             None,
         )  # fmt: skip
-        out.append({"from": before, "to": name, "shift_at": start, "requests": requests})
+        out.append({
+            "from": before, "to": name, "shift_at": start, "phase_requests": len(values),
+            "requests": requests,
+        })  # fmt: skip
     return out
 
 
@@ -337,10 +340,7 @@ def format_table(result: dict[str, Any]) -> str:
             notes.append(f"{mode}: {d['prompt']} diverges at token {d['position']}, "
                          f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
         if m["recovery"]:
-            shifts = ", ".join(
-                f"{r['to']} {'never' if r['requests'] is None else r['requests']}"
-                for r in m["recovery"]
-            )
+            shifts = ", ".join(f"{r['to']} {_fmt_recovery(r)}" for r in m["recovery"])
             recoveries.append(f"  {mode}: {shifts}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     table = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -355,6 +355,12 @@ def format_table(result: dict[str, Any]) -> str:
         vs = "" if ratio is None else f"; atlas vs best peer: {ratio:.2f}x tok/s"
         table.append(f"best peer: {result['best_peer']}{vs}")
     return "\n".join(table + notes + lines)
+
+
+def _fmt_recovery(shift: dict[str, Any]) -> str:
+    if shift["requests"] is not None:
+        return str(shift["requests"])
+    return "never" if shift.get("phase_requests", 2) > 1 else "- (one request)"
 
 
 def _fmt(value: float | None) -> str:

@@ -15,7 +15,9 @@ def test_a_dip_after_the_shift_counts_the_requests_until_recovery():
     # 1.0 and 1.5 are far under the later level (3.0); the third rust request is at it.
     values = [3.0, 3.0, 1.0, 1.5, 3.0, 3.1, 2.9]
     (shift,) = recovery(values, phases)
-    assert shift == {"from": "python", "to": "rust", "shift_at": 2, "requests": 2}
+    assert shift == {
+        "from": "python", "to": "rust", "shift_at": 2, "phase_requests": 5, "requests": 2,
+    }  # fmt: skip
 
 
 def test_never_recovering_is_null():
