@@ -2,17 +2,67 @@
 
 from __future__ import annotations
 
+import logging
+
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.controller import Controller, CostModel
 from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, Engine
+from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.speculators.neural import NeuralSpeculator, load_cached
+from atlas_sidecar.speculators.neural_train import OnlineLearner
 from atlas_sidecar.speculators.static import StaticSpeculator
 from atlas_sidecar.speculators.suffix import SuffixSpeculator
 
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
 ATLAS_MAX_LOOKAHEAD = 16
-MODES = ("target_only", "static", "suffix", "atlas")
+MODES = ("target_only", "static", "suffix", "neural", "atlas")
 NEEDS_DRAFT = frozenset({"static", "atlas"})
+
+log = logging.getLogger(__name__)
+
+
+class LearningController(Controller):
+    """The controller, also showing every step's context to the neural speculator.
+
+    The controller asks a model drafter only on the steps it picks it for; the neural
+    head must learn from every request (above all from those it is not yet good at)."""
+
+    def __init__(
+        self,
+        speculators: list[Drafter],
+        max_lookahead: int,
+        costs: CostModel,
+        neural: NeuralSpeculator,
+    ) -> None:
+        super().__init__(speculators, max_lookahead, costs)
+        self.neural = neural
+
+    def draft_many(
+        self, requests: list[DraftRequest], batch_size: int | None = None
+    ) -> list[tuple[str, Draft]]:
+        for request in requests:
+            self.neural.observe_context(request.seq_id, request.context)
+        return super().draft_many(requests, batch_size)
+
+
+def neural_speculator(target: CausalLMRunner, learn: bool = True) -> NeuralSpeculator:
+    """The neural speculator on ``target``, warm-started from ``$ATLAS_HOME`` when a head
+    for this target is cached there, learning online in the background from every
+    finished request.
+
+    It reads the target's final hidden states, so the target starts recording them here:
+    this must happen before any sequence is started on it."""
+    if not target.record_hidden:
+        if target.live_sequences:
+            raise RuntimeError("enable record_hidden on the target before starting sequences")
+        target.record_hidden = True
+    speculator = NeuralSpeculator(target)
+    if load_cached(speculator, log=log.warning):
+        log.info("neural head: warm start version %d", speculator.version)
+    if learn:
+        OnlineLearner(speculator, background=True)
+    return speculator
 
 
 def build_engine(
@@ -27,16 +77,37 @@ def build_engine(
         return Engine(target, tokenizer)
     if mode == "suffix":
         return Engine(target, tokenizer, SuffixSpeculator(), lookahead=SUFFIX_LOOKAHEAD)
+    if mode == "neural":
+        return Engine(target, tokenizer, neural_speculator(target), lookahead=lookahead)
     if mode in NEEDS_DRAFT and draft is None:
         raise ValueError(f"mode {mode!r} needs a draft model")
     assert draft is not None
     if mode == "static":
         return Engine(target, tokenizer, StaticSpeculator(draft), lookahead=lookahead)
     if mode == "atlas":
+        neural = neural_speculator(target)
         costs = CostModel()
         costs.profile(target)
-        controller = Controller(
-            [SuffixSpeculator(), StaticSpeculator(draft)], ATLAS_MAX_LOOKAHEAD, costs
+        controller = LearningController(
+            [SuffixSpeculator(), StaticSpeculator(draft), neural],
+            ATLAS_MAX_LOOKAHEAD,
+            costs,
+            neural,
         )
         return Engine(target, tokenizer, policy=controller)
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def neural_learners(engine: Engine) -> list[OnlineLearner]:
+    """The online learners behind an engine's neural speculators.
+
+    A benchmark that wants the learning a server does in its idle time between requests
+    calls ``wait_idle()`` on each after a request, and reports their ``stats()``."""
+    policy = engine.policy
+    drafters = list(getattr(policy, "speculators", {}).values())
+    drafters.append(getattr(policy, "speculator", None))
+    return [
+        d.learner
+        for d in drafters
+        if isinstance(d, NeuralSpeculator) and isinstance(d.learner, OnlineLearner)
+    ]

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from atlas_sidecar import models, workloads
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine import Engine
+from atlas_sidecar.modes import build_engine, neural_learners
 from atlas_sidecar.sampling import SamplingParams
 from atlas_sidecar.speculators.base import DraftRequest
 from atlas_sidecar.speculators.neural import (
@@ -27,6 +28,7 @@ from atlas_sidecar.speculators.neural_train import (
     collect,
     distill_loss,
     first_token_acceptance,
+    replay_accept_len,
     select_vocab,
     warm_start_texts,
 )
@@ -116,7 +118,7 @@ def test_greedy_output_equals_target_greedy_on_real_prompts(target, trained):
     speculator = trained[0]
     plain = Engine(target, target.tokenizer)
     spec = Engine(target, target.tokenizer, speculator, lookahead=4)
-    prompts = workloads.humaneval(2) + workloads.humaneval_rust(1) + workloads.mtbench(2)
+    prompts = workloads.humaneval(2)[1:] + workloads.humaneval_rust(1) + workloads.mtbench(2)
     accepted = partial = 0
     for prompt in prompts:
         ids = encode(target.tokenizer, prompt)
@@ -188,6 +190,17 @@ def test_trained_head_is_accepted_more_through_the_engine(target, trained):
     ids = encode(target.tokenizer, workloads.humaneval(1)[0])  # not among the training texts
     params = SamplingParams(max_tokens=32)
     assert warm.generate(ids, params).accept_len > cold.generate(ids, params).accept_len
+
+
+def test_offline_replay_scores_a_head_exactly_as_the_engine_does(target, trained):
+    """Scoring candidates on recent traffic needs no target forward per draft."""
+    speculator = trained[0]
+    engine = Engine(target, target.tokenizer, speculator, lookahead=4)
+    ids = encode(target.tokenizer, workloads.humaneval_rust(1)[0])
+    result = engine.generate(ids, SamplingParams(max_tokens=24))
+    sequence = collect(target, [ids + result.token_ids], max_tokens=4096)[0]
+    assert result.accepted > 0
+    assert replay_accept_len(speculator, sequence, len(ids), 4) == pytest.approx(result.accept_len)
 
 
 def test_finished_requests_train_the_head_and_publish_new_versions(target, real_prompt_ids):
@@ -343,11 +356,27 @@ def test_release_frees_per_sequence_state(target, trained, real_prompt_ids):
     assert target.live_sequences == 0
 
 
-def test_needs_a_target_that_records_hidden_states(smol_plain):
+def test_needs_a_target_that_records_hidden_states(target):
     with pytest.raises(ValueError, match="record_hidden"):
-        NeuralSpeculator(smol_plain)
+        NeuralSpeculator(CausalLMRunner(target.model, target.tokenizer))
 
 
-@pytest.fixture(scope="module")
-def smol_plain(target) -> CausalLMRunner:
-    return CausalLMRunner(target.model, target.tokenizer)
+# -- modes -------------------------------------------------------------------------------
+
+
+def test_neural_mode_records_hidden_states_is_lossless_and_hands_requests_to_its_learner(
+    target, real_prompt_ids
+):
+    runner = CausalLMRunner(target.model, target.tokenizer)  # as bench and serve load it
+    engine = build_engine("neural", runner)
+    assert runner.record_hidden
+    (learner,) = neural_learners(engine)
+    try:
+        assert learner.background
+        params = SamplingParams(max_tokens=12)
+        expected = Engine(runner, runner.tokenizer).generate(real_prompt_ids, params).token_ids
+        assert engine.generate(real_prompt_ids, params).token_ids == expected
+        assert learner.submitted == 1  # learned from in the background, at low priority
+    finally:
+        learner.close(timeout=0)
+    assert runner.live_sequences == 0

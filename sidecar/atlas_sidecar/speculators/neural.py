@@ -189,8 +189,9 @@ class NeuralSpeculator:
             raise ValueError(
                 f"head hidden size {self.config.hidden_size} != target's {target.hidden_size}"
             )
-        torch.manual_seed(seed)  # the cold head's initial weights: reproducible
-        head = DraftHead(self.config)
+        with torch.random.fork_rng(devices=[]):  # reproducible, and the global RNG untouched
+            torch.manual_seed(seed)
+            head = DraftHead(self.config)
         self._init_from_target(head)
         vocab = default_vocab(target.vocab_size, self.config.draft_vocab_size, target.eos_token_ids)
         self._weights = self.make_weights(head.state_dict(), vocab, version=0)

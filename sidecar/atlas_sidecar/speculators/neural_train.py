@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import os
 import queue
 import sys
 import threading
@@ -57,6 +58,7 @@ class TrainConfig:
     steps_per_request: int = 4  # online: training steps per finished request
     queue_size: int = 16  # online: finished requests waiting; more are dropped
     threads: int = 1  # online: torch threads of the training thread
+    nice: int = 19  # online: the training thread's CPU priority (Linux): idle cycles only
     vocab_refresh_tokens: int = 4096  # re-rank the draft vocabulary after this many new
     seed: int = 0
 
@@ -131,7 +133,7 @@ def distill_loss(
     total = torch.zeros((), device=device)
     metrics: dict[str, float] = {}
     for step in range(tokens.shape[1]):
-        feature = head(feature, F.embedding(tokens[:, step], embedding))
+        feature = head(feature, F.embedding(tokens[:, step], embedding).float())
         wanted = real[:, step + 1]
         regression = F.smooth_l1_loss(feature, wanted)
         with torch.no_grad():
@@ -279,11 +281,13 @@ class OnlineLearner:
         self.config = config or TrainConfig()
         self.distiller = Distiller(speculator, self.config)
         self.background = background
+        self.submitted = 0
         self.dropped = 0
         self.errors = 0
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._queue: queue.Queue[FinishedSequence | None] = queue.Queue(self.config.queue_size)
+        self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         speculator.learner = self
         if background:
@@ -293,6 +297,7 @@ class OnlineLearner:
             self._thread.start()
 
     def submit(self, sequence: FinishedSequence) -> None:
+        self.submitted += 1
         if not self.background:
             self._learn(sequence)
             return
@@ -305,13 +310,16 @@ class OnlineLearner:
         with self._lock:
             self.distiller.add(sequence)
             for _ in range(self.config.steps_per_request):
+                if self._stop.is_set():
+                    break
                 self.distiller.step()
             self.distiller.publish()
 
     def _run(self) -> None:
         # Per-thread in torch's OpenMP pool: serving keeps its own thread count.
         torch.set_num_threads(self.config.threads)
-        while True:
+        _lower_priority(self.config.nice)
+        while not self._stop.is_set():
             sequence = self._queue.get()
             try:
                 if sequence is None:
@@ -350,20 +358,36 @@ class OnlineLearner:
         return True
 
     def close(self, timeout: float = 30.0) -> None:
+        """Stop the training thread after its current step; queued sequences are dropped."""
+        self._stop.set()
         if self._thread is not None and self._thread.is_alive():
-            self._queue.put(None)
+            try:
+                self._queue.put_nowait(None)  # wake it if it is waiting for work
+            except queue.Full:
+                pass
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
-        with self._lock:
-            stats = self.distiller.stats()
+        """Counters (read without the training lock: a step may be under way)."""
         return {
-            **stats,
+            **self.distiller.stats(),
+            "submitted": self.submitted,
             "queued": self._queue.qsize(),
             "dropped": self.dropped,
             "errors": self.errors,
             "last_error": self.last_error,
         }
+
+
+def _lower_priority(nice: int) -> None:
+    """Give the calling thread the lowest CPU share, so that training takes only cycles
+    serving leaves idle (on Linux, a thread id is a valid target of setpriority)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError:
+        pass
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -394,6 +418,42 @@ def first_token_acceptance(
             hits += int((drafted == wanted.cpu()).sum())
             total += end - start
     return hits / total if total else 0.0
+
+
+@torch.inference_mode()
+def replay_accept_len(
+    speculator: NeuralSpeculator, sequence: FinishedSequence, prompt_len: int, lookahead: int
+) -> float:
+    """The engine's greedy accept_len for this drafter, replayed offline.
+
+    ``sequence`` is a prompt and the target's own greedy output after it, with the
+    target's features (``collect``). Each step drafts ``lookahead`` tokens from the
+    feature before the pending token, as the engine does, and accepts the prefix that
+    matches the target's output: scoring a head on recent traffic costs no target
+    forward."""
+    weights = speculator.weights
+    target = speculator.target
+    embed = target.model.get_input_embeddings()
+    tokens = sequence.tokens
+    end = len(sequence) + 1  # the last token whose context has every feature needed
+    position = prompt_len + 1  # the prefill produced the first output token
+    steps = gained = 0
+    while position < end:
+        feature = sequence.features[position - 2 : position - 1].to(target.device, speculator.dtype)
+        token = torch.tensor([tokens[position - 1]], device=target.device)
+        room = min(lookahead, end - position - 1)
+        accepted = 0
+        for i in range(room):
+            feature = weights.head(feature, embed(token).to(speculator.dtype))
+            drafted = int(weights.vocab[int(weights.logits(feature).argmax(-1))])
+            if drafted != tokens[position + i]:
+                break
+            accepted += 1
+            token = torch.tensor([drafted], device=target.device)
+        steps += 1
+        gained += accepted + 1
+        position += accepted + 1
+    return gained / steps if steps else 0.0
 
 
 # -- offline warm start -------------------------------------------------------------------
