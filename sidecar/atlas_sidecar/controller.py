@@ -38,7 +38,9 @@ class CostModel:
         self._verify: dict[int, float] = {}
         self._draft_per_token: dict[str, float] = {}
 
-    def profile(self, target: TargetBackend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16)) -> None:
+    def profile(
+        self, target: TargetBackend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    ) -> None:
         """Measure the target's forward cost at a few sizes (a short prefix in cache)."""
         seq_id = "__cost_profile__"
         target.start(seq_id)

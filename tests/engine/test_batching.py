@@ -91,13 +91,16 @@ class TreeDrafter:
 
     name = "tree"
 
-    def __init__(self, continuation: dict[tuple[int, ...], list[int]]) -> None:
+    def __init__(
+        self, continuation: dict[tuple[int, ...], list[int]], default: list[int] | None = None
+    ) -> None:
         self.continuation = continuation
+        self.default = default or []
 
     def propose(self, requests):
         drafts = []
         for r in requests:
-            right = self.continuation.get(tuple(r.context), [])[:2]
+            right = self.continuation.get(tuple(r.context), self.default)[:2]
             if len(right) < 2 or r.lookahead < 4:
                 drafts.append(Draft.empty())
                 continue
@@ -120,18 +123,19 @@ def test_engine_accepts_the_branch_the_target_agrees_with(target, real_prompts):
     engine = Engine(target, target.tokenizer, TreeDrafter(continuation), lookahead=4)
     result = engine.generate(ids, params)
     assert result.token_ids == expected
-    # Every step took the second branch: 2 drafted tokens accepted out of 4.
-    assert all(s.accepted == 2 for s in result.steps[:-1])
+    # Every full tree was verified down its second branch: 2 of its 4 tokens accepted.
+    trees = [s for s in result.steps if s.drafted == 4]
+    assert len(trees) >= 5
+    assert all(s.accepted == 2 for s in trees)
     assert target.live_sequences == 0
 
 
 def test_sampling_reduces_a_tree_to_its_main_chain(target, real_prompts):
     ids = encode(target.tokenizer, real_prompts[0])
-    continuation = {tuple(ids): [1, 2]}
-    engine = Engine(target, target.tokenizer, TreeDrafter(continuation), lookahead=4)
-    result = engine.generate(ids, SamplingParams(max_tokens=4, temperature=1.0, seed=1))
+    engine = Engine(target, target.tokenizer, TreeDrafter({}, default=[1, 2]), lookahead=4)
+    result = engine.generate(ids, SamplingParams(max_tokens=8, temperature=1.0, seed=1))
     assert result.steps[0].drafted == 2  # the first branch only
-    assert len(result.token_ids) == 4
+    assert len(result.token_ids) == 8
 
 
 @pytest.mark.parametrize("mode", ["target_only", "static", "suffix", "atlas"])
