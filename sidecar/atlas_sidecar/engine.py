@@ -287,7 +287,7 @@ class Engine:
             ForwardItem(
                 seq.seq_id,
                 [seq.output[-1], *draft.tokens],
-                [-1, *(p + 1 for p in draft.parents)] if draft.is_tree else None,
+                [-1, *(p + 1 for p in draft.chain_parents())] if draft.is_tree else None,
             )
             for seq, (_, draft) in zip(seqs, drafts, strict=True)
         ]

@@ -182,7 +182,7 @@ class CausalLMRunner:
         layers = []
         if pad_past:
             for layer_idx in range(len(caches[0].layers)):
-                kv = [(c.layers[layer_idx].keys, c.layers[layer_idx].values) if n else None
+                kv = [(_layers(c)[layer_idx].keys, _layers(c)[layer_idx].values) if n else None
                       for c, n in zip(caches, past, strict=True)]  # fmt: skip
                 shape = next(pair[0].shape for pair in kv if pair is not None)
                 empty = torch.empty(1, shape[1], 0, shape[3], dtype=self.dtype, device=self.device)
@@ -198,10 +198,10 @@ class CausalLMRunner:
         out = []
         for r, (item, cache) in enumerate(zip(items, caches, strict=True)):
             n = widths[r]
-            for layer_idx, layer in enumerate(batch_cache.layers):
+            for layer_idx, layer in enumerate(_layers(batch_cache)):
                 new_k = layer.keys[r : r + 1, :, pad_past : pad_past + n]
                 new_v = layer.values[r : r + 1, :, pad_past : pad_past + n]
-                cache.layers[layer_idx].update(new_k, new_v)
+                _layers(cache)[layer_idx].update(new_k, new_v)
             self._append_hidden(item.seq_id, hidden[r, :n])
             out.append(logits[r, :n].float())
         return out
@@ -244,7 +244,7 @@ class CausalLMRunner:
         index = torch.cat([torch.arange(prefix), prefix + torch.tensor(path, dtype=torch.long)])
         if len(index) > cache.get_seq_length():
             raise ValueError(f"{seq_id}: path {path} beyond the cache")
-        for layer in cache.layers:
+        for layer in _layers(cache):
             if layer.is_initialized:
                 device_index = index.to(layer.keys.device)
                 layer.keys = layer.keys.index_select(-2, device_index)
@@ -268,6 +268,11 @@ class CausalLMRunner:
     @property
     def live_sequences(self) -> int:
         return len(self._caches)
+
+
+def _layers(cache: DynamicCache) -> list[Any]:
+    """A cache's layers; ``forward_many`` checked they are full-attention DynamicLayers."""
+    return list(cache.layers)
 
 
 def _pad_past(tensor: torch.Tensor, width: int) -> torch.Tensor:
