@@ -141,6 +141,9 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 f"[{index + 1}/{len(prompts)}] {prompt.phase:<7} {mode:<16} "
                 f"{result.tokens_per_s:6.2f} tok/s  accept_len {result.accept_len:5.2f}"
             )
+    for decoder in decoders.values():
+        if isinstance(decoder, Engine):
+            our_modes.close_engine(decoder)
     summary = report(config, prompts, runs)
     summary["unavailable"] = unavailable
     if "target_only" in runs:

@@ -74,7 +74,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise RequestError("prompt", "must not be empty")
     prompt_ids = encode(engine.tokenizer, args.prompt, chat=not args.raw)
-    result = engine.generate(prompt_ids, params)
+    try:
+        result = engine.generate(prompt_ids, params)
+    finally:
+        from atlas_sidecar.modes import close_engine
+
+        close_engine(engine)
     print(result.text)
     stats = result.summary() | {"speculator": args.speculator, "lookahead": engine.lookahead}
     print(json.dumps(stats), file=sys.stderr)
@@ -104,7 +109,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """One real prompt: the target alone, with the static speculator, and with ATLAS."""
     from atlas_sidecar import workloads
     from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.modes import build_engine
+    from atlas_sidecar.modes import build_engine, close_engine
     from atlas_sidecar.sampling import SamplingParams
 
     _quiet_libraries()
@@ -117,7 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     engines = {m: build_engine(m, target, draft, args.lookahead)
                for m in ("target_only", "static", "atlas")}  # fmt: skip
     engines["target_only"].generate(ids, SamplingParams(max_tokens=2))  # warm-up
-    results = {mode: engine.generate(ids, params) for mode, engine in engines.items()}
+    try:
+        results = {mode: engine.generate(ids, params) for mode, engine in engines.items()}
+    finally:
+        for engine in engines.values():
+            close_engine(engine)
     base = results["target_only"]
     print(f"\nprompt: {prompt.prompt_id} ({len(ids)} tokens)\n\n{results['atlas'].text}\n")
     for mode, r in results.items():

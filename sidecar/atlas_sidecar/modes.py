@@ -48,8 +48,9 @@ class LearningController(Controller):
 
 def neural_speculator(target: CausalLMRunner, learn: bool = True) -> NeuralSpeculator:
     """The neural speculator on ``target``, warm-started from ``$ATLAS_HOME`` when a head
-    for this target is cached there, learning online in the background from every
-    finished request.
+    for this target is cached there (``python -m atlas_sidecar.speculators.neural_train``
+    writes one), learning from every finished request in a background thread that trains
+    while no request is in flight.
 
     It reads the target's final hidden states, so the target starts recording them here:
     this must happen before any sequence is started on it."""
@@ -111,3 +112,12 @@ def neural_learners(engine: Engine) -> list[OnlineLearner]:
         for d in drafters
         if isinstance(d, NeuralSpeculator) and isinstance(d.learner, OnlineLearner)
     ]
+
+
+def close_engine(engine: Engine) -> None:
+    """Stop an engine's background work (the neural learners' training threads).
+
+    Call before the process exits: a daemon thread killed inside a torch op at
+    interpreter shutdown can abort the process."""
+    for learner in neural_learners(engine):
+        learner.close()

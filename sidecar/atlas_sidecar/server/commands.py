@@ -152,7 +152,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     engine = build_engine(args)
-    asyncio.run(serve(engine, config))
+    try:
+        asyncio.run(serve(engine, config))
+    finally:
+        from atlas_sidecar.modes import close_engine
+
+        close_engine(engine)
     return 0
 
 
