@@ -18,12 +18,13 @@ trains on its own features and predictions.
 from __future__ import annotations
 
 import argparse
+import atexit
 import bisect
-import os
 import queue
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -58,7 +59,9 @@ class TrainConfig:
     steps_per_request: int = 4  # online: training steps per finished request
     queue_size: int = 16  # online: finished requests waiting; more are dropped
     threads: int = 1  # online: torch threads of the training thread
-    nice: int = 19  # online: the training thread's CPU priority (Linux): idle cycles only
+    idle_poll_s: float = 0.01  # online: how often a waiting step checks that serving is idle
+    idle_grace_s: float = 0.05  # online: how long serving must have been idle (not a gap
+    # between two back-to-back requests) before a step starts
     vocab_refresh_tokens: int = 4096  # re-rank the draft vocabulary after this many new
     seed: int = 0
 
@@ -267,9 +270,10 @@ class OnlineLearner:
     """Learns from finished requests without ever blocking serving.
 
     ``background=True``: a daemon thread takes finished sequences from a bounded queue
-    (``submit`` drops them when it is full), adds each to the replay buffer, runs
-    ``steps_per_request`` steps and publishes a new weights version. ``background=False``
-    does the same in the caller of ``submit`` (deterministic, for tests and benchmarks).
+    (``submit`` drops them when it is full), adds each to the replay buffer, runs up to
+    ``steps_per_request`` steps while no sequence is live on the target, and publishes a
+    new weights version. ``background=False`` does the same in the caller of ``submit``
+    (deterministic, for tests and benchmarks).
     """
 
     def __init__(
@@ -295,6 +299,7 @@ class OnlineLearner:
                 target=self._run, name="atlas-neural-trainer", daemon=True
             )
             self._thread.start()
+            _RUNNING.add(self)
 
     def submit(self, sequence: FinishedSequence) -> None:
         self.submitted += 1
@@ -309,16 +314,37 @@ class OnlineLearner:
     def _learn(self, sequence: FinishedSequence) -> None:
         with self._lock:
             self.distiller.add(sequence)
-            for _ in range(self.config.steps_per_request):
-                if self._stop.is_set():
-                    break
+        for _ in range(self.config.steps_per_request):
+            if self.background and not self._wait_for_idle_serving():
+                break
+            with self._lock:
                 self.distiller.step()
+        with self._lock:
             self.distiller.publish()
+
+    def _wait_for_idle_serving(self) -> bool:
+        """Block until no sequence has been live on the target for a moment; False once
+        closed.
+
+        On a CPU, training beside a decoding step would slow it (the cores are shared,
+        and so is the GIL), so steps run while serving is idle; a request that arrives
+        meanwhile waits for at most one step."""
+        target = self.distiller.speculator.target
+        idle_since: float | None = None
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if target.live_sequences:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= self.config.idle_grace_s:
+                return True
+            self._stop.wait(self.config.idle_poll_s)
+        return False
 
     def _run(self) -> None:
         # Per-thread in torch's OpenMP pool: serving keeps its own thread count.
         torch.set_num_threads(self.config.threads)
-        _lower_priority(self.config.nice)
         while not self._stop.is_set():
             sequence = self._queue.get()
             try:
@@ -379,15 +405,14 @@ class OnlineLearner:
         }
 
 
-def _lower_priority(nice: int) -> None:
-    """Give the calling thread the lowest CPU share, so that training takes only cycles
-    serving leaves idle (on Linux, a thread id is a valid target of setpriority)."""
-    if nice <= 0 or not hasattr(os, "setpriority"):
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError:
-        pass
+# Stopped at exit: a daemon thread killed inside a torch op aborts the interpreter.
+_RUNNING: weakref.WeakSet[OnlineLearner] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for learner in list(_RUNNING):
+        learner.close()
 
 
 # -- evaluation ---------------------------------------------------------------------------
