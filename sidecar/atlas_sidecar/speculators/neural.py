@@ -423,9 +423,9 @@ def save_weights(weights: HeadWeights, identity: TargetIdentity, path: str | Pat
     }
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other readers of the volume
     try:
         save_file(tensors, tmp, metadata={"atlas": json.dumps(meta)})
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other readers of the volume
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
