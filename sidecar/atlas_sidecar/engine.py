@@ -291,7 +291,7 @@ class Engine:
             )
             for seq, (_, draft) in zip(seqs, drafts, strict=True)
         ]
-        all_logits = _forward_many(self.target, items)
+        all_logits = self.target.forward_many(items)
         outcomes = []
         for seq, (_, draft), logits in zip(seqs, drafts, all_logits, strict=True):
             path, bonus = self._accept_path(seq, draft, logits)
@@ -397,13 +397,3 @@ def _sanitize(draft: Draft, seq: Sequence, vocab: int) -> Draft:
             keep.append(i)
             usable.add(i)
     return draft if len(keep) == len(draft.tokens) else draft.subset(keep)
-
-
-def _forward_many(target: TargetBackend, items: list[ForwardItem]) -> list[torch.Tensor]:
-    """One batched forward where the backend has it; one forward per item otherwise."""
-    forward_many = getattr(target, "forward_many", None)
-    if forward_many is not None:
-        return list(forward_many(items))
-    if any(item.parents is not None for item in items):
-        raise NotImplementedError("this backend verifies chains only")
-    return [target.forward(item.seq_id, item.tokens) for item in items]
