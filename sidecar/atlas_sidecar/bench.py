@@ -26,6 +26,7 @@ from atlas_sidecar import peers, workloads
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, Engine, GenerationResult
 from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.streams import format_streams, run_streams
 
 # A divergence in bf16 is acceptable only at a near-tie of the target's top-2 logits.
 NEAR_TIE_LOGITS = 0.5
@@ -51,6 +52,8 @@ class BenchConfig:
     max_new_tokens: int = 64
     modes: tuple[str, ...] = field(default_factory=all_modes)
     lookahead: int = DEFAULT_LOOKAHEAD
+    streams: int = 0  # > 0: also decode the prompts this many at a time (our modes)
+    draft_weights: str = "auto"  # int8 on CPU (``backends/int8.py``); the target keeps dtype
 
 
 @dataclass
@@ -97,7 +100,9 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
     draft = None
     if (our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes):
-        draft = CausalLMRunner.load(config.draft, dtype=config.dtype, device=config.device)
+        draft = CausalLMRunner.load(
+            config.draft, dtype=config.dtype, device=config.device, weights=config.draft_weights
+        )
     decoders: dict[str, peers.Decoder] = {}
     unavailable: dict[str, str] = {}
     for mode in config.modes:
@@ -146,12 +151,36 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
             our_modes.close_engine(decoder)
     summary = report(config, prompts, runs)
     summary["unavailable"] = unavailable
+    if config.streams > 0:
+        summary["streams"] = concurrent(config, target, draft, encoded, log)
     if "target_only" in runs:
         for mode, mode_run in runs.items():
             summary["modes"][mode]["divergences"] = divergences(
                 target, encoded, prompts, runs["target_only"].results, mode_run.results
             )
     return summary
+
+
+def concurrent(
+    config: BenchConfig,
+    target: CausalLMRunner,
+    draft: CausalLMRunner | None,
+    encoded: list[list[int]],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Our modes on the same prompts, ``config.streams`` sequences per target forward.
+
+    Fresh engines: the ones of the request stream have already learned these prompts'
+    outputs. Peers decode one request at a time, so they are not in this table."""
+    ours = [m for m in config.modes if m not in peers.PEERS]
+    if "target_only" not in ours:
+        ours.insert(0, "target_only")  # the reference at the same number of streams
+    engines = {m: our_modes.build_engine(m, target, draft, config.lookahead) for m in ours}
+    try:
+        return run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
+    finally:
+        for engine in engines.values():
+            our_modes.close_engine(engine)
 
 
 def divergences(
@@ -198,6 +227,7 @@ def report(
         "workload": config.prompts_file or config.workload,
         "target": config.target,
         "draft": config.draft,
+        "draft_weights": config.draft_weights,
         "dtype": config.dtype,
         "device": config.device,
         "max_new_tokens": config.max_new_tokens,
@@ -420,6 +450,8 @@ def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> 
     result = run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(result))
+    if "streams" in result:
+        print(format_streams(result["streams"]))
     if out:
         write_json(result, out)
         print(f"wrote {out}")

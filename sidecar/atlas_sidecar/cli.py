@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from atlas_sidecar import models
+from atlas_sidecar.backends.int8 import WEIGHT_FORMATS
 from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.server.commands import (
@@ -38,7 +39,9 @@ def _build_engine(args: argparse.Namespace) -> Any:
     target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
     draft = None
     if args.speculator in NEEDS_DRAFT:
-        draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
+        draft = CausalLMRunner.load(
+            args.draft, dtype=args.dtype, device=args.device, weights=args.draft_weights
+        )
     return build_engine(args.speculator, target, draft, args.lookahead)
 
 
@@ -89,6 +92,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from atlas_sidecar import bench
 
+    if args.streams < 0:
+        raise ValueError("--streams must be >= 0")
     _quiet_libraries()
     config = bench.BenchConfig(
         target=args.target,
@@ -101,6 +106,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens or (64 if args.quick else 128),
         modes=tuple(args.modes.split(",")) if args.modes else bench.all_modes(),
         lookahead=args.lookahead,
+        streams=args.streams,
+        draft_weights=args.draft_weights,
     )
     return bench.main(config, args.out, args.plot)
 
@@ -115,7 +122,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _quiet_libraries()
     print(f"loading {args.target} and {args.draft} ({args.dtype}, {args.device})...")
     target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
-    draft = CausalLMRunner.load(args.draft, dtype=args.dtype, device=args.device)
+    draft = CausalLMRunner.load(
+        args.draft, dtype=args.dtype, device=args.device, weights=args.draft_weights
+    )
     prompt = workloads.humaneval(1)[0]
     ids = workloads.encode(target.tokenizer, prompt)
     params = SamplingParams(max_tokens=args.max_tokens)
@@ -143,6 +152,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="static speculator's draft model (same forms as --target)")
     p.add_argument("--dtype", default="bf16", help="bf16 (default), fp16, fp32")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--draft-weights", choices=("auto", *WEIGHT_FORMATS), default="auto",
+                   help="the draft model's weights: int8 (weight-only, half the memory traffic "
+                   "per drafted token; CPU), native (--dtype); auto: int8 on CPU. The target "
+                   "always keeps --dtype")  # fmt: skip
     p.add_argument("--lookahead", "--speculative-num-steps", type=int, default=DEFAULT_LOOKAHEAD,
                    help=f"draft tokens per step, 0..{MAX_LOOKAHEAD}")  # fmt: skip
 
@@ -181,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma-separated modes (default: all): ours (target_only, "
                    "static, suffix, atlas, ...) and the peers hf_assisted, hf_prompt_lookup, "
                    "arctic_suffix")  # fmt: skip
+    p.add_argument("--streams", type=int, default=0,
+                   help="also decode the prompts N at a time (one target forward for all N) "
+                   "with fresh engines of our modes: throughput vs target_only at N streams")
     p.add_argument("--out", default="bench-out/bench.json", help="JSON output path")
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     _add_model_args(p)

@@ -214,6 +214,9 @@ class Controller:
         # Drafters cheap enough to always ask for a full-length draft, then cut it.
         self.free_drafters = free_drafters
         self._memory: dict[str, _SequenceMemory] = {}
+        # A free drafter's whole draft of the last step, per sequence: scored against
+        # what the target then produced, whether or not it was chosen (_score_shadows).
+        self._shadows: dict[str, dict[str, tuple[int, Draft]]] = {}
         self.choices: dict[str, int] = {}
 
     @property
@@ -263,11 +266,17 @@ class Controller:
         batch = batch_size or len(requests)
         chosen: list[tuple[Plan, Draft]] = []
         free: dict[str, list[Draft]] = {}
+        for request in requests:
+            self._score_shadows(request)
         for name in self.free_drafters:
             if name in self.speculators:
                 free[name] = self._propose(name, [
                     _with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests
                 ], per_call=True)  # fmt: skip
+                for request, draft in zip(requests, free[name], strict=True):
+                    if draft.tokens:
+                        shadows = self._shadows.setdefault(request.seq_id, {})
+                        shadows[name] = (len(request.context), draft)
         for i, request in enumerate(requests):
             cap = min(request.lookahead, self.max_lookahead)
             best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
@@ -328,11 +337,15 @@ class Controller:
     def _propose(
         self, name: str, requests: list[DraftRequest], per_call: bool = False
     ) -> list[Draft]:
-        """Run a speculator and learn its cost: per drafted token, or per call if free."""
+        """Run a speculator and learn its cost: per drafted token (as the drafter measured
+        it, if it did), or per call if free."""
         started = time.perf_counter()
         drafts = self.speculators[name].propose(requests)
         seconds = time.perf_counter() - started
-        if per_call:
+        reported = [d.token_cost_s for d in drafts if d.token_cost_s is not None]
+        if reported:
+            self.costs.observe_draft(name, 1, sum(reported) / len(reported))
+        elif per_call:
             self.costs.observe_draft(name, 1, seconds / max(len(requests), 1))
         else:
             self.costs.observe_draft(name, sum(len(d.tokens) for d in drafts), seconds)
@@ -349,14 +362,48 @@ class Controller:
 
     def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
-        if name == "none" or not draft.tokens:
-            return
+        if name == "none" or not draft.tokens or name in self.free_drafters:
+            return  # free drafters learn from their whole draft instead (_score_shadows)
         # Every other child of the root and of the accepted nodes met the target and lost.
         checked, on_path = {-1, *path}, set(path)
         rejected = [
             i for i, parent in enumerate(draft.chain_parents())
             if parent in checked and i not in on_path
         ]  # fmt: skip
+        self._learn(seq_id, name, draft, path, rejected, missed=bool(rejected))
+
+    def _score_shadows(self, request: DraftRequest) -> None:
+        """Score each free drafter's last draft of this sequence against the tokens the
+        target produced since: evidence on every node those tokens decide, including
+        nodes the plan cut and drafts another speculator was chosen over."""
+        for name, (length, draft) in self._shadows.pop(request.seq_id, {}).items():
+            produced = request.context[length:]
+            children: dict[int, list[int]] = {}
+            for i, parent in enumerate(draft.chain_parents()):
+                children.setdefault(parent, []).append(i)
+            node, path, rejected, missed = -1, [], [], False
+            for token in produced:
+                kids = children.get(node, [])
+                match = next((k for k in kids if draft.tokens[k] == token), None)
+                rejected += [k for k in kids if k != match]
+                if match is None:
+                    missed = bool(kids)
+                    break
+                path.append(match)
+                node = match
+            self._learn(request.seq_id, name, draft, path, rejected, missed)
+
+    def _learn(
+        self,
+        seq_id: str,
+        name: str,
+        draft: Draft,
+        path: list[int],
+        rejected: list[int],
+        missed: bool,
+    ) -> None:
+        """Acceptance evidence: nodes the target took and checked nodes it did not;
+        ``missed``: the path ended at a rejection (not at the end of what is known)."""
         self.acceptance.observe(
             draft.bucket or name,
             accepted=[draft.confidences[i] for i in path],
@@ -364,10 +411,11 @@ class Controller:
         )
         memory = self._memory.setdefault(seq_id, _SequenceMemory())
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
-        memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + (1 if rejected else 0)
+        memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + missed
 
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)
+        self._shadows.pop(seq_id, None)
         for speculator in self.speculators.values():
             speculator.release(seq_id)
 

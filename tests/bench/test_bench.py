@@ -109,6 +109,35 @@ def test_bench_takes_a_users_trace_with_phases(tmp_path):
     assert not out.with_suffix(".png").exists()
 
 
+def test_bench_streams_decodes_n_at_a_time_with_fresh_engines(tmp_path, capsys):
+    trace = tmp_path / "trace.jsonl"
+    prompts = ["Count to five.", "Name three colors.", "Say hello in French.", "What is 2+2?"]
+    trace.write_text("".join(json.dumps({"phase": "chat", "prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "streams.json"
+    code = main([
+        "bench", "--target", SMOL, "--dtype", "fp32", "--prompts", str(trace), "--streams", "2",
+        "--max-new-tokens", "8", "--modes", "suffix,hf_prompt_lookup", "--out", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    streams = json.loads(out.read_text())["streams"]
+    assert (streams["streams"], streams["prompts"]) == (2, 4)
+    # target_only is added as the reference; peers decode one at a time, so they are absent.
+    assert set(streams["modes"]) == {"target_only", "suffix"}
+    assert streams["modes"]["target_only"]["speedup"] == 1.0
+    for mode in streams["modes"].values():
+        assert mode["outputs_match"] is True
+        assert mode["tokens_per_s"] > 0
+        assert 2 <= mode["target_forwards"] <= 2 * 8  # two batches of two, <= 8 steps each
+    forwards = {m: v["target_forwards"] for m, v in streams["modes"].items()}
+    assert forwards["suffix"] <= forwards["target_only"]
+    assert "2 concurrent streams, 4 prompts" in capsys.readouterr().out
+
+
+def test_bench_refuses_negative_streams(capsys):
+    assert main(["bench", "--streams", "-1"]) == 2
+    assert "--streams must be >= 0" in capsys.readouterr().err
+
+
 def test_plot_draws_hand_made_curves(tmp_path):
     def curve(values: list[float]) -> list[dict]:
         phases = ["python", "python", "rust", "rust"]

@@ -20,9 +20,10 @@ pytestmark = [
 ]
 
 
-def test_qwen_static_speculation_is_exact_in_float32(real_prompts):
+@pytest.mark.parametrize("weights", ["native", "int8"])  # int8: the CPU default for drafts
+def test_qwen_static_speculation_is_exact_in_float32(real_prompts, weights):
     target = CausalLMRunner.load(models.DEFAULT_TARGET, dtype="fp32")
-    draft = CausalLMRunner.load(models.DEFAULT_DRAFT, dtype="fp32")
+    draft = CausalLMRunner.load(models.DEFAULT_DRAFT, dtype="fp32", weights=weights)
     plain = Engine(target, target.tokenizer)
     spec = Engine(target, target.tokenizer, StaticSpeculator(draft), 4)
     accepted = 0

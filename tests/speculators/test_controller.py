@@ -40,8 +40,8 @@ def costs(per_token: float) -> CostModel:
     return model
 
 
-def request(lookahead: int = 16) -> DraftRequest:
-    return DraftRequest("s", [1, 2, 3], lookahead, SamplingParams())
+def request(lookahead: int = 16, context: list[int] | None = None) -> DraftRequest:
+    return DraftRequest("s", context or [1, 2, 3], lookahead, SamplingParams())
 
 
 def test_expected_tokens_sums_prefix_acceptance():
@@ -90,13 +90,13 @@ def test_calibration_learns_that_a_bucket_is_overconfident():
 def test_rejected_drafts_turn_the_controller_off_for_that_request():
     drafter = ScriptedDrafter([7] * 8, [0.75] * 8)
     controller = Controller([drafter], 16, costs(0.01))
-    assert controller.draft(request())[0] == "suffix"
+    context = [1, 2, 3]
+    assert controller.draft(request(context=context))[0] == "suffix"
     for _ in range(30):
-        _, draft = controller.draft(request())
-        if not draft.tokens:
+        context = context + [99]  # the target never produces the drafted 7
+        if controller.draft(request(context=context))[0] == "none":
             break
-        controller.observe("s", "suffix", draft, [])
-    assert controller.draft(request())[0] == "none"
+    assert controller.draft(request(context=context + [99]))[0] == "none"
 
 
 def test_path_probability_multiplies_down_the_tree():
@@ -130,7 +130,31 @@ def test_big_batches_back_off_to_no_speculation():
 def test_acceptance_learns_from_the_accepted_path_and_its_rejected_children():
     drafter = ScriptedDrafter([5, 6, 7], [0.95, 0.95, 0.95], parents=[-1, -1, 0])
     controller = Controller([drafter], 16, costs(0.01))
-    _, draft = controller.draft(request())
-    # Node 0 accepted; node 1 lost to it at the root, node 2 lost under it.
-    controller.observe("s", "suffix", draft, [0])
+    controller.draft(request())
+    # The target then produced 5, 8: node 0 accepted; node 1 lost to it at the root,
+    # node 2 lost to 8 under it.
+    controller.draft(request(context=[1, 2, 3, 5, 8]))
     assert controller.acceptance.snapshot()["suffix/9"] == pytest.approx(1 / 3, abs=0.01)
+
+
+def test_a_free_drafter_learns_from_nodes_the_plan_cut():
+    # Verification is expensive enough that the plan keeps only part of the draft; what
+    # the target then produced still scores every node of the whole draft.
+    drafter = ScriptedDrafter([7] * 8, [0.65] * 8)
+    controller = Controller([drafter], 16, costs(0.02))
+    _, draft = controller.draft(request())
+    assert 0 < len(draft.tokens) < 8
+    controller.draft(request(context=[1, 2, 3] + [7] * 9))
+    cell = controller.acceptance._cells[("suffix", 6)]
+    assert cell.accepted == pytest.approx(8.0, abs=0.1) and cell.rejected == 0.0  # (decay)
+
+
+def test_a_shadow_is_scored_only_as_far_as_the_target_has_gone():
+    drafter = ScriptedDrafter([7, 7, 7], [0.95] * 3)
+    controller = Controller([drafter], 16, costs(0.001))
+    controller.draft(request())
+    controller.draft(request(context=[1, 2, 3, 7]))  # one token known: one node decided
+    cell = controller.acceptance._cells[("suffix", 9)]
+    assert (cell.accepted, cell.rejected) == (1.0, 0.0)
+    controller.release("s")
+    assert controller._shadows == {}

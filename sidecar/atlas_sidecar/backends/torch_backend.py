@@ -13,6 +13,7 @@ from transformers.cache_utils import DynamicLayer
 
 from atlas_sidecar import models
 from atlas_sidecar.backends.base import ForwardItem
+from atlas_sidecar.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
 
 DEFAULT_MAX_SEQUENCES = 256
 
@@ -107,11 +108,19 @@ class CausalLMRunner:
         device: str = "cpu",
         num_layers: int | None = None,
         record_hidden: bool = False,
+        weights: str = "native",
     ) -> CausalLMRunner:
+        """``weights="int8"``: weight-only int8 linear layers, for draft models only
+        (``int8.py``); ``"auto"``: int8 where supported (CPU), else native."""
+        if weights not in ("auto", *WEIGHT_FORMATS):
+            raise ValueError(f"unknown weights {weights!r}; use auto, {', '.join(WEIGHT_FORMATS)}")
         model, tokenizer = models.load(ref, dtype=parse_dtype(dtype, device), device=device)
         if num_layers is not None:
             truncate_layers(model, num_layers)
-        return cls(model, tokenizer, record_hidden=record_hidden)
+        runner = cls(model, tokenizer, record_hidden=record_hidden)
+        if weights == "int8" or (weights == "auto" and int8_supported(device)):
+            quantize_int8(model)
+        return runner
 
     @property
     def hidden_size(self) -> int:

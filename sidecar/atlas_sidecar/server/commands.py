@@ -132,7 +132,11 @@ def build_engine(args: argparse.Namespace) -> Any:
     if args.speculator in NEEDS_DRAFT:
         draft_ref = args.target if args.draft_num_layers else args.draft
         draft = CausalLMRunner.load(
-            draft_ref, dtype=args.dtype, device=args.device, num_layers=args.draft_num_layers
+            draft_ref,
+            dtype=args.dtype,
+            device=args.device,
+            num_layers=args.draft_num_layers,
+            weights=args.draft_weights,
         )
     return build_mode(
         "target_only" if args.speculator == "none" else args.speculator,

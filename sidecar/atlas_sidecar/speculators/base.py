@@ -43,6 +43,10 @@ class Draft:
     # for the sequence's last token. None is a chain. Parents precede their children,
     # and a node's first child is its drafter's favourite (the "main chain").
     parents: list[int] | None = None
+    # Seconds one more drafted token costs (this sequence's share of a batched draft
+    # step), as the drafter measured it without one-off work such as a draft model's
+    # first prefill of the prompt. None: the controller times the whole call.
+    token_cost_s: float | None = None
 
     @classmethod
     def empty(cls) -> Draft:
@@ -66,6 +70,7 @@ class Draft:
             probs=None if self.probs is None else self.probs[nodes],
             bucket=self.bucket,
             parents=None if self.parents is None else kept_parents,
+            token_cost_s=self.token_cost_s,
         )
 
     def main_chain(self) -> Draft:

@@ -7,6 +7,8 @@ prefix of its cache and the context survives, the rest is recomputed.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from atlas_sidecar.backends.base import ForwardItem
@@ -23,6 +25,9 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
+STEADY_SYNC_TOKENS = 17  # a step's accepted tokens (lookahead 16) plus the target's own
+
+
 class StaticSpeculator:
     name = "static"
 
@@ -35,7 +40,8 @@ class StaticSpeculator:
         """Draft for every request together: one batched draft forward per token."""
         live = [r for r in requests if r.lookahead > 0 and r.context]
         drafts = {r.seq_id: _Growing() for r in live}
-        logits = self._sync(live)
+        shares: list[float] = []  # per draft forward: its seconds / sequences in it
+        logits = self._sync(live, shares)
         while live:
             still = []
             for request, row in zip(live, logits, strict=True):
@@ -49,13 +55,22 @@ class StaticSpeculator:
             live = still
             if live:
                 items = [ForwardItem(r.seq_id, [drafts[r.seq_id].tokens[-1]]) for r in live]
+                started = time.perf_counter()
                 logits = [out[-1] for out in self.runner.forward_many(items)]
+                shares.append((time.perf_counter() - started) / len(items))
                 for r in live:
                     self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
-        return [drafts[r.seq_id].done() if r.seq_id in drafts else Draft.empty() for r in requests]
+        cost = sum(shares) / len(shares) if shares else None
+        return [
+            drafts[r.seq_id].done(cost) if r.seq_id in drafts else Draft.empty() for r in requests
+        ]
 
-    def _sync(self, requests: list[DraftRequest]) -> list[torch.Tensor]:
-        """Bring each draft cache up to its context; return the logits after its last token."""
+    def _sync(self, requests: list[DraftRequest], shares: list[float]) -> list[torch.Tensor]:
+        """Bring each draft cache up to its context; return the logits after its last token.
+
+        In steady state this feeds the last step's accepted tokens, at about the cost of
+        one decode step, and counts as one in ``shares``; a longer catch-up (the whole
+        prompt at first) is paid once per sequence, not per drafted token, so it is not."""
         items = []
         for request in requests:
             seq_id, context = request.seq_id, request.context
@@ -68,7 +83,13 @@ class StaticSpeculator:
             self.runner.truncate(seq_id, keep)
             self._cached_tokens[seq_id] = list(context)
             items.append(ForwardItem(seq_id, context[keep:]))
-        return [out[-1] for out in self.runner.forward_many(items)]
+        if not items:
+            return []
+        started = time.perf_counter()
+        logits = [out[-1] for out in self.runner.forward_many(items)]
+        if max(len(item.tokens) for item in items) <= STEADY_SYNC_TOKENS:
+            shares.append((time.perf_counter() - started) / len(items))
+        return logits
 
     def release(self, seq_id: str) -> None:
         self._cached_tokens.pop(seq_id, None)
@@ -94,6 +115,6 @@ class _Growing:
         self.tokens.append(token)
         self.confidences.append(float(probs[token]))
 
-    def done(self) -> Draft:
+    def done(self, token_cost_s: float | None) -> Draft:
         probs = torch.stack(self.sampled_from) if self.sampled_from else None
-        return Draft(tokens=self.tokens, confidences=self.confidences, probs=probs)
+        return Draft(self.tokens, self.confidences, probs, token_cost_s=token_cost_s)
