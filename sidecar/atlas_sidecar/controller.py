@@ -17,6 +17,7 @@ priors that the measurements quickly outweigh.
 from __future__ import annotations
 
 import bisect
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,10 @@ EWMA = 0.2  # weight of a new cost sample
 DECAY = 0.997  # per observation: old acceptance evidence fades, so drift is followed
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evidence
 CONFIDENCE_BINS = 10
-SEQUENCE_WEIGHT = 0.5  # how much a request's own history moves the global estimate
+# A request's own acceptance history moves the global estimate as if the global one
+# were this many draft tokens of evidence: one early rejection moves it a little, a
+# request that keeps rejecting a speculator soon turns it off.
+SEQUENCE_PRIOR_TOKENS = 8.0
 
 
 class CostModel:
@@ -42,18 +46,16 @@ class CostModel:
         self, target: TargetBackend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
     ) -> None:
         """Measure the target's forward cost at a few sizes (a short prefix in cache)."""
-        seq_id = "__cost_profile__"
-        target.start(seq_id)
-        try:
-            target.forward(seq_id, [0] * 16)  # warm-up and a realistic cache
-            for size in sizes:
-                for _ in range(2):
-                    target.truncate(seq_id, 16)
-                    started = time.perf_counter()
-                    target.forward(seq_id, [0] * size)
-                    self.observe_verify(size, time.perf_counter() - started)
-        finally:
-            target.release(seq_id)
+        for size, seconds in _time_forwards(target, sizes):
+            self.observe_verify(size, seconds)
+
+    def profile_drafter(self, speculator: str, model: TargetBackend) -> None:
+        """A draft model's cost per drafted token: one single-token forward.
+
+        Measured up front so that the first plans already see what it costs (a drafter
+        of unknown cost looks free and is picked for everything until measured)."""
+        for _, seconds in _time_forwards(model, (1,)):
+            self.observe_draft(speculator, 1, seconds)
 
     def observe_verify(self, tokens_fed: int, seconds: float) -> None:
         old = self._verify.get(tokens_fed)
@@ -69,23 +71,32 @@ class CostModel:
         )
 
     def verify(self, tokens_fed: int) -> float:
-        """Interpolated from measured sizes; linear beyond them."""
-        if tokens_fed in self._verify:
-            return self._verify[tokens_fed]
+        """Interpolated from measured sizes; linear beyond them.
+
+        Feeding more tokens never costs less, and a busy machine only ever makes a
+        forward slower, so a size is costed at most as much as any larger measured
+        size (one slow sample of one token must not make every 1-token draft look free)."""
         if not self._verify:
             return 1.0  # no measurement yet: every plan is costed the same
         sizes = sorted(self._verify)
+        envelope = {}
+        lowest = math.inf
+        for size in reversed(sizes):
+            lowest = min(lowest, self._verify[size])
+            envelope[size] = lowest
+        if tokens_fed in envelope:
+            return envelope[tokens_fed]
         i = bisect.bisect_left(sizes, tokens_fed)
         if i == 0:
-            return self._verify[sizes[0]]
+            return envelope[sizes[0]]
         if i == len(sizes):
             if len(sizes) == 1:
-                return self._verify[sizes[-1]]
+                return envelope[sizes[-1]]
             lo, hi = sizes[-2], sizes[-1]
         else:
             lo, hi = sizes[i - 1], sizes[i]
-        slope = (self._verify[hi] - self._verify[lo]) / (hi - lo)
-        return max(self._verify[lo] + slope * (tokens_fed - lo), 1e-6)
+        slope = (envelope[hi] - envelope[lo]) / (hi - lo)
+        return max(envelope[lo] + slope * (tokens_fed - lo), 1e-6)
 
     def draft_per_token(self, speculator: str) -> float:
         return self._draft_per_token.get(speculator, 0.0)
@@ -95,6 +106,28 @@ class CostModel:
             "verify_s": {k: round(v, 5) for k, v in sorted(self._verify.items())},
             "draft_s_per_token": {k: round(v, 6) for k, v in self._draft_per_token.items()},
         }
+
+
+def _time_forwards(
+    model: TargetBackend, sizes: tuple[int, ...], repeats: int = 2
+) -> list[tuple[int, float]]:
+    """Seconds of one forward of each size, after a 16-token prefix (warm-up and a
+    realistic cache): the fastest of ``repeats``."""
+    seq_id, out = "__cost_profile__", []
+    model.start(seq_id)
+    try:
+        model.forward(seq_id, [0] * 16)
+        for size in sizes:
+            samples = []
+            for _ in range(repeats):
+                model.truncate(seq_id, 16)
+                started = time.perf_counter()
+                model.forward(seq_id, [0] * size)
+                samples.append(time.perf_counter() - started)
+            out.append((size, min(samples)))  # noise on a shared machine only adds time
+    finally:
+        model.release(seq_id)
+    return out
 
 
 def _bin(confidence: float) -> int:
@@ -122,10 +155,16 @@ class AcceptanceStats:
         return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
 
     def rate(self, bucket: str, prior: float = 0.75) -> float:
-        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft."""
+        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft.
+
+        Optimistic by one standard deviation of the estimate: a drafter with little
+        evidence gets tried (else one that looked worse at first is never measured
+        again), and the bonus fades as its evidence grows."""
         accepted = sum(c.accepted for (b, _), c in self._cells.items() if b == bucket)
         rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
-        return (accepted + PRIOR_STRENGTH * prior) / (accepted + rejected + PRIOR_STRENGTH)
+        n = accepted + rejected + PRIOR_STRENGTH
+        mean = (accepted + PRIOR_STRENGTH * prior) / n
+        return min(mean + math.sqrt(mean * (1 - mean) / n), 1.0)
 
     def observe(self, bucket: str, accepted: list[float], rejected: list[float]) -> None:
         """Confidences of draft tokens the target accepted, and of ones it rejected."""
@@ -152,9 +191,11 @@ class _SequenceMemory:
     accepted: dict[str, float] = field(default_factory=dict)
     drafted: dict[str, float] = field(default_factory=dict)
 
-    def ratio(self, name: str) -> float | None:
+    def blend(self, name: str, p: float) -> float:
+        """``p`` (the global estimate) updated with this request's own evidence."""
         drafted = self.drafted.get(name, 0.0)
-        return self.accepted.get(name, 0.0) / drafted if drafted >= 1 else None
+        accepted = self.accepted.get(name, 0.0)
+        return (accepted + SEQUENCE_PRIOR_TOKENS * p) / (drafted + SEQUENCE_PRIOR_TOKENS)
 
 
 @dataclass
@@ -229,8 +270,8 @@ class Controller:
             p = self.acceptance.rate(bucket)
         else:
             p = self.acceptance.prob(bucket, confidence)
-        own = self._memory.get(seq_id, _SequenceMemory()).ratio(name)
-        return p if own is None else (1 - SEQUENCE_WEIGHT) * p + SEQUENCE_WEIGHT * own
+        memory = self._memory.get(seq_id)
+        return p if memory is None else memory.blend(name, p)
 
     def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
         return self.costs.verify(batch_size * tokens_per_seq) / batch_size

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from atlas_sidecar.controller import (
@@ -53,6 +55,15 @@ def test_verify_cost_interpolates_and_extrapolates():
     model = costs(0.01)
     assert model.verify(3) == pytest.approx(0.12)
     assert model.verify(33) == pytest.approx(0.42)
+
+
+def test_a_slow_sample_of_a_small_size_does_not_make_bigger_ones_look_cheaper():
+    model = CostModel()
+    for size, seconds in ((1, 0.2), (2, 0.1), (4, 0.12), (8, 0.2)):
+        model.observe_verify(size, seconds)
+    assert model.verify(1) == pytest.approx(0.1)  # never more than feeding 2 tokens
+    assert model.verify(3) == pytest.approx(0.11)
+    assert model.verify(6) == pytest.approx(0.16)
 
 
 def test_confident_draft_is_taken_in_full_when_verification_is_cheap():
@@ -158,3 +169,30 @@ def test_a_shadow_is_scored_only_as_far_as_the_target_has_gone():
     assert (cell.accepted, cell.rejected) == (1.0, 0.0)
     controller.release("s")
     assert controller._shadows == {}
+
+
+class SleepyModel:
+    """A backend whose every forward takes at least 5 ms."""
+
+    def __init__(self) -> None:
+        self.live: set[str] = set()
+
+    def start(self, seq_id):
+        self.live.add(seq_id)
+
+    def forward(self, seq_id, tokens):
+        time.sleep(0.005)
+
+    def truncate(self, seq_id, length):
+        pass
+
+    def release(self, seq_id):
+        self.live.discard(seq_id)
+
+
+def test_a_draft_models_cost_is_known_before_its_first_draft():
+    model, costs = SleepyModel(), CostModel()
+    assert costs.draft_per_token("static") == 0.0  # unknown: it would look free
+    costs.profile_drafter("static", model)
+    assert costs.draft_per_token("static") >= 0.005
+    assert model.live == set()  # the profiling sequence is released
