@@ -204,6 +204,20 @@ class Plan:
     nodes: list[int]  # the draft tokens (tree nodes) to verify
     expected_tokens: float
     expected_s: float
+    # Every node the cut considered, likeliest first (``nodes`` are the first
+    # ``lookahead`` of them), and the expected tokens gained with the first n of them.
+    order: list[int] = field(default_factory=list)
+    gains: list[float] = field(default_factory=lambda: [1.0])
+
+    def capped(self, width: int) -> Plan:
+        """The same plan with at most ``width`` nodes (its likeliest ones)."""
+        if self.lookahead <= width:
+            return self
+        if width == 0:
+            return Plan("none", [], 1.0, self.expected_s)
+        nodes = sorted(self.order[:width])
+        return Plan(self.speculator, nodes, self.gains[width], self.expected_s, self.order,
+                    self.gains)  # fmt: skip
 
     @property
     def lookahead(self) -> int:
@@ -285,16 +299,37 @@ class Controller:
         # so every top-n set is closed under parents.
         order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
         draft_s = self.costs.draft_per_token(name)
-        best = Plan(name, [], 1.0, self._verify_share(1, batch_size))
-        gained = 1.0
-        for n, node in enumerate(order, start=1):
-            gained += reach[node]
-            plan = Plan(
-                name, sorted(order[:n]), gained, self._verify_share(n + 1, batch_size) + draft_s * n
-            )
+        gains = [1.0]
+        for node in order:
+            gains.append(gains[-1] + reach[node])
+        best = Plan(name, [], 1.0, self._verify_share(1, batch_size), order, gains)
+        for n in range(1, len(order) + 1):
+            seconds = self._verify_share(n + 1, batch_size) + draft_s * n
+            plan = Plan(name, sorted(order[:n]), gains[n], seconds, order, gains)
             if plan.goodput > best.goodput:
                 best = plan
         return best
+
+    def _share_width(self, plans: list[Plan], batch: int) -> list[Plan]:
+        """Cap the plans of a batch at one width: its rows are padded to the widest.
+
+        Each plan was costed as if every row fed as many tokens as it does; one long
+        draft makes every row of the forward that wide. Pick the cap that maximises
+        the whole batch's expected tokens per second, and cut longer plans to it."""
+        widest = max((plan.lookahead for plan in plans), default=0)
+        idle = batch - len(plans)  # sequences in the forward that draft nothing
+        best_width, best_rate = widest, 0.0
+        for width in range(widest + 1):
+            tokens = idle + sum(plan.gains[min(plan.lookahead, width)] for plan in plans)
+            draft_s = sum(
+                self.costs.draft_per_token(plan.speculator) * min(plan.lookahead, width)
+                for plan in plans
+                if plan.speculator not in self.free_drafters
+            )
+            rate = tokens / (self.costs.verify(batch * (width + 1)) + draft_s)
+            if rate > best_rate:
+                best_width, best_rate = width, rate
+        return [plan.capped(best_width) for plan in plans]
 
     def draft(self, request: DraftRequest, batch_size: int = 1) -> tuple[str, Draft]:
         """Choose a speculator and lookahead for one sequence; return (name, its draft)."""
@@ -330,7 +365,6 @@ class Controller:
                             for c in draft.confidences
                         ]
                         plan = self._best_cut(name, probs, draft.chain_parents(), cap, batch)
-                        draft = draft.subset(plan.nodes)
                     else:
                         # A model drafter pays per token: plan from its typical acceptance.
                         typical = self._accept_prob(request.seq_id, name, name, None)
@@ -340,6 +374,15 @@ class Controller:
                     if plan.goodput > best.goodput and plan.lookahead > 0:
                         best, best_draft = plan, draft
             chosen.append((best, best_draft))
+        if batch > 1:
+            plans = self._share_width([plan for plan, _ in chosen], batch)
+            chosen = [(plan, draft) for plan, (_, draft) in zip(plans, chosen, strict=True)]
+        # A free drafter's plan keeps the nodes it chose of its draft (a model drafter's
+        # draft is made to the plan's length below).
+        chosen = [
+            (plan, draft.subset(plan.nodes) if plan.speculator in free else Draft.empty())
+            for plan, draft in chosen
+        ]
         self._run_model_drafters(requests, chosen, batch)
         return [(self._chose(plan), draft) for plan, draft in chosen]
 

@@ -196,3 +196,43 @@ def test_a_draft_models_cost_is_known_before_its_first_draft():
     costs.profile_drafter("static", model)
     assert costs.draft_per_token("static") >= 0.005
     assert model.live == set()  # the profiling sequence is released
+
+
+class PerSequenceDrafter:
+    """A free drafter with a fixed draft per sequence."""
+
+    name = "suffix"
+
+    def __init__(self, drafts: dict[str, Draft]) -> None:
+        self.drafts = drafts
+
+    def propose(self, requests):
+        return [self.drafts[r.seq_id] for r in requests]
+
+    def release(self, seq_id):
+        pass
+
+
+@pytest.mark.parametrize("per_token, cut", [(0.02, True), (0.0001, False)])
+def test_a_batch_shares_one_width_because_its_rows_are_padded(per_token, cut):
+    # Sequence a has a long confident draft, b one good token. Alone, a would verify
+    # all 8; in a batch every row is padded to a's width, so when tokens cost compute
+    # (per_token 0.02) the batch is better off with a shorter a. When verifying more
+    # tokens is nearly free (a GPU), a keeps its whole draft.
+    drafter = PerSequenceDrafter({
+        "a": Draft([7] * 8, [0.95] * 8, bucket="suffix"),
+        "b": Draft([7] * 8, [0.95] + [0.05] * 7, bucket="suffix"),
+    })  # fmt: skip
+    model = CostModel()
+    for n in (1, 2, 4, 8, 16, 32):
+        model.observe_verify(n, 0.1 + per_token * n)
+    controller = Controller([drafter], 16, model)
+    alone = controller._best_cut("suffix", [0.95] * 8, list(range(-1, 7)), 16, 2)
+    assert alone.lookahead == 8
+    requests = [DraftRequest(s, [1, 2, 3], 16, SamplingParams()) for s in ("a", "b")]
+    (_, a), (_, b) = controller.draft_many(requests)
+    assert b.tokens[:1] == [7]
+    if cut:
+        assert 1 <= len(a.tokens) < 8
+    else:
+        assert len(a.tokens) == 8
