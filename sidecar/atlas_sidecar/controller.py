@@ -21,12 +21,17 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from atlas_sidecar.backends.base import TargetBackend
 from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
 
 EWMA = 0.2  # weight of a new cost sample
-DECAY = 0.997  # per observation: old acceptance evidence fades, so drift is followed
+# Per observation: old acceptance evidence fades, so drift is followed. A cell's
+# estimate rests on about its last 1 / (1 - DECAY) observations: a workload shift
+# (one domain's long suffix matches were right, the next one's are not) turns it
+# around within a few steps of a batch, not after hundreds of rejections.
+DECAY = 0.98
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evidence
 CONFIDENCE_BINS = 10
 # A request's own acceptance history moves the global estimate as if the global one
@@ -34,12 +39,62 @@ CONFIDENCE_BINS = 10
 # request that keeps rejecting a speculator soon turns it off.
 SEQUENCE_PRIOR_TOKENS = 8.0
 
+K = TypeVar("K")
 
-class CostModel:
-    """Seconds per target forward by tokens fed, and per drafted token by speculator."""
+
+class CostCurve:
+    """Seconds of a forward by its size, from measured sizes: interpolated between them,
+    linear beyond them.
+
+    Feeding more tokens never costs less, and a busy machine only ever makes a forward
+    slower, so a size is costed at most as much as any larger measured size (one slow
+    sample of one token must not make every 1-token draft look free)."""
 
     def __init__(self) -> None:
-        self._verify: dict[int, float] = {}
+        self.points: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        _ewma(self.points, size, seconds)
+
+    def __call__(self, size: int) -> float:
+        if not self.points:
+            return 1.0  # no measurement yet: every plan is costed the same
+        sizes = sorted(self.points)
+        envelope = {}
+        lowest = math.inf
+        for known in reversed(sizes):
+            lowest = min(lowest, self.points[known])
+            envelope[known] = lowest
+        if size in envelope:
+            return envelope[size]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:
+            return envelope[sizes[0]]
+        if i == len(sizes):
+            if len(sizes) == 1:
+                return envelope[sizes[-1]]
+            lo, hi = sizes[-2], sizes[-1]
+        else:
+            lo, hi = sizes[i - 1], sizes[i]
+        slope = (envelope[hi] - envelope[lo]) / (hi - lo)
+        return max(envelope[lo] + slope * (size - lo), 1e-6)
+
+
+class CostModel:
+    """Seconds per target forward by tokens fed and rows, and per drafted token by
+    speculator.
+
+    One sequence: a curve by tokens fed, profiled at start-up and learned from every
+    one-sequence step. A batch of several costs more than one sequence fed as many
+    tokens (each row's cache is gathered, padded and attended on its own), and by an
+    amount that changes with the width: each row count gets a curve of its own, learned
+    from the batched steps run. Where it has no measurement, it follows the one-sequence
+    curve's shape from its nearest measured size; a row count never run takes the
+    batch extra of the nearest one that was, at the same width, scaled by its rows."""
+
+    def __init__(self) -> None:
+        self.single = CostCurve()
+        self.batched: dict[int, CostCurve] = {}
         self._draft_per_token: dict[str, float] = {}
 
     def profile(
@@ -57,55 +112,56 @@ class CostModel:
         for _, seconds in _time_forwards(model, (1,)):
             self.observe_draft(speculator, 1, seconds)
 
-    def observe_verify(self, tokens_fed: int, seconds: float) -> None:
-        old = self._verify.get(tokens_fed)
-        self._verify[tokens_fed] = seconds if old is None else old + EWMA * (seconds - old)
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
+        """One forward of ``rows`` sequences, ``tokens_fed`` in all (padding included)."""
+        if rows > 1:
+            self.batched.setdefault(rows, CostCurve()).observe(tokens_fed, seconds)
+        else:
+            self.single.observe(tokens_fed, seconds)
 
     def observe_draft(self, speculator: str, tokens: int, seconds: float) -> None:
-        if tokens <= 0:
-            return
-        per_token = seconds / tokens
-        old = self._draft_per_token.get(speculator)
-        self._draft_per_token[speculator] = (
-            per_token if old is None else old + EWMA * (per_token - old)
-        )
+        if tokens > 0:
+            _ewma(self._draft_per_token, speculator, seconds / tokens)
 
-    def verify(self, tokens_fed: int) -> float:
-        """Interpolated from measured sizes; linear beyond them.
+    def verify(self, tokens_fed: int, rows: int = 1) -> float:
+        """Seconds of a forward feeding ``tokens_fed`` tokens in all to ``rows`` sequences."""
+        if rows <= 1:
+            return self.single(tokens_fed)
+        if rows in self.batched:
+            return self._batched(rows, tokens_fed)
+        if not self.batched:
+            return self.single(tokens_fed)
+        near = min(self.batched, key=lambda r: (abs(r - rows), r))
+        width = tokens_fed / rows
+        near_tokens = max(round(width * near), near)
+        extra = self._batched(near, near_tokens) - self.single(near_tokens)
+        return max(self.single(tokens_fed) + extra * (rows - 1) / (near - 1), 1e-6)
 
-        Feeding more tokens never costs less, and a busy machine only ever makes a
-        forward slower, so a size is costed at most as much as any larger measured
-        size (one slow sample of one token must not make every 1-token draft look free)."""
-        if not self._verify:
-            return 1.0  # no measurement yet: every plan is costed the same
-        sizes = sorted(self._verify)
-        envelope = {}
-        lowest = math.inf
-        for size in reversed(sizes):
-            lowest = min(lowest, self._verify[size])
-            envelope[size] = lowest
-        if tokens_fed in envelope:
-            return envelope[tokens_fed]
-        i = bisect.bisect_left(sizes, tokens_fed)
-        if i == 0:
-            return envelope[sizes[0]]
-        if i == len(sizes):
-            if len(sizes) == 1:
-                return envelope[sizes[-1]]
-            lo, hi = sizes[-2], sizes[-1]
-        else:
-            lo, hi = sizes[i - 1], sizes[i]
-        slope = (envelope[hi] - envelope[lo]) / (hi - lo)
-        return max(envelope[lo] + slope * (tokens_fed - lo), 1e-6)
+    def _batched(self, rows: int, tokens_fed: int) -> float:
+        curve = self.batched[rows]
+        lo, hi = min(curve.points), max(curve.points)
+        if lo <= tokens_fed <= hi:
+            return curve(tokens_fed)
+        edge = lo if tokens_fed < lo else hi
+        return max(curve(edge) + self.single(tokens_fed) - self.single(edge), 1e-6)
 
     def draft_per_token(self, speculator: str) -> float:
         return self._draft_per_token.get(speculator, 0.0)
 
     def snapshot(self) -> dict[str, object]:
         return {
-            "verify_s": {k: round(v, 5) for k, v in sorted(self._verify.items())},
+            "verify_s": {k: round(v, 5) for k, v in sorted(self.single.points.items())},
+            "batched_verify_s": {
+                rows: {k: round(v, 5) for k, v in sorted(curve.points.items())}
+                for rows, curve in sorted(self.batched.items())
+            },
             "draft_s_per_token": {k: round(v, 6) for k, v in self._draft_per_token.items()},
         }
+
+
+def _ewma(table: dict[K, float], key: K, sample: float) -> None:
+    old = table.get(key)
+    table[key] = sample if old is None else old + EWMA * (sample - old)
 
 
 def _time_forwards(
@@ -288,7 +344,7 @@ class Controller:
         return p if memory is None else memory.blend(name, p)
 
     def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
-        return self.costs.verify(batch_size * tokens_per_seq) / batch_size
+        return self.costs.verify(batch_size * tokens_per_seq, batch_size) / batch_size
 
     def _best_cut(
         self, name: str, probs: list[float], parents: list[int], cap: int, batch_size: int
@@ -326,7 +382,7 @@ class Controller:
                 for plan in plans
                 if plan.speculator not in self.free_drafters
             )
-            rate = tokens / (self.costs.verify(batch * (width + 1)) + draft_s)
+            rate = tokens / (self.costs.verify(batch * (width + 1), batch) + draft_s)
             if rate > best_rate:
                 best_width, best_rate = width, rate
         return [plan.capped(best_width) for plan in plans]
@@ -440,9 +496,10 @@ class Controller:
         self.choices[key] = self.choices.get(key, 0) + 1
         return plan.speculator
 
-    def observe_verify(self, tokens_fed: int, seconds: float) -> None:
-        """One target forward over ``tokens_fed`` tokens (all sequences of the batch)."""
-        self.costs.observe_verify(tokens_fed, seconds)
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
+        """One target forward over ``tokens_fed`` tokens (all ``rows`` sequences of the
+        batch, padding included)."""
+        self.costs.observe_verify(tokens_fed, seconds, rows)
 
     def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
@@ -535,7 +592,7 @@ class FixedPolicy:
     def observe(self, *args: object) -> None:
         pass
 
-    def observe_verify(self, tokens_fed: int, seconds: float) -> None:
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
         pass
 
     def release(self, seq_id: str) -> None:

@@ -303,7 +303,9 @@ class Engine:
                 self.target.truncate(seq.seq_id, prefix + 1 + len(path))
             outcomes.append((path, bonus))
         t2 = time.perf_counter()
-        self.policy.observe_verify(sum(len(item.tokens) for item in items), t2 - t1)
+        # A batched forward pads every row to the widest: that is the size it cost.
+        width = max(len(item.tokens) for item in items)
+        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
         share = len(seqs)
         added_all: list[list[int]] = []
         for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True):

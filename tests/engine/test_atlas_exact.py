@@ -16,7 +16,7 @@ class FixedCosts(CostModel):
     The controller's choices then depend on acceptance alone, not on how busy the
     test machine happens to be (a loaded machine can make every draft look unprofitable)."""
 
-    def verify(self, tokens_fed: int) -> float:
+    def verify(self, tokens_fed: int, rows: int = 1) -> float:
         return 1.0 + 0.01 * tokens_fed
 
     def draft_per_token(self, speculator: str) -> float:

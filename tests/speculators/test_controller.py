@@ -7,6 +7,7 @@ import time
 import pytest
 
 from atlas_sidecar.controller import (
+    DECAY,
     AcceptanceStats,
     Controller,
     CostModel,
@@ -64,6 +65,35 @@ def test_a_slow_sample_of_a_small_size_does_not_make_bigger_ones_look_cheaper():
     assert model.verify(1) == pytest.approx(0.1)  # never more than feeding 2 tokens
     assert model.verify(3) == pytest.approx(0.11)
     assert model.verify(6) == pytest.approx(0.16)
+
+
+def test_a_batch_is_costed_from_its_own_measured_steps():
+    model = costs(0.01)  # one sequence: 0.1 s + 0.01 s per extra token
+    assert model.verify(16, rows=8) == pytest.approx(model.verify(16))  # nothing batched yet
+    model.observe_verify(8, 0.3, rows=8)  # 8 rows of 1 token
+    model.observe_verify(32, 0.5, rows=8)  # 8 rows of 4 tokens
+    assert model.verify(8) == pytest.approx(0.17)  # one sequence is unchanged
+    assert model.verify(16, rows=8) == pytest.approx(0.3 + 0.2 / 3)  # between measured widths
+    # Beyond them: the one-sequence curve's shape from the nearest measured size.
+    assert model.verify(48, rows=8) == pytest.approx(0.5 + 0.16)
+    # A row count never run: the batch extra of the nearest one at the same width,
+    # scaled by rows (8 rows of 4 tokens cost 0.5 - 0.41 more than 32 tokens of one).
+    assert model.verify(16, rows=4) == pytest.approx(0.25 + 0.09 * 3 / 7)
+
+
+def test_a_batchs_fixed_extra_cost_makes_a_wider_draft_relatively_cheaper():
+    def plans(model: CostModel) -> set[str]:
+        controller = Controller([ScriptedDrafter([7] * 8, [0.3] * 8)], 16, model)
+        batch = [DraftRequest(f"s{i}", [1, 2, 3], 16, SamplingParams()) for i in range(8)]
+        return {name for name, _ in controller.draft_many(batch)}
+
+    # One sequence of 16 tokens costs 1.47x one of 8: a 0.35-likely token does not pay.
+    assert plans(costs(0.01)) == {"none"}
+    # Eight rows cost 0.2 s more than one row of as many tokens, whatever their width:
+    # 16 tokens over 8 rows now cost 1.22x 8 tokens, and the same draft pays.
+    batched = costs(0.01)
+    batched.observe_verify(8, 0.37, rows=8)
+    assert plans(batched) == {"suffix"}
 
 
 def test_confident_draft_is_taken_in_full_when_verification_is_cheap():
@@ -157,7 +187,8 @@ def test_a_free_drafter_learns_from_nodes_the_plan_cut():
     assert 0 < len(draft.tokens) < 8
     controller.draft(request(context=[1, 2, 3] + [7] * 9))
     cell = controller.acceptance._cells[("suffix", 6)]
-    assert cell.accepted == pytest.approx(8.0, abs=0.1) and cell.rejected == 0.0  # (decay)
+    assert cell.accepted == pytest.approx(sum(DECAY**k for k in range(8)))  # 8, faded
+    assert cell.rejected == 0.0
 
 
 def test_a_shadow_is_scored_only_as_far_as_the_target_has_gone():

@@ -34,6 +34,7 @@ class StaticSpeculator:
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
         self._cached_tokens: dict[str, list[int]] = {}
+        self._typical_cost: float | None = None  # recent seconds per drafted token
 
     @torch.inference_mode()
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
@@ -60,7 +61,13 @@ class StaticSpeculator:
                 shares.append((time.perf_counter() - started) / len(items))
                 for r in live:
                     self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
-        cost = sum(shares) / len(shares) if shares else None
+        if shares:
+            measured = sum(shares) / len(shares)
+            old = self._typical_cost
+            self._typical_cost = measured if old is None else old + 0.2 * (measured - old)
+        # A call that only caught its caches up (one drafted token each) measured no
+        # steady step: it reports the recent cost, not the catch-up's.
+        cost = sum(shares) / len(shares) if shares else self._typical_cost
         return [
             drafts[r.seq_id].done(cost) if r.seq_id in drafts else Draft.empty() for r in requests
         ]
@@ -69,8 +76,10 @@ class StaticSpeculator:
         """Bring each draft cache up to its context; return the logits after its last token.
 
         In steady state this feeds the last step's accepted tokens, at about the cost of
-        one decode step, and counts as one in ``shares``; a longer catch-up (the whole
-        prompt at first) is paid once per sequence, not per drafted token, so it is not."""
+        one decode step, and counts as one in ``shares``. A longer catch-up (the whole
+        prompt at first, or the tokens since this sequence last drafted here) is paid
+        once, not per drafted token, so it is not; and it runs on its own, so that the
+        other sequences are not padded to its length."""
         items = []
         for request in requests:
             seq_id, context = request.seq_id, request.context
@@ -83,13 +92,17 @@ class StaticSpeculator:
             self.runner.truncate(seq_id, keep)
             self._cached_tokens[seq_id] = list(context)
             items.append(ForwardItem(seq_id, context[keep:]))
-        if not items:
-            return []
-        started = time.perf_counter()
-        logits = [out[-1] for out in self.runner.forward_many(items)]
-        if max(len(item.tokens) for item in items) <= STEADY_SYNC_TOKENS:
-            shares.append((time.perf_counter() - started) / len(items))
-        return logits
+        logits: dict[str, torch.Tensor] = {}
+        steady = [item for item in items if len(item.tokens) <= STEADY_SYNC_TOKENS]
+        for item in items:
+            if len(item.tokens) > STEADY_SYNC_TOKENS:
+                logits[item.seq_id] = self.runner.forward(item.seq_id, item.tokens)[-1]
+        if steady:
+            started = time.perf_counter()
+            for item, out in zip(steady, self.runner.forward_many(steady), strict=True):
+                logits[item.seq_id] = out[-1]
+            shares.append((time.perf_counter() - started) / len(steady))
+        return [logits[item.seq_id] for item in items]
 
     def release(self, seq_id: str) -> None:
         self._cached_tokens.pop(seq_id, None)
