@@ -38,6 +38,10 @@ CONFIDENCE_BINS = 10
 # were this many draft tokens of evidence: one early rejection moves it a little, a
 # request that keeps rejecting a speculator soon turns it off.
 SEQUENCE_PRIOR_TOKENS = 8.0
+# _GainCalibration: how many expected draft tokens its prior (gained == expected) is
+# worth, and the most it may raise an estimate that plans keep beating.
+GAIN_PRIOR_TOKENS = 4.0
+MAX_GAIN_SCALE = 1.5
 
 K = TypeVar("K")
 
@@ -255,6 +259,30 @@ class _SequenceMemory:
 
 
 @dataclass
+class _GainCalibration:
+    """Draft tokens a speculator's chosen plans gained, against what they were expected
+    to gain: the plan-level check on the per-token estimates.
+
+    Per-token calibration misses what only shows in whole plans: acceptances along a
+    draft are not independent, and plans are chosen because their estimate is high (the
+    winner's curse). The ratio scales every later plan's expected gain, so a speculator
+    whose plans keep falling short is offered less, and soon not at all where a step's
+    extra tokens are dear (a large batch)."""
+
+    gained: float = 0.0
+    expected: float = 0.0
+
+    def observe(self, gained: int, expected: float) -> None:
+        self.gained = DECAY * self.gained + gained
+        self.expected = DECAY * self.expected + expected
+
+    @property
+    def scale(self) -> float:
+        prior = GAIN_PRIOR_TOKENS
+        return min((self.gained + prior) / (self.expected + prior), MAX_GAIN_SCALE)
+
+
+@dataclass
 class Plan:
     speculator: str  # "none" or a speculator's name
     nodes: list[int]  # the draft tokens (tree nodes) to verify
@@ -329,6 +357,9 @@ class Controller:
         # what the target then produced, whether or not it was chosen (_score_shadows).
         self._shadows: dict[str, dict[str, tuple[int, Draft]]] = {}
         self.choices: dict[str, int] = {}
+        self._gain = {name: _GainCalibration() for name in self.speculators}
+        # Per sequence: the speculator of its last plan and the draft tokens it expected.
+        self._expected: dict[str, tuple[str, float]] = {}
 
     @property
     def name(self) -> str:
@@ -355,9 +386,10 @@ class Controller:
         # so every top-n set is closed under parents.
         order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
         draft_s = self.costs.draft_per_token(name)
+        scale = self._gain[name].scale if name in self._gain else 1.0
         gains = [1.0]
         for node in order:
-            gains.append(gains[-1] + reach[node])
+            gains.append(gains[-1] + min(reach[node] * scale, 1.0))
         best = Plan(name, [], 1.0, self._verify_share(1, batch_size), order, gains)
         for n in range(1, len(order) + 1):
             seconds = self._verify_share(n + 1, batch_size) + draft_s * n
@@ -440,6 +472,10 @@ class Controller:
             for plan, draft in chosen
         ]
         self._run_model_drafters(requests, chosen, batch)
+        for request, (plan, draft) in zip(requests, chosen, strict=True):
+            drafted = min(len(draft.tokens), len(plan.gains) - 1)
+            if drafted:
+                self._expected[request.seq_id] = (plan.speculator, plan.gains[drafted] - 1.0)
         return [(self._chose(plan), draft) for plan, draft in chosen]
 
     def _run_model_drafters(
@@ -503,6 +539,9 @@ class Controller:
 
     def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
+        expected = self._expected.pop(seq_id, None)
+        if expected is not None and expected[0] == name and draft.tokens:
+            self._gain[name].observe(len(path), expected[1])
         if name == "none" or not draft.tokens or name in self.free_drafters:
             return  # free drafters learn from their whole draft instead (_score_shadows)
         # Every other child of the root and of the accepted nodes met the target and lost.
@@ -556,6 +595,7 @@ class Controller:
 
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)
+        self._expected.pop(seq_id, None)
         self._shadows.pop(seq_id, None)
         for speculator in self.speculators.values():
             speculator.release(seq_id)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from atlas_sidecar.backends.int8 import Int8Linear, int8_supported, quantize_int8
+from atlas_sidecar.backends.int8 import INT8_MAX_ROWS, Int8Linear, int8_supported, quantize_int8
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine import Engine
 from atlas_sidecar.sampling import SamplingParams
@@ -21,15 +21,18 @@ from .conftest import AGREEING_LAYERS, SMOL
 def test_int8_linear_is_close_to_the_linear_it_replaces(dtype, bias):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48, bias=bias).to(dtype)
-    x = torch.randn(2, 5, 64, dtype=dtype)
+    x = torch.randn(2, INT8_MAX_ROWS // 2, 64, dtype=dtype)  # few rows: the int8 kernel
     expected = linear(x).float()
     got = Int8Linear(linear)(x)
-    assert got.shape == (2, 5, 48) and got.dtype == dtype
+    assert got.shape == (2, INT8_MAX_ROWS // 2, 48) and got.dtype == dtype
     error = (got.float() - expected).norm() / expected.norm()
-    assert error < (0.02 if dtype == torch.float32 else 0.04)
+    assert 0 < error < (0.02 if dtype == torch.float32 else 0.04)
     # A negative control: a different layer's weights are far off.
     other = Int8Linear(nn.Linear(64, 48, bias=bias).to(dtype))(x).float()
     assert (other - expected).norm() / expected.norm() > 0.5
+    # Many rows (a prefill): the native weights, where they are the faster.
+    many = torch.randn(3, INT8_MAX_ROWS, 64, dtype=dtype)
+    assert torch.equal(Int8Linear(linear)(many), linear(many))
 
 
 def test_quantize_replaces_every_linear_and_keeps_embeddings():
