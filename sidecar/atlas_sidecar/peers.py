@@ -166,7 +166,8 @@ def _clean_generation_configs(models: list[Any]) -> Iterator[None]:
 def _record_calls(model: torch.nn.Module, calls: list[_TargetCall]) -> Iterator[None]:
     def before(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
+        # transformers >= 5.24 passes the cache as ``cache`` (``past_key_values`` before).
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
         cached = int(cache.get_seq_length()) if cache is not None else 0
         fed = int(ids.shape[1]) if ids is not None else 0
         calls.append(_TargetCall(cached, fed, time.perf_counter()))
