@@ -474,8 +474,9 @@ class Controller:
         self._run_model_drafters(requests, chosen, batch)
         for request, (plan, draft) in zip(requests, chosen, strict=True):
             drafted = min(len(draft.tokens), len(plan.gains) - 1)
-            if drafted:
-                self._expected[request.seq_id] = (plan.speculator, plan.gains[drafted] - 1.0)
+            if drafted:  # what the estimates expected before this calibration scaled them
+                expected = (plan.gains[drafted] - 1.0) / self._gain[plan.speculator].scale
+                self._expected[request.seq_id] = (plan.speculator, expected)
         return [(self._chose(plan), draft) for plan, draft in chosen]
 
     def _run_model_drafters(

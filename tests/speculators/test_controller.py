@@ -8,6 +8,7 @@ import pytest
 
 from atlas_sidecar.controller import (
     DECAY,
+    GAIN_PRIOR_TOKENS,
     AcceptanceStats,
     Controller,
     CostModel,
@@ -94,6 +95,22 @@ def test_a_batchs_fixed_extra_cost_makes_a_wider_draft_relatively_cheaper():
     batched = costs(0.01)
     batched.observe_verify(8, 0.37, rows=8)
     assert plans(batched) == {"suffix"}
+
+
+def test_plans_that_keep_gaining_less_than_expected_are_discounted_to_what_they_gain():
+    controller = Controller([ScriptedDrafter([7] * 8, [0.9] * 8)], 16, costs(0.001))
+    name, draft = controller.draft(request())
+    assert name == "suffix" and len(draft.tokens) == 8
+    expected = controller._expected["s"][1]  # about 5 of the 8 tokens, say the estimates
+    for _ in range(300):
+        controller.observe("s", name, draft, path=[0])  # the target takes one every time
+        name, draft = controller.draft(request())
+    # The scale settles at gained / expected, with its prior (it does not chase its own
+    # correction: what is expected is recorded before scaling).
+    n = sum(DECAY**k for k in range(300))
+    settled = (n + GAIN_PRIOR_TOKENS) / (n * expected + GAIN_PRIOR_TOKENS)
+    assert controller._gain["suffix"].scale == pytest.approx(settled)
+    assert controller._expected["s"][1] == pytest.approx(expected)
 
 
 def test_confident_draft_is_taken_in_full_when_verification_is_cheap():

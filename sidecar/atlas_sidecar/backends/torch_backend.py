@@ -5,6 +5,7 @@ Also runs draft models (the static speculator), which need exactly the same oper
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -228,8 +229,8 @@ class CausalLMRunner:
             input_ids=ids,
             position_ids=positions,
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **{_cache_argument(decoder): cache},
         )
         hidden = out.last_hidden_state
         return self.model.get_output_embeddings()(hidden), hidden
@@ -277,6 +278,13 @@ class CausalLMRunner:
     @property
     def live_sequences(self) -> int:
         return len(self._caches)
+
+
+def _cache_argument(decoder: Any) -> str:
+    """The decoder's name for its KV cache: ``cache`` from transformers 5.24 on
+    (``past_key_values``, deprecated there, is removed in 5.40)."""
+    parameters = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _layers(cache: DynamicCache) -> list[Any]:
