@@ -152,11 +152,12 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     summary = report(config, prompts, runs)
     summary["unavailable"] = unavailable
     if config.streams > 0:
-        summary["streams"] = concurrent(config, target, draft, encoded, log)
+        summary["streams"] = concurrent(config, target, draft, prompts, encoded, log)
     if "target_only" in runs:
+        reference = [r.token_ids for r in runs["target_only"].results]
         for mode, mode_run in runs.items():
             summary["modes"][mode]["divergences"] = divergences(
-                target, encoded, prompts, runs["target_only"].results, mode_run.results
+                target, encoded, prompts, reference, [r.token_ids for r in mode_run.results]
             )
     return summary
 
@@ -165,30 +166,39 @@ def concurrent(
     config: BenchConfig,
     target: CausalLMRunner,
     draft: CausalLMRunner | None,
+    prompts: list[workloads.Prompt],
     encoded: list[list[int]],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """Our modes on the same prompts, ``config.streams`` sequences per target forward.
 
     Fresh engines: the ones of the request stream have already learned these prompts'
-    outputs. Peers decode one request at a time, so they are not in this table."""
+    outputs. Peers decode one request at a time, so they are not in this table. An
+    output that differs from target_only's at the same number of streams is checked
+    like the one-stream ones (``divergences``)."""
     ours = [m for m in config.modes if m not in peers.PEERS]
     if "target_only" not in ours:
         ours.insert(0, "target_only")  # the reference at the same number of streams
     engines = {m: our_modes.build_engine(m, target, draft, config.lookahead) for m in ours}
     try:
-        return run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
+        result = run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
     finally:
         for engine in engines.values():
             our_modes.close_engine(engine)
+    outputs = result.pop("outputs")
+    for mode, entry in result["modes"].items():
+        entry["divergences"] = divergences(
+            target, encoded, prompts, outputs["target_only"], outputs[mode]
+        )
+    return result
 
 
 def divergences(
     target: CausalLMRunner,
     encoded: list[list[int]],
     prompts: list[workloads.Prompt],
-    reference: list[GenerationResult],
-    results: list[GenerationResult],
+    reference: list[list[int]],
+    results: list[list[int]],
 ) -> list[dict[str, Any]]:
     """Where a mode's greedy output first left target_only's, and the target's top-2 gap there.
 
@@ -197,16 +207,13 @@ def divergences(
     """
     found = []
     for ids, prompt, ref, got in zip(encoded, prompts, reference, results, strict=True):
-        if got.token_ids == ref.token_ids:
+        if got == ref:
             continue
-        pairs = zip(ref.token_ids, got.token_ids, strict=False)
-        position = next(
-            (i for i, (a, b) in enumerate(pairs) if a != b),
-            min(len(ref.token_ids), len(got.token_ids)),
-        )
+        pairs = zip(ref, got, strict=False)
+        position = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(got)))
         target.start("__divergence__")
         try:
-            logits = target.forward("__divergence__", ids + ref.token_ids[:position])[-1]
+            logits = target.forward("__divergence__", ids + ref[:position])[-1]
         finally:
             target.release("__divergence__")
         top2 = logits.topk(2).values.tolist()
@@ -463,6 +470,7 @@ def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> 
         except ImportError as exc:
             print(f"no plot: matplotlib is missing ({exc}); pip install '.[bench]'")
     # Divergences are a failure unless every one is at a near-tie (bf16 rounding).
-    found = [d for m in result["modes"].values() for d in m.get("divergences", [])]
+    tables = [result["modes"], result.get("streams", {}).get("modes", {})]
+    found = [d for modes in tables for m in modes.values() for d in m.get("divergences", [])]
     bad = [d for d in found if not d["near_tie"]]
     return 1 if bad else 0

@@ -70,6 +70,10 @@ def run_streams(
                 run.engine.release(seq)
     base = runs.get("target_only")
     out: dict[str, Any] = {"streams": streams, "prompts": len(prompts), "modes": {}}
+    # Every mode's outputs in prompt order, for a caller to check (not for the JSON).
+    out["outputs"] = {
+        mode: [run.outputs[i] for i in range(len(prompts))] for mode, run in runs.items()
+    }
     for mode, run in runs.items():
         rate = run.tokens / run.seconds if run.seconds else 0.0
         base_rate = base.tokens / base.seconds if base and base.seconds else None
@@ -120,4 +124,8 @@ def format_streams(result: dict[str, Any]) -> str:
             f"forwards {m['target_forwards']:4d}  speculated {m['speculated_share']:.0%}  "
             f"outputs as target_only {match}"
         )
+        for d in m.get("divergences", []):
+            tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
+            lines.append(f"    {d['prompt']} diverges at token {d['position']}, "
+                         f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
     return "\n".join(lines)

@@ -124,8 +124,10 @@ def test_bench_streams_decodes_n_at_a_time_with_fresh_engines(tmp_path, capsys):
     # target_only is added as the reference; peers decode one at a time, so they are absent.
     assert set(streams["modes"]) == {"target_only", "suffix"}
     assert streams["modes"]["target_only"]["speedup"] == 1.0
+    assert "outputs" not in streams  # token lists are checked, not written out
     for mode in streams["modes"].values():
         assert mode["outputs_match"] is True
+        assert mode["outputs_matching"] == 4 and mode["divergences"] == []
         assert mode["tokens_per_s"] > 0
         assert 2 <= mode["target_forwards"] <= 2 * 8  # two batches of two, <= 8 steps each
     forwards = {m: v["target_forwards"] for m, v in streams["modes"].items()}
