@@ -375,10 +375,7 @@ def format_table(result: dict[str, Any]) -> str:
              else "yes" if m["outputs_match"] else f"{m['match_rate']:.0%}"]
             + [_fmt(p["speedup"]) for p in m["phases"]]
         )  # fmt: skip
-        for d in m.get("divergences", []):
-            tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
-            notes.append(f"{mode}: {d['prompt']} diverges at token {d['position']}, "
-                         f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
+        notes += [f"{mode}: {divergence_line(d)}" for d in m.get("divergences", [])]
         if m["recovery"]:
             shifts = ", ".join(f"{r['to']} {_fmt_recovery(r)}" for r in m["recovery"])
             recoveries.append(f"  {mode}: {shifts}")
@@ -395,6 +392,12 @@ def format_table(result: dict[str, Any]) -> str:
         vs = "" if ratio is None else f"; atlas vs best peer: {ratio:.2f}x tok/s"
         table.append(f"best peer: {result['best_peer']}{vs}")
     return "\n".join(table + notes + lines)
+
+
+def divergence_line(d: dict[str, Any]) -> str:
+    tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
+    return (f"{d['prompt']} diverges at token {d['position']}, "
+            f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
 
 
 def _fmt_recovery(shift: dict[str, Any]) -> str:
@@ -459,6 +462,9 @@ def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> 
     print(format_table(result))
     if "streams" in result:
         print(format_streams(result["streams"]))
+        for mode, m in result["streams"]["modes"].items():
+            for d in m["divergences"]:
+                print(f"  {mode} at {result['streams']['streams']} streams: {divergence_line(d)}")
     if out:
         write_json(result, out)
         print(f"wrote {out}")

@@ -56,19 +56,23 @@ class CostCurve:
 
     def __init__(self) -> None:
         self.points: dict[int, float] = {}
+        # Measured sizes, ascending, and their envelope: rebuilt after an observation
+        # (once a step), read by every plan of the step.
+        self.sizes: list[int] = []
+        self._envelope: dict[int, float] = {}
 
     def observe(self, size: int, seconds: float) -> None:
         _ewma(self.points, size, seconds)
+        self.sizes = sorted(self.points)
+        lowest = math.inf
+        for known in reversed(self.sizes):
+            lowest = min(lowest, self.points[known])
+            self._envelope[known] = lowest
 
     def __call__(self, size: int) -> float:
         if not self.points:
             return 1.0  # no measurement yet: every plan is costed the same
-        sizes = sorted(self.points)
-        envelope = {}
-        lowest = math.inf
-        for known in reversed(sizes):
-            lowest = min(lowest, self.points[known])
-            envelope[known] = lowest
+        sizes, envelope = self.sizes, self._envelope
         if size in envelope:
             return envelope[size]
         i = bisect.bisect_left(sizes, size)
@@ -143,7 +147,7 @@ class CostModel:
 
     def _batched(self, rows: int, tokens_fed: int) -> float:
         curve = self.batched[rows]
-        lo, hi = min(curve.points), max(curve.points)
+        lo, hi = curve.sizes[0], curve.sizes[-1]
         if lo <= tokens_fed <= hi:
             return curve(tokens_fed)
         edge = lo if tokens_fed < lo else hi
@@ -386,7 +390,7 @@ class Controller:
         # so every top-n set is closed under parents.
         order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
         draft_s = self.costs.draft_per_token(name)
-        scale = self._gain[name].scale if name in self._gain else 1.0
+        scale = self._gain[name].scale
         gains = [1.0]
         for node in order:
             gains.append(gains[-1] + min(reach[node] * scale, 1.0))

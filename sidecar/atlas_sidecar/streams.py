@@ -124,8 +124,4 @@ def format_streams(result: dict[str, Any]) -> str:
             f"forwards {m['target_forwards']:4d}  speculated {m['speculated_share']:.0%}  "
             f"outputs as target_only {match}"
         )
-        for d in m.get("divergences", []):
-            tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
-            lines.append(f"    {d['prompt']} diverges at token {d['position']}, "
-                         f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
     return "\n".join(lines)

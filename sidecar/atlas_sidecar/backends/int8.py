@@ -46,10 +46,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).to(self.dtype)
         if flat.shape[0] > INT8_MAX_ROWS:
-            return nn.functional.linear(x.to(self.dtype), self.weight, self.bias)
-        out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
+            out = nn.functional.linear(flat, self.weight, self.bias)
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+            if self.bias is not None:
+                out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
 

@@ -100,6 +100,7 @@ class CausalLMRunner:
         self.record_hidden = record_hidden
         self._caches: dict[str, DynamicCache] = {}
         self._hidden: dict[str, torch.Tensor] = {}
+        self._cache_argument = _cache_argument(model.get_decoder())
 
     @classmethod
     def load(
@@ -230,7 +231,7 @@ class CausalLMRunner:
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
-            **{_cache_argument(decoder): cache},
+            **{self._cache_argument: cache},
         )
         hidden = out.last_hidden_state
         return self.model.get_output_embeddings()(hidden), hidden

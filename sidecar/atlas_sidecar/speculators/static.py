@@ -61,13 +61,13 @@ class StaticSpeculator:
                 shares.append((time.perf_counter() - started) / len(items))
                 for r in live:
                     self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
-        if shares:
-            measured = sum(shares) / len(shares)
-            old = self._typical_cost
-            self._typical_cost = measured if old is None else old + 0.2 * (measured - old)
         # A call that only caught its caches up (one drafted token each) measured no
         # steady step: it reports the recent cost, not the catch-up's.
-        cost = sum(shares) / len(shares) if shares else self._typical_cost
+        cost = self._typical_cost
+        if shares:
+            cost = sum(shares) / len(shares)
+            old = self._typical_cost
+            self._typical_cost = cost if old is None else old + 0.2 * (cost - old)
         return [
             drafts[r.seq_id].done(cost) if r.seq_id in drafts else Draft.empty() for r in requests
         ]
