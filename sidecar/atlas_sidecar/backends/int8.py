@@ -27,6 +27,8 @@ INT8_MAX_ROWS = 4  # tokens in one forward up to which the int8 kernel is the fa
 class Int8Linear(nn.Module):
     """``nn.Linear`` with int8 weights and a per-output-channel scale."""
 
+    qweight: torch.Tensor
+    scale: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None
 

@@ -6,6 +6,7 @@ Also runs draft models (the static speculator), which need exactly the same oper
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,6 +18,8 @@ from atlas_sidecar.backends.base import ForwardItem
 from atlas_sidecar.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
 
 DEFAULT_MAX_SEQUENCES = 256
+# An LM head: final hidden states [..., hidden] -> logits [..., vocab].
+Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -137,38 +140,55 @@ class CausalLMRunner:
         if self.record_hidden:
             self._hidden[seq_id] = torch.empty(0, self.hidden_size, dtype=self.dtype)
 
-    def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor:
+    def forward(
+        self, seq_id: str, tokens: list[int], head: Head | None = None, last_only: bool = False
+    ) -> torch.Tensor:
         """Append ``tokens`` to the sequence's cache; return their logits [len, V] in fp32."""
-        return self.forward_many([ForwardItem(seq_id, tokens)])[0]
+        return self.forward_many([ForwardItem(seq_id, tokens)], head, last_only)[0]
 
     @torch.inference_mode()
-    def forward_many(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+    def forward_many(
+        self, items: list[ForwardItem], head: Head | None = None, last_only: bool = False
+    ) -> list[torch.Tensor]:
         """Append each item's tokens to its sequence's cache in one batched forward.
 
         Returns each item's logits [len(tokens), V] in fp32 (row i predicts the token
-        after tokens[i]). A tree item's cache then holds every node: ``keep`` chooses
-        the accepted path.
+        after tokens[i]); with ``last_only``, [1, V] after its last token (a drafter's
+        catch-up need not pay the LM head for every token it feeds). ``head`` replaces
+        the model's LM head (a draft vocabulary). A tree item's cache then holds every
+        node: ``keep`` chooses the accepted path.
         """
+        head = head or self.model.get_output_embeddings()
         if not items:
             return []
         if any(not item.tokens for item in items):
             raise ValueError("every item needs at least one token")
         if len({item.seq_id for item in items}) != len(items):
             raise ValueError("a sequence may appear once per forward")
-        if len(items) == 1 and items[0].parents is None:
-            item = items[0]  # the common single-chain case: the cache as it is
+        if len(items) == 1:
+            item = items[0]  # one sequence, chain or tree: its cache as it is, no padding
             cache = self._caches[item.seq_id]
             ids = torch.tensor([item.tokens], dtype=torch.long, device=self.device)
-            logits, hidden = self._run(ids, cache, None, None)
-            self._append_hidden(item.seq_id, hidden[0])
-            return [logits[0].float()]
-        return self._forward_padded(items)
+            positions = mask = None
+            if item.parents is not None:
+                _check_full_attention([cache])
+                past, n = cache.get_seq_length(), len(item.tokens)
+                if len(item.parents) != n:
+                    raise ValueError(f"{item.seq_id}: {n} tokens but {len(item.parents)} parents")
+                positions = (past + torch.tensor([tree_depths(item.parents)])).to(self.device)
+                mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
+                mask[0, 0, :, past:] = tree_ancestry(item.parents)
+                mask = mask.to(self.device)
+            hidden = self._run(ids, cache, positions, mask)[0]
+            self._append_hidden(item.seq_id, hidden)
+            return [head(hidden[-1:] if last_only else hidden).float()]
+        return self._forward_padded(items, head, last_only)
 
-    def _forward_padded(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+    def _forward_padded(
+        self, items: list[ForwardItem], head: Head, last_only: bool
+    ) -> list[torch.Tensor]:
         caches = [self._caches[item.seq_id] for item in items]
-        for cache in caches:
-            if any(type(layer) is not DynamicLayer for layer in cache.layers):
-                raise NotImplementedError("batched and tree forwards need full-attention layers")
+        _check_full_attention(caches)
         past = [cache.get_seq_length() for cache in caches]
         widths = [len(item.tokens) for item in items]
         pad_past, width = max(past), max(widths)
@@ -203,10 +223,9 @@ class CausalLMRunner:
                     for i in (0, 1)
                 ))  # fmt: skip
         batch_cache = DynamicCache(ddp_cache_data=layers) if pad_past else DynamicCache()
-        logits, hidden = self._run(
+        hidden = self._run(
             ids.to(self.device), batch_cache, positions.to(self.device), mask.to(self.device)
         )
-        out = []
         for r, (item, cache) in enumerate(zip(items, caches, strict=True)):
             n = widths[r]
             for layer_idx, layer in enumerate(_layers(batch_cache)):
@@ -214,8 +233,12 @@ class CausalLMRunner:
                 new_v = layer.values[r : r + 1, :, pad_past : pad_past + n]
                 _layers(cache)[layer_idx].update(new_k, new_v)
             self._append_hidden(item.seq_id, hidden[r, :n])
-            out.append(logits[r, :n].float())
-        return out
+        if last_only:
+            last = torch.tensor(widths, device=hidden.device) - 1
+            logits = head(hidden[torch.arange(rows, device=hidden.device), last]).float()
+            return [logits[r : r + 1] for r in range(rows)]
+        logits = head(hidden).float()
+        return [logits[r, :n] for r, n in enumerate(widths)]
 
     def _run(
         self,
@@ -223,8 +246,8 @@ class CausalLMRunner:
         cache: DynamicCache,
         positions: torch.Tensor | None,
         mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward through the decoder and the LM head: (logits, final hidden states)."""
+    ) -> torch.Tensor:
+        """One forward through the decoder: the final hidden states [rows, width, hidden]."""
         decoder = self.model.get_decoder()
         out = decoder(
             input_ids=ids,
@@ -233,8 +256,8 @@ class CausalLMRunner:
             use_cache=True,
             **{self._cache_argument: cache},
         )
-        hidden = out.last_hidden_state
-        return self.model.get_output_embeddings()(hidden), hidden
+        hidden: torch.Tensor = out.last_hidden_state
+        return hidden
 
     def _append_hidden(self, seq_id: str, hidden: torch.Tensor) -> None:
         if self.record_hidden:
@@ -286,6 +309,12 @@ def _cache_argument(decoder: Any) -> str:
     (``past_key_values``, deprecated there, is removed in 5.40)."""
     parameters = inspect.signature(decoder.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _check_full_attention(caches: list[DynamicCache]) -> None:
+    for cache in caches:
+        if any(type(layer) is not DynamicLayer for layer in cache.layers):
+            raise NotImplementedError("batched and tree forwards need full-attention layers")
 
 
 def _layers(cache: DynamicCache) -> list[Any]:

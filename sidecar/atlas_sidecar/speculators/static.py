@@ -13,6 +13,7 @@ import torch
 
 from atlas_sidecar.backends.base import ForwardItem
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.backends.vocab import DraftVocabulary
 from atlas_sidecar.sampling import probs_from_logits
 from atlas_sidecar.speculators.base import Draft, DraftRequest
 
@@ -31,8 +32,14 @@ STEADY_SYNC_TOKENS = 17  # a step's accepted tokens (lookahead 16) plus the targ
 class StaticSpeculator:
     name = "static"
 
-    def __init__(self, runner: CausalLMRunner) -> None:
+    def __init__(self, runner: CausalLMRunner, vocabulary: bool = True) -> None:
         self.runner = runner
+        # Its own draft vocabulary (``vocab.py``), learned from the contexts it is given.
+        self.vocabulary = (
+            DraftVocabulary(runner.model.get_output_embeddings(), runner.vocab_size,
+                            runner.eos_token_ids)
+            if vocabulary else None
+        )  # fmt: skip
         self._cached_tokens: dict[str, list[int]] = {}
         self._typical_cost: float | None = None  # recent seconds per drafted token
 
@@ -57,7 +64,7 @@ class StaticSpeculator:
             if live:
                 items = [ForwardItem(r.seq_id, [drafts[r.seq_id].tokens[-1]]) for r in live]
                 started = time.perf_counter()
-                logits = [out[-1] for out in self.runner.forward_many(items)]
+                logits = [out[-1] for out in self._forward(items)]
                 shares.append((time.perf_counter() - started) / len(items))
                 for r in live:
                     self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
@@ -92,17 +99,24 @@ class StaticSpeculator:
             self.runner.truncate(seq_id, keep)
             self._cached_tokens[seq_id] = list(context)
             items.append(ForwardItem(seq_id, context[keep:]))
+        if self.vocabulary is not None:
+            for item in items:
+                self.vocabulary.learn(item.tokens)
         logits: dict[str, torch.Tensor] = {}
         steady = [item for item in items if len(item.tokens) <= STEADY_SYNC_TOKENS]
         for item in items:
             if len(item.tokens) > STEADY_SYNC_TOKENS:
-                logits[item.seq_id] = self.runner.forward(item.seq_id, item.tokens)[-1]
+                logits[item.seq_id] = self._forward([item])[0][-1]
         if steady:
             started = time.perf_counter()
-            for item, out in zip(steady, self.runner.forward_many(steady), strict=True):
+            for item, out in zip(steady, self._forward(steady), strict=True):
                 logits[item.seq_id] = out[-1]
             shares.append((time.perf_counter() - started) / len(steady))
         return [logits[item.seq_id] for item in items]
+
+    def _forward(self, items: list[ForwardItem]) -> list[torch.Tensor]:
+        """Each item's logits after its last token only (all a drafter reads)."""
+        return self.runner.forward_many(items, self.vocabulary, last_only=True)
 
     def release(self, seq_id: str) -> None:
         self._cached_tokens.pop(seq_id, None)
