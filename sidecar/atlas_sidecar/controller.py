@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from atlas_sidecar.backends.base import TargetBackend
+from atlas_sidecar.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
 
 EWMA = 0.2  # weight of a new cost sample
@@ -112,6 +112,19 @@ class CostModel:
         for size, seconds in _time_forwards(target, sizes):
             self.observe_verify(size, seconds)
 
+    def profile_batched(
+        self,
+        target: TargetBackend,
+        rows: tuple[int, ...] = (4, 8),
+        widths: tuple[int, ...] = (1, 4, 16),
+    ) -> None:
+        """Measure batched forwards of a few row counts and widths: a prior for the
+        batched curves, so that a server's first batches are not costed as one sequence
+        (which makes a wide draft look nearly free at 8 rows)."""
+        for count in rows:
+            for width, seconds in _time_batched(target, count, widths):
+                self.observe_verify(count * width, seconds, count)
+
     def profile_drafter(self, speculator: str, model: TargetBackend) -> None:
         """A draft model's cost per drafted token: one single-token forward.
 
@@ -191,6 +204,31 @@ def _time_forwards(
             out.append((size, min(samples)))  # noise on a shared machine only adds time
     finally:
         model.release(seq_id)
+    return out
+
+
+def _time_batched(
+    model: TargetBackend, rows: int, widths: tuple[int, ...], prefix: int = 64, repeats: int = 2
+) -> list[tuple[int, float]]:
+    """Seconds of one batched forward of ``rows`` sequences feeding ``width`` tokens each,
+    after a ``prefix``-token context apiece: the fastest of ``repeats``."""
+    seq_ids, out = [f"__cost_profile_{r}__" for r in range(rows)], []
+    try:
+        for seq_id in seq_ids:
+            model.start(seq_id)
+        model.forward_many([ForwardItem(seq_id, [0] * prefix) for seq_id in seq_ids])
+        for width in widths:
+            samples = []
+            for _ in range(repeats):
+                for seq_id in seq_ids:
+                    model.truncate(seq_id, prefix)
+                started = time.perf_counter()
+                model.forward_many([ForwardItem(seq_id, [0] * width) for seq_id in seq_ids])
+                samples.append(time.perf_counter() - started)
+            out.append((width, min(samples)))
+    finally:
+        for seq_id in seq_ids:
+            model.release(seq_id)
     return out
 
 

@@ -89,6 +89,7 @@ def build_engine(
         neural = neural_speculator(target)
         costs = CostModel()
         costs.profile(target)
+        costs.profile_batched(target)
         costs.profile_drafter(StaticSpeculator.name, draft)
         controller = LearningController(
             [SuffixSpeculator(), StaticSpeculator(draft), neural],

@@ -231,6 +231,10 @@ class SleepyModel:
     def forward(self, seq_id, tokens):
         time.sleep(0.005)
 
+    def forward_many(self, items):
+        assert all(item.seq_id in self.live for item in items)
+        time.sleep(0.001 * sum(len(item.tokens) for item in items))
+
     def truncate(self, seq_id, length):
         pass
 
@@ -244,6 +248,16 @@ def test_a_draft_models_cost_is_known_before_its_first_draft():
     costs.profile_drafter("static", model)
     assert costs.draft_per_token("static") >= 0.005
     assert model.live == set()  # the profiling sequence is released
+
+
+def test_batched_costs_are_profiled_before_the_first_batch():
+    model, costs = SleepyModel(), CostModel()
+    costs.profile_batched(model, rows=(4, 8), widths=(1, 4))
+    assert sorted(costs.batched) == [4, 8]
+    assert costs.batched[8].sizes == [8, 32] and costs.batched[4].sizes == [4, 16]
+    # Measured, not guessed: 32 tokens at 1 ms each take at least 32 ms.
+    assert costs.verify(32, rows=8) >= 0.032 and costs.verify(16, rows=4) >= 0.016
+    assert model.live == set()  # every profiling sequence is released
 
 
 class PerSequenceDrafter:
