@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -17,6 +18,22 @@ async def apiserver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIte
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
         monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
         yield emulator
+    await _report_stuck_tasks()
+
+
+async def _report_stuck_tasks() -> None:
+    """Cancel what outlived the test and name anything that will not end (with where it
+    waits): the event loop's close would otherwise wait on it without a word."""
+    rest = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in rest:
+        task.cancel()
+    _, stuck = await asyncio.wait(rest, timeout=5) if rest else (set(), set())
+    for task in stuck:
+        where, coro = [], task.get_coro()
+        while (frame := getattr(coro, "cr_frame", None)) is not None:
+            where.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno}")
+            coro = getattr(coro, "cr_await", None)
+        print(f"stuck after the test: {task.get_name()} at {' > '.join(where)}", file=sys.stderr)
 
 
 @pytest.fixture

@@ -191,6 +191,7 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
     from atlas_operator import handlers
 
     handlers.reset_client()
+    before = asyncio.all_tasks()
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(
         # kopf makes peering mandatory whenever a peering name is given, even standalone.
@@ -206,6 +207,28 @@ async def running_operator(*, standalone: bool = True, priority: int = 0,
         # unanswered holds it for one request timeout (the peering test shortens it).
         with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
             await asyncio.wait_for(task, timeout=15)
+        await _finish_orphans(before)
+
+
+async def _finish_orphans(before: set[asyncio.Task]) -> None:
+    """Cancel, until they end, the kopf tasks that outlived the operator.
+
+    kopf returns while a timer whose sync handler still runs in its thread pool is only
+    cancelling ("did not exit in time, leaving it orphaned"): its cancellation waits for
+    the thread. Left to the test's event loop to close, it can wait forever (the handler
+    talking to an emulator that is gone); here the emulator is still live, so the
+    handler's call returns and the next cancellation takes."""
+    orphans = {task for task in asyncio.all_tasks() - before
+               if "/kopf/" in getattr(task.get_coro(), "cr_code", _NO_CODE).co_filename}
+    deadline = asyncio.get_running_loop().time() + 30
+    while orphans and asyncio.get_running_loop().time() < deadline:
+        for task in orphans:
+            task.cancel()
+        _, orphans = await asyncio.wait(orphans, timeout=2)
+    assert not orphans, f"kopf tasks still running after the operator stopped: {orphans}"
+
+
+_NO_CODE = (lambda: None).__code__
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0,
