@@ -158,7 +158,8 @@ class CausalLMRunner:
         the model's LM head (a draft vocabulary). A tree item's cache then holds every
         node: ``keep`` chooses the accepted path.
         """
-        head = head or self.model.get_output_embeddings()
+        if head is None:
+            head = self.model.get_output_embeddings()
         if not items:
             return []
         if any(not item.tokens for item in items):
