@@ -122,7 +122,7 @@ class CostModel:
         batched curves, so that a server's first batches are not costed as one sequence
         (which makes a wide draft look nearly free at 8 rows)."""
         for count in rows:
-            for width, seconds in _time_batched(target, count, widths):
+            for width, seconds in _time_forwards(target, widths, rows=count, prefix=64):
                 self.observe_verify(count * width, seconds, count)
 
     def profile_drafter(self, speculator: str, model: TargetBackend) -> None:
@@ -186,46 +186,36 @@ def _ewma(table: dict[K, float], key: K, sample: float) -> None:
 
 
 def _time_forwards(
-    model: TargetBackend, sizes: tuple[int, ...], repeats: int = 2
+    model: TargetBackend,
+    sizes: tuple[int, ...],
+    rows: int = 1,
+    prefix: int = 16,
+    repeats: int = 2,
 ) -> list[tuple[int, float]]:
-    """Seconds of one forward of each size, after a 16-token prefix (warm-up and a
-    realistic cache): the fastest of ``repeats``."""
-    seq_id, out = "__cost_profile__", []
-    model.start(seq_id)
-    try:
-        model.forward(seq_id, [0] * 16)
-        for size in sizes:
-            samples = []
-            for _ in range(repeats):
-                model.truncate(seq_id, 16)
-                started = time.perf_counter()
-                model.forward(seq_id, [0] * size)
-                samples.append(time.perf_counter() - started)
-            out.append((size, min(samples)))  # noise on a shared machine only adds time
-    finally:
-        model.release(seq_id)
-    return out
-
-
-def _time_batched(
-    model: TargetBackend, rows: int, widths: tuple[int, ...], prefix: int = 64, repeats: int = 2
-) -> list[tuple[int, float]]:
-    """Seconds of one batched forward of ``rows`` sequences feeding ``width`` tokens each,
-    after a ``prefix``-token context apiece: the fastest of ``repeats``."""
+    """Seconds of one forward of ``rows`` sequences feeding each size's tokens apiece,
+    after a ``prefix``-token context each (warm-up and a realistic cache): the fastest of
+    ``repeats``."""
     seq_ids, out = [f"__cost_profile_{r}__" for r in range(rows)], []
+
+    def feed(tokens: int) -> None:
+        if rows == 1:
+            model.forward(seq_ids[0], [0] * tokens)
+        else:
+            model.forward_many([ForwardItem(seq_id, [0] * tokens) for seq_id in seq_ids])
+
     try:
         for seq_id in seq_ids:
             model.start(seq_id)
-        model.forward_many([ForwardItem(seq_id, [0] * prefix) for seq_id in seq_ids])
-        for width in widths:
+        feed(prefix)
+        for size in sizes:
             samples = []
             for _ in range(repeats):
                 for seq_id in seq_ids:
                     model.truncate(seq_id, prefix)
                 started = time.perf_counter()
-                model.forward_many([ForwardItem(seq_id, [0] * width) for seq_id in seq_ids])
+                feed(size)
                 samples.append(time.perf_counter() - started)
-            out.append((width, min(samples)))
+            out.append((size, min(samples)))  # noise on a shared machine only adds time
     finally:
         for seq_id in seq_ids:
             model.release(seq_id)

@@ -219,16 +219,13 @@ async def _finish_orphans(before: set[asyncio.Task]) -> None:
     talking to an emulator that is gone); here the emulator is still live, so the
     handler's call returns and the next cancellation takes."""
     orphans = {task for task in asyncio.all_tasks() - before
-               if "/kopf/" in getattr(task.get_coro(), "cr_code", _NO_CODE).co_filename}
+               if "/kopf/" in getattr(getattr(task.get_coro(), "cr_code", None), "co_filename", "")}
     deadline = asyncio.get_running_loop().time() + 30
     while orphans and asyncio.get_running_loop().time() < deadline:
         for task in orphans:
             task.cancel()
         _, orphans = await asyncio.wait(orphans, timeout=2)
     assert not orphans, f"kopf tasks still running after the operator stopped: {orphans}"
-
-
-_NO_CODE = (lambda: None).__code__
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 10.0,

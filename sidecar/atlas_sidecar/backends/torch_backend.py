@@ -166,6 +166,11 @@ class CausalLMRunner:
             raise ValueError("every item needs at least one token")
         if len({item.seq_id for item in items}) != len(items):
             raise ValueError("a sequence may appear once per forward")
+        for item in items:
+            if item.parents is not None and len(item.parents) != len(item.tokens):
+                raise ValueError(
+                    f"{item.seq_id}: {len(item.tokens)} tokens but {len(item.parents)} parents"
+                )
         if len(items) == 1:
             item = items[0]  # one sequence, chain or tree: its cache as it is, no padding
             cache = self._caches[item.seq_id]
@@ -174,8 +179,6 @@ class CausalLMRunner:
             if item.parents is not None:
                 _check_full_attention([cache])
                 past, n = cache.get_seq_length(), len(item.tokens)
-                if len(item.parents) != n:
-                    raise ValueError(f"{item.seq_id}: {n} tokens but {len(item.parents)} parents")
                 positions = (past + torch.tensor([tree_depths(item.parents)])).to(self.device)
                 mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
                 mask[0, 0, :, past:] = tree_ancestry(item.parents)
@@ -201,8 +204,6 @@ class CausalLMRunner:
         for r, item in enumerate(items):
             n = widths[r]
             parents = item.parents if item.parents is not None else list(range(-1, n - 1))
-            if len(parents) != n:
-                raise ValueError(f"{item.seq_id}: {n} tokens but {len(parents)} parents")
             ids[r, :n] = torch.tensor(item.tokens)
             positions[r, :n] = past[r] + torch.tensor(tree_depths(parents))
             positions[r, n:] = past[r] + torch.arange(n, width)

@@ -2,11 +2,11 @@
 
 A small draft model spends a large share of each drafted token in its LM head: on
 Qwen2.5-Coder-0.5B (151,936 rows of 896, int8) it is about a fifth of a token's cost on
-the 2-core dev machine (53 ms a token with it, 44 ms with this head). A draft token only helps when the target picks it, and the
-target's picks in practice come from a few tens of thousands of tokens: the lowest ids
-(byte-level BPE merges come roughly in order of frequency), the end-of-sequence tokens,
-and whatever the served prompts and outputs contain (identifiers, other languages),
-which the vocabulary learns as it sees them.
+the 2-core dev machine (53 ms a token with it, 44 ms with this head). A draft token only
+helps when the target picks it, and the target's picks in practice come from a few tens
+of thousands of tokens: the lowest ids (byte-level BPE merges come roughly in order of
+frequency), the end-of-sequence tokens, and whatever the served prompts and outputs
+contain (identifiers, other languages), which the vocabulary learns as it sees them.
 
 Only ever for drafts: a token outside the vocabulary cannot be drafted (its logit is
 -inf), so at worst a draft is rejected where the target chose a rare token. The target

@@ -32,14 +32,12 @@ STEADY_SYNC_TOKENS = 17  # a step's accepted tokens (lookahead 16) plus the targ
 class StaticSpeculator:
     name = "static"
 
-    def __init__(self, runner: CausalLMRunner, vocabulary: bool = True) -> None:
+    def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
         # Its own draft vocabulary (``vocab.py``), learned from the contexts it is given.
-        self.vocabulary = (
-            DraftVocabulary(runner.model.get_output_embeddings(), runner.vocab_size,
-                            runner.eos_token_ids)
-            if vocabulary else None
-        )  # fmt: skip
+        self.vocabulary = DraftVocabulary(
+            runner.model.get_output_embeddings(), runner.vocab_size, runner.eos_token_ids
+        )
         self._cached_tokens: dict[str, list[int]] = {}
         self._typical_cost: float | None = None  # recent seconds per drafted token
 
@@ -99,9 +97,8 @@ class StaticSpeculator:
             self.runner.truncate(seq_id, keep)
             self._cached_tokens[seq_id] = list(context)
             items.append(ForwardItem(seq_id, context[keep:]))
-        if self.vocabulary is not None:
-            for item in items:
-                self.vocabulary.learn(item.tokens)
+        for item in items:
+            self.vocabulary.learn(item.tokens)
         logits: dict[str, torch.Tensor] = {}
         steady = [item for item in items if len(item.tokens) <= STEADY_SYNC_TOKENS]
         for item in items:
