@@ -17,7 +17,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,9 @@ NEAR_TIE_LOGITS = 0.5
 # A mode has recovered from a domain shift at the first request whose accept_len is at
 # least (1 - RECOVERY_TOLERANCE) x its mean over the later requests of that phase.
 RECOVERY_TOLERANCE = 0.10
+# A streams run serves at least this many requests a slot, so that its N slots are full
+# for most of the run (a batch that only drains is the tail of a run, not N streams).
+REQUESTS_PER_SLOT = 3
 
 
 def all_modes() -> tuple[str, ...]:
@@ -152,7 +155,12 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     summary = report(config, prompts, runs)
     summary["unavailable"] = unavailable
     if config.streams > 0:
-        summary["streams"] = concurrent(config, target, draft, prompts, encoded, log)
+        stream, stream_ids = stream_prompts(config, prompts), encoded
+        if stream is not prompts:
+            log(f"streams: {len(stream)} requests (the same phases, more prompts of each) "
+                f"so that {config.streams} are live at once")  # fmt: skip
+            stream_ids = [workloads.encode(target.tokenizer, p) for p in stream]
+        summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log)
     if "target_only" in runs:
         reference = [r.token_ids for r in runs["target_only"].results]
         for mode, mode_run in runs.items():
@@ -160,6 +168,19 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 target, encoded, prompts, reference, [r.token_ids for r in mode_run.results]
             )
     return summary
+
+
+def stream_prompts(
+    config: BenchConfig, prompts: list[workloads.Prompt]
+) -> list[workloads.Prompt]:
+    """The requests of the streams run: the bench's own, or, for a built-in workload with
+    fewer than ``REQUESTS_PER_SLOT`` a slot, more prompts of each phase in the same order
+    (a user's trace is served as it is)."""
+    wanted = REQUESTS_PER_SLOT * config.streams
+    if config.prompts_file or len(prompts) >= wanted:
+        return prompts
+    phases = len({p.phase for p in prompts})
+    return load_prompts(replace(config, per_phase=-(-wanted // phases)))
 
 
 def concurrent(

@@ -42,6 +42,11 @@ SEQUENCE_PRIOR_TOKENS = 8.0
 # worth, and the most it may raise an estimate that plans keep beating.
 GAIN_PRIOR_TOKENS = 4.0
 MAX_GAIN_SCALE = 1.5
+# A free drafter's estimates are scaled, for each request, by how its drafts there did
+# against them: (accepted + this) / (expected + this). The drafter is scored on every
+# step (its shadow), so a new domain where its confident drafts miss turns it off for
+# that request within a few steps, however well the same confidence did before.
+REQUEST_PRIOR_TOKENS = 2.0
 
 K = TypeVar("K")
 
@@ -282,11 +287,21 @@ class _SequenceMemory:
 
     accepted: dict[str, float] = field(default_factory=dict)
     drafted: dict[str, float] = field(default_factory=dict)
+    # Free drafters only: the global estimates summed over the same tokens (what the
+    # request would have accepted were it like the traffic before it).
+    expected: dict[str, float] = field(default_factory=dict)
 
     def blend(self, name: str, p: float) -> float:
-        """``p`` (the global estimate) updated with this request's own evidence."""
+        """``p`` (the global estimate) updated with this request's own evidence: for a
+        free drafter scaled by the request's accepted / expected, so its confidences
+        keep their order; for a model drafter (planned from its typical acceptance)
+        averaged with the request's own rate."""
         drafted = self.drafted.get(name, 0.0)
         accepted = self.accepted.get(name, 0.0)
+        if name in self.expected:
+            prior = REQUEST_PRIOR_TOKENS
+            ratio = (accepted + prior) / (self.expected[name] + prior)
+            return min(p * min(ratio, MAX_GAIN_SCALE), 0.99)
         return (accepted + SEQUENCE_PRIOR_TOKENS * p) / (drafted + SEQUENCE_PRIOR_TOKENS)
 
 
@@ -617,12 +632,17 @@ class Controller:
     ) -> None:
         """Acceptance evidence: nodes the target took and checked nodes it did not;
         ``missed``: the path ended at a rejection (not at the end of what is known)."""
+        memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        if name in self.free_drafters:
+            bucket = draft.bucket or name
+            memory.expected[name] = memory.expected.get(name, 0.0) + sum(
+                self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
+            )
         self.acceptance.observe(
             draft.bucket or name,
             accepted=[draft.confidences[i] for i in path],
             rejected=[draft.confidences[i] for i in rejected],
         )
-        memory = self._memory.setdefault(seq_id, _SequenceMemory())
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
         memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + missed
 

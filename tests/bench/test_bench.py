@@ -157,3 +157,17 @@ def test_plot_draws_hand_made_curves(tmp_path):
     bench.plot(result, path)
     width, height = _png_size(path)
     assert width > 400 and height > 300
+
+
+def test_streams_get_enough_requests_to_fill_their_slots():
+    config = bench.BenchConfig(target=SMOL, draft=SMOL, per_phase=1, streams=4)
+    prompts = bench.load_prompts(config)
+    stream = bench.stream_prompts(config, prompts)
+    # 3 requests a slot: 12, in 3 phases of 4, in the drift order, the bench's first.
+    assert len(stream) == 12
+    assert [p.phase for p in stream] == ["python"] * 4 + ["rust"] * 4 + ["chat"] * 4
+    assert [p.prompt_id for p in stream[::4]] == [p.prompt_id for p in prompts]
+    # Enough already, or a user's own trace: served as they are.
+    assert bench.stream_prompts(bench.BenchConfig(SMOL, SMOL, streams=1), prompts) is prompts
+    trace = bench.BenchConfig(SMOL, SMOL, prompts_file="t.jsonl", streams=4)
+    assert bench.stream_prompts(trace, prompts) is prompts

@@ -157,6 +157,21 @@ def test_rejected_drafts_turn_the_controller_off_for_that_request():
     assert controller.draft(request(context=context + [99]))[0] == "none"
 
 
+def test_a_new_domains_misses_turn_a_free_drafter_off_however_well_it_did_before():
+    drafter = ScriptedDrafter([7] * 8, [0.95] * 8)
+    controller = Controller([drafter], 16, costs(0.01))
+    for _ in range(200):  # earlier traffic: this bucket's confident tokens were right
+        controller.acceptance.observe("suffix", accepted=[0.95], rejected=[])
+    assert controller.acceptance.prob("suffix", 0.95) > 0.95
+    context, steps = [1, 2, 3], 0
+    while controller.draft(request(context=context))[0] == "suffix":
+        context, steps = context + [99], steps + 1  # this request: never the drafted 7
+        assert steps <= 20, steps
+    # Global evidence moved only a little: a request like the earlier ones still drafts.
+    assert controller.acceptance.prob("suffix", 0.95) > 0.7
+    assert controller.draft(DraftRequest("other", [1, 2, 3], 16, SamplingParams()))[0] == "suffix"
+
+
 def test_path_probability_multiplies_down_the_tree():
     assert path_probs([0.5, 0.5, 0.2], [-1, 0, -1]) == [0.5, 0.25, 0.2]
 
