@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TOOLS := .tools
 
-.PHONY: demo test venv lint bench peers tools clean
+.PHONY: demo test venv lint bench peers warmstart tools clean
 
 venv: $(STAMP)
 
@@ -52,6 +52,12 @@ $(VENV)/.peers: $(STAMP)
 bench: venv peers
 	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct qwen2.5-coder-0.5b-instruct
 	$(BIN)/atlas bench --quick --out bench-out/quick.json
+
+# The neural drafter's offline warm start, cached under $ATLAS_HOME/drafters/: every
+# engine on this target (bench, serve) then starts from it instead of cold.
+warmstart: venv
+	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct
+	$(BIN)/python -m atlas_sidecar.speculators.neural_train --max-texts 200 --steps 500
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info

