@@ -10,6 +10,7 @@ import pytest
 
 from atlas_sidecar import bench, models, peers
 from atlas_sidecar.cli import main
+from atlas_sidecar.speculators.neural_train import OnlineLearner
 
 SMOL = models.TEST_MODEL
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -38,8 +39,16 @@ def _check_issue_shape(result: dict) -> None:
     assert "best_peer" in result and "atlas_vs_best_peer" in result
 
 
-def test_bench_drift_reports_every_mode_phase_and_request(tmp_path, capsys):
+def test_bench_drift_reports_every_mode_phase_and_request(tmp_path, capsys, monkeypatch):
     models.pull(SMOL)
+    waited = []  # learners are let finish each request before the next mode decodes
+    real_wait_idle = OnlineLearner.wait_idle
+
+    def wait_idle(self, timeout=60.0):
+        waited.append(self.submitted)
+        return real_wait_idle(self, timeout)
+
+    monkeypatch.setattr(OnlineLearner, "wait_idle", wait_idle)
     out = tmp_path / "quick.json"
     code = main([
         "bench", "--target", SMOL, "--draft", SMOL, "--dtype", "fp32",
@@ -49,6 +58,7 @@ def test_bench_drift_reports_every_mode_phase_and_request(tmp_path, capsys):
     result = json.loads(out.read_text())
     _check_issue_shape(result)
     assert result["workload"] == "drift"
+    assert sorted(waited) == [1, 1, 2, 2, 3, 3]  # neural's and atlas's, after each request
     ran = set(result["modes"]) | set(result["unavailable"])
     assert ran == set(bench.all_modes())
     assert set(peers.PEERS) - {"arctic_suffix"} <= set(result["modes"])
