@@ -23,6 +23,7 @@ from atlas_sidecar.models import atlas_home
 MAX_TRACE_LINES = 100_000
 MAX_PROMPT_CHARS = 200_000
 _READ_CHUNK = 1 << 20
+MAX_ITEM_CHARS = 16 << 20  # a conversation that does not decode within this is malformed
 
 
 class WorkloadError(RuntimeError):
@@ -140,10 +141,12 @@ def sharegpt(limit: int, max_chars: int = 8_000) -> list[tuple[str, str]]:
             text = text.lstrip().removeprefix(",").lstrip()
             try:
                 item, end = json_decoder.raw_decode(text)
-            except json.JSONDecodeError:
+            except json.JSONDecodeError as exc:
                 more = f.read(_READ_CHUNK)
                 if not more:
                     break  # the truncated tail
+                if len(text) > MAX_ITEM_CHARS:
+                    raise WorkloadError(f"{source.member}: malformed JSON ({exc.msg})") from exc
                 text += utf8.decode(more)
                 continue
             text = text[end:]

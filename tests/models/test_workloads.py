@@ -81,3 +81,9 @@ def test_sharegpt_reader_skips_odd_items_and_stops_at_a_truncated_tail(tmp_path,
     monkeypatch.setattr(workloads, "_READ_CHUNK", 7)
     assert workloads.sharegpt(10) == [("é" * 40, "ü" * 40), ("second", "kept")]
     assert workloads.sharegpt(1) == [("é" * 40, "ü" * 40)]
+    # Malformed JSON is an error once it cannot be an item still being read.
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(workloads.SOURCES["sharegpt"].member, "[" + items[-1] + ", {oops" + " " * 99)
+    monkeypatch.setattr(workloads, "MAX_ITEM_CHARS", 50)
+    with pytest.raises(workloads.WorkloadError, match="malformed JSON"):
+        workloads.sharegpt(10)
