@@ -143,8 +143,7 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 log(f"dropping peer {mode}: {unavailable[mode]}")
                 del runs[mode]
                 continue
-            if isinstance(decoders[mode], Engine):
-                _learn_between_requests(decoders[mode])
+            _learn_between_requests(decoders[mode])
             runs[mode].results.append(result)
             runs[mode].phases.append(prompt.phase)
             log(
@@ -172,12 +171,14 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     return summary
 
 
-def _learn_between_requests(engine: Engine) -> None:
-    """Let an engine's online learners train on its last request now, untimed: what a
-    server does while idle between requests. Otherwise they would train while the next
-    mode decodes, on the same cores (a peer's HF generate leaves the target looking
+def _learn_between_requests(decoder: peers.Decoder) -> None:
+    """Let one of our engines' online learners train on its last request now, untimed:
+    what a server does while idle between requests. Otherwise they would train while the
+    next mode decodes, on the same cores (a peer's HF generate leaves the target looking
     idle to them), and slow that mode down."""
-    for learner in our_modes.neural_learners(engine):
+    if not isinstance(decoder, Engine):
+        return
+    for learner in our_modes.neural_learners(decoder):
         if not learner.wait_idle():
             raise RuntimeError("the neural learner did not finish within its timeout")
 
