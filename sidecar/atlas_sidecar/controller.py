@@ -633,13 +633,13 @@ class Controller:
         """Acceptance evidence: nodes the target took and checked nodes it did not;
         ``missed``: the path ended at a rejection (not at the end of what is known)."""
         memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        bucket = draft.bucket or name
         if name in self.free_drafters:
-            bucket = draft.bucket or name
             memory.expected[name] = memory.expected.get(name, 0.0) + sum(
                 self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
             )
         self.acceptance.observe(
-            draft.bucket or name,
+            bucket,
             accepted=[draft.confidences[i] for i in path],
             rejected=[draft.confidences[i] for i in rejected],
         )
