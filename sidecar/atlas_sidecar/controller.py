@@ -520,11 +520,22 @@ class Controller:
         ]
         self._run_model_drafters(requests, chosen, batch)
         for request, (plan, draft) in zip(requests, chosen, strict=True):
-            drafted = min(len(draft.tokens), len(plan.gains) - 1)
-            if drafted:  # what the estimates expected before this calibration scaled them
-                expected = (plan.gains[drafted] - 1.0) / self._gain[plan.speculator].scale
-                self._expected[request.seq_id] = (plan.speculator, expected)
+            if draft.tokens:  # what the estimates expected before this calibration scaled them
+                self._expected[request.seq_id] = (plan.speculator, self._expectation(
+                    request.seq_id, plan, draft
+                ))  # fmt: skip
         return [(self._chose(plan), draft) for plan, draft in chosen]
+
+    def _expectation(self, seq_id: str, plan: Plan, draft: Draft) -> float:
+        """Draft tokens the per-token estimates expect ``draft`` to gain: the plan's
+        own figure for a free drafter's cut; for a model drafter, whose early exit
+        chose the length, the calibrated estimates of the tokens it drafted."""
+        name = plan.speculator
+        if name in self.free_drafters:
+            drafted = min(len(draft.tokens), len(plan.gains) - 1)
+            return (plan.gains[drafted] - 1.0) / self._gain[name].scale
+        probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
+        return sum(path_probs(probs, draft.chain_parents()))
 
     def _run_model_drafters(
         self, requests: list[DraftRequest], chosen: list[tuple[Plan, Draft]], batch: int
@@ -538,7 +549,13 @@ class Controller:
                 continue
             planned = []
             for i in picked:
-                request = _with_lookahead(requests[i], chosen[i][0].lookahead)
+                # One sequence: the plan's length was chosen before any token was seen;
+                # the early exit may draft past it while the run keeps paying. In a
+                # batch, the shared width (_share_width) is the cap.
+                lookahead = chosen[i][0].lookahead
+                if batch == 1:
+                    lookahead = min(requests[i].lookahead, self.max_lookahead)
+                request = _with_lookahead(requests[i], lookahead)
                 request.keep_going = self._early_exit(request.seq_id, name, batch)
                 planned.append(request)
             for i, draft in zip(picked, self._propose(name, planned), strict=True):
@@ -546,14 +563,18 @@ class Controller:
                 chosen[i] = (chosen[i][0], draft)
 
     def _early_exit(self, seq_id: str, name: str, batch: int) -> Callable[[list[float]], bool]:
-        """Stop a model drafter once another token no longer pays for itself."""
+        """Stop a model drafter once another token no longer pays for itself.
+
+        The next token is costed at what followed tokens of the last one's confidence
+        before (its ``>next`` bucket): a run of confident tokens that were taken drafts
+        on, where the drafter's pooled rate would have stopped it."""
 
         def keep_going(confidences: list[float]) -> bool:
             probs = [self._accept_prob(seq_id, name, name, c) for c in confidences]
-            typical = self._accept_prob(seq_id, name, name, None)
+            following = self._accept_prob(seq_id, name, _next_bucket(name), confidences[-1])
             n = len(probs)
             now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
-            ahead = self._best_cut(name, probs + [typical], list(range(-1, n)), n + 1, batch)
+            ahead = self._best_cut(name, probs + [following], list(range(-1, n)), n + 1, batch)
             return ahead.lookahead == n + 1 and ahead.goodput >= now.goodput
 
         return keep_going
@@ -643,6 +664,15 @@ class Controller:
             accepted=[draft.confidences[i] for i in path],
             rejected=[draft.confidences[i] for i in rejected],
         )
+        if name not in self.free_drafters:
+            # A chain's next token by its predecessor's confidence: what the early exit
+            # asks before drafting it.
+            parents = draft.chain_parents()
+            self.acceptance.observe(
+                _next_bucket(bucket),
+                accepted=[draft.confidences[parents[i]] for i in path if parents[i] >= 0],
+                rejected=[draft.confidences[parents[i]] for i in rejected if parents[i] >= 0],
+            )
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
         memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + missed
 
@@ -652,6 +682,10 @@ class Controller:
         self._shadows.pop(seq_id, None)
         for speculator in self.speculators.values():
             speculator.release(seq_id)
+
+
+def _next_bucket(bucket: str) -> str:
+    return f"{bucket}>next"
 
 
 def _with_lookahead(request: DraftRequest, lookahead: int) -> DraftRequest:

@@ -313,3 +313,53 @@ def test_a_batch_shares_one_width_because_its_rows_are_padded(per_token, cut):
         assert 1 <= len(a.tokens) < 8
     else:
         assert len(a.tokens) == 8
+
+
+class ScriptedModelDrafter:
+    """A draft model (pays per token) whose confidences follow a script; it stops where
+    the controller's early exit says so, and records how far it went."""
+
+    name = "static"
+
+    def __init__(self, confidences: list[float]) -> None:
+        self.confidences = confidences
+        self.lengths: list[int] = []
+
+    def propose(self, requests):
+        drafts = []
+        for r in requests:
+            draft = Draft([], [])
+            for confidence in self.confidences[: r.lookahead]:
+                draft.tokens.append(7)
+                draft.confidences.append(confidence)
+                if r.keep_going is not None and not r.keep_going(draft.confidences):
+                    break
+            self.lengths.append(len(draft.tokens))
+            drafts.append(draft)
+        return drafts
+
+    def release(self, seq_id):
+        pass
+
+
+def test_a_model_draft_runs_on_while_its_run_says_the_next_token_will_be_taken():
+    # Earlier traffic: a run of confident tokens was taken whole, low-confidence first
+    # tokens were not. Pooled over them the drafter's rate is middling, so a plan made
+    # before drafting is short; once a draft is under way on confident tokens, what
+    # followed such tokens before says the next is likely taken: the draft runs past
+    # the plan, and stops once its confidence drops.
+    drafter = ScriptedModelDrafter([0.99] * 12 + [0.2] * 4)
+    controller = Controller([drafter], 16, costs(0.004))
+    controller.costs.observe_draft("static", 1, 0.01)
+    for _ in range(10):
+        controller.observe("t", "static", Draft([7] * 13, [0.99] * 12 + [0.2]), list(range(12)))
+        for _ in range(12):
+            controller.observe("t", "static", Draft([7], [0.2]), [])
+    controller.release("t")
+    planned = controller._best_cut(
+        "static", [controller.acceptance.rate("static")] * 16, list(range(-1, 15)), 16, 1
+    )
+    assert planned.lookahead < 8
+    name, draft = controller.draft(request())
+    assert name == "static"
+    assert 12 <= len(draft.tokens) <= 13
