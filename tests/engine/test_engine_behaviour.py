@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from atlas_sidecar.engine import Engine
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.speculators.base import DraftRequest
 from atlas_sidecar.speculators.static import StaticSpeculator
 from atlas_sidecar.workloads import encode
 
@@ -136,3 +139,22 @@ def test_prompt_longer_than_the_context_is_rejected(target, spec):
     too_long = [1] * target.max_context
     with pytest.raises(RequestError, match="exceed the context"):
         spec.generate(too_long, SamplingParams(max_tokens=1))
+
+
+def test_a_draft_models_first_call_does_not_bill_its_prompts_prefill_to_one_token(
+    layer_skip, real_prompts
+):
+    # The first call on a sequence feeds its whole prompt to the draft model. Drafting
+    # one token there measures no steady step; reporting nothing would have the
+    # controller time the whole call, prefill and all, as that one token's cost (and
+    # never ask the drafter again, it would look so dear).
+    speculator = StaticSpeculator(layer_skip(AGREEING_LAYERS))
+    prompt = encode(layer_skip(AGREEING_LAYERS).tokenizer, real_prompts[0])
+    assert len(prompt) > 40
+    started = time.perf_counter()
+    (draft,) = speculator.propose([DraftRequest("p", prompt, 1, SamplingParams())])
+    call_s = time.perf_counter() - started
+    speculator.release("p")
+    assert len(draft.tokens) == 1
+    assert draft.token_cost_s is not None
+    assert draft.token_cost_s < call_s / 4

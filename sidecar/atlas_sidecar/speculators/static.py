@@ -47,7 +47,8 @@ class StaticSpeculator:
         live = [r for r in requests if r.lookahead > 0 and r.context]
         drafts = {r.seq_id: _Growing() for r in live}
         shares: list[float] = []  # per draft forward: its seconds / sequences in it
-        logits = self._sync(live, shares)
+        catch_up: list[float] = []  # per long catch-up: its seconds per token fed
+        logits = self._sync(live, shares, catch_up)
         while live:
             still = []
             for request, row in zip(live, logits, strict=True):
@@ -67,8 +68,13 @@ class StaticSpeculator:
                 for r in live:
                     self._cached_tokens[r.seq_id].append(drafts[r.seq_id].tokens[-1])
         # A call that only caught its caches up (one drafted token each) measured no
-        # steady step: it reports the recent cost, not the catch-up's.
+        # steady step: it reports the recent cost, not the catch-up's. Before any step
+        # was measured, the catch-up's cost per token fed: a lower bound, which drafting
+        # more soon corrects (the whole call's time, a prompt's prefill billed to one
+        # drafted token, would make the drafter look too dear ever to be asked again).
         cost = self._typical_cost
+        if cost is None and catch_up:
+            cost = min(catch_up)
         if shares:
             cost = sum(shares) / len(shares)
             old = self._typical_cost
@@ -77,14 +83,17 @@ class StaticSpeculator:
             drafts[r.seq_id].done(cost) if r.seq_id in drafts else Draft.empty() for r in requests
         ]
 
-    def _sync(self, requests: list[DraftRequest], shares: list[float]) -> list[torch.Tensor]:
+    def _sync(
+        self, requests: list[DraftRequest], shares: list[float], catch_up: list[float]
+    ) -> list[torch.Tensor]:
         """Bring each draft cache up to its context; return the logits after its last token.
 
         In steady state this feeds the last step's accepted tokens, at about the cost of
         one decode step, and counts as one in ``shares``. A longer catch-up (the whole
         prompt at first, or the tokens since this sequence last drafted here) is paid
-        once, not per drafted token, so it is not; and it runs on its own, so that the
-        other sequences are not padded to its length."""
+        once, not per drafted token, so it is not (``catch_up`` gets its seconds per
+        token fed); and it runs on its own, so that the other sequences are not padded
+        to its length."""
         items = []
         for request in requests:
             seq_id, context = request.seq_id, request.context
@@ -103,7 +112,9 @@ class StaticSpeculator:
         steady = [item for item in items if len(item.tokens) <= STEADY_SYNC_TOKENS]
         for item in items:
             if len(item.tokens) > STEADY_SYNC_TOKENS:
+                started = time.perf_counter()
                 logits[item.seq_id] = self._forward([item])[0][-1]
+                catch_up.append((time.perf_counter() - started) / len(item.tokens))
         if steady:
             started = time.perf_counter()
             for item, out in zip(steady, self._forward(steady), strict=True):
