@@ -521,9 +521,8 @@ class Controller:
         self._run_model_drafters(requests, chosen, batch)
         for request, (plan, draft) in zip(requests, chosen, strict=True):
             if draft.tokens:  # what the estimates expected before this calibration scaled them
-                self._expected[request.seq_id] = (plan.speculator, self._expectation(
-                    request.seq_id, plan, draft
-                ))  # fmt: skip
+                expected = self._expectation(request.seq_id, plan, draft)
+                self._expected[request.seq_id] = (plan.speculator, expected)
         return [(self._chose(plan), draft) for plan, draft in chosen]
 
     def _expectation(self, seq_id: str, plan: Plan, draft: Draft) -> float:
