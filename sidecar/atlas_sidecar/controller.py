@@ -568,8 +568,12 @@ class Controller:
         before (its ``>next`` bucket): a run of confident tokens that were taken drafts
         on, where the drafter's pooled rate would have stopped it."""
 
+        probs: list[float] = []  # of the tokens drafted so far (the draft only grows)
+
         def keep_going(confidences: list[float]) -> bool:
-            probs = [self._accept_prob(seq_id, name, name, c) for c in confidences]
+            probs.extend(
+                self._accept_prob(seq_id, name, name, c) for c in confidences[len(probs) :]
+            )
             following = self._accept_prob(seq_id, name, _next_bucket(name), confidences[-1])
             n = len(probs)
             now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
@@ -658,12 +662,7 @@ class Controller:
             memory.expected[name] = memory.expected.get(name, 0.0) + sum(
                 self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
             )
-        self.acceptance.observe(
-            bucket,
-            accepted=[draft.confidences[i] for i in path],
-            rejected=[draft.confidences[i] for i in rejected],
-        )
-        if name not in self.free_drafters:
+        else:
             # A chain's next token by its predecessor's confidence: what the early exit
             # asks before drafting it.
             parents = draft.chain_parents()
@@ -672,6 +671,11 @@ class Controller:
                 accepted=[draft.confidences[parents[i]] for i in path if parents[i] >= 0],
                 rejected=[draft.confidences[parents[i]] for i in rejected if parents[i] >= 0],
             )
+        self.acceptance.observe(
+            bucket,
+            accepted=[draft.confidences[i] for i in path],
+            rejected=[draft.confidences[i] for i in rejected],
+        )
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
         memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + missed
 
