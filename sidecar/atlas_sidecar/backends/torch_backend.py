@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from atlas_sidecar import models
+from atlas_sidecar.backends.attention import use_grouped_attention
 from atlas_sidecar.backends.base import ForwardItem
 from atlas_sidecar.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
 
@@ -104,6 +105,8 @@ class CausalLMRunner:
         self._caches: dict[str, DynamicCache] = {}
         self._hidden: dict[str, torch.Tensor] = {}
         self._cache_argument = _cache_argument(model.get_decoder())
+        if self.device.type == "cpu":
+            use_grouped_attention(model)
 
     @classmethod
     def load(
