@@ -34,19 +34,18 @@ EWMA = 0.2  # weight of a new cost sample
 DECAY = 0.98
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evidence
 CONFIDENCE_BINS = 10
-# A request's own acceptance history moves the global estimate as if the global one
-# were this many draft tokens of evidence: one early rejection moves it a little, a
-# request that keeps rejecting a speculator soon turns it off.
-SEQUENCE_PRIOR_TOKENS = 8.0
 # _GainCalibration: how many expected draft tokens its prior (gained == expected) is
 # worth, and the most it may raise an estimate that plans keep beating.
 GAIN_PRIOR_TOKENS = 4.0
 MAX_GAIN_SCALE = 1.5
-# A free drafter's estimates are scaled, for each request, by how its drafts there did
-# against them: (accepted + this) / (expected + this). The drafter is scored on every
-# step (its shadow), so a new domain where its confident drafts miss turns it off for
-# that request within a few steps, however well the same confidence did before.
+# A speculator's estimates are scaled, for each request, by how its drafts there did
+# against them: (accepted + prior) / (expected + prior). A free drafter is scored on
+# every step (its shadow), so a new domain where its confident drafts miss turns it off
+# for that request within a few steps, however well the same confidence did before. A
+# model drafter is scored only on the steps it drafts, so one bad draft must not turn it
+# off for good: a larger prior (a request that keeps rejecting it still soon does).
 REQUEST_PRIOR_TOKENS = 2.0
+MODEL_REQUEST_PRIOR_TOKENS = 8.0
 
 K = TypeVar("K")
 
@@ -243,9 +242,11 @@ class AcceptanceStats:
     def __init__(self) -> None:
         self._cells: dict[tuple[str, int], _Beta] = {}
 
-    def prob(self, bucket: str, confidence: float) -> float:
+    def prob(self, bucket: str, confidence: float, prior: float | None = None) -> float:
+        """``prior``: the estimate before any evidence (by default the confidence's own)."""
         cell = self._cells.get((bucket, _bin(confidence)))
-        prior = (_bin(confidence) + 0.5) / CONFIDENCE_BINS
+        if prior is None:
+            prior = (_bin(confidence) + 0.5) / CONFIDENCE_BINS
         if cell is None:
             return prior
         n = cell.accepted + cell.rejected
@@ -286,23 +287,18 @@ class _SequenceMemory:
     """A request's own acceptance so far, per speculator: its domain, learned live."""
 
     accepted: dict[str, float] = field(default_factory=dict)
-    drafted: dict[str, float] = field(default_factory=dict)
-    # Free drafters only: the global estimates summed over the same tokens (what the
-    # request would have accepted were it like the traffic before it).
+    # The global estimates summed over the same tokens (what the request would have
+    # accepted were it like the traffic before it).
     expected: dict[str, float] = field(default_factory=dict)
 
-    def blend(self, name: str, p: float) -> float:
-        """``p`` (the global estimate) updated with this request's own evidence: for a
-        free drafter scaled by the request's accepted / expected, so its confidences
-        keep their order; for a model drafter (planned from its typical acceptance)
-        averaged with the request's own rate."""
-        drafted = self.drafted.get(name, 0.0)
-        accepted = self.accepted.get(name, 0.0)
-        if name in self.expected:
-            prior = REQUEST_PRIOR_TOKENS
-            ratio = (accepted + prior) / (self.expected[name] + prior)
-            return min(p * min(ratio, MAX_GAIN_SCALE), 0.99)
-        return (accepted + SEQUENCE_PRIOR_TOKENS * p) / (drafted + SEQUENCE_PRIOR_TOKENS)
+    def blend(self, name: str, p: float, prior: float) -> float:
+        """``p`` (the global estimate) scaled by the request's accepted / expected, so a
+        speculator's confidences keep their order (a confident token of a drafter doing
+        well here stays likelier than its pooled rate: long confident drafts go on)."""
+        if name not in self.expected:
+            return p
+        ratio = (self.accepted.get(name, 0.0) + prior) / (self.expected[name] + prior)
+        return min(p * min(ratio, MAX_GAIN_SCALE), 0.99)
 
 
 @dataclass
@@ -412,14 +408,24 @@ class Controller:
     def name(self) -> str:
         return "atlas"
 
-    def _accept_prob(self, seq_id: str, name: str, bucket: str, confidence: float | None) -> float:
+    def _accept_prob(
+        self,
+        seq_id: str,
+        name: str,
+        bucket: str,
+        confidence: float | None,
+        prior: float | None = None,
+    ) -> float:
         """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
         if confidence is None:
             p = self.acceptance.rate(bucket)
         else:
-            p = self.acceptance.prob(bucket, confidence)
+            p = self.acceptance.prob(bucket, confidence, prior)
         memory = self._memory.get(seq_id)
-        return p if memory is None else memory.blend(name, p)
+        if memory is None:
+            return p
+        free = name in self.free_drafters
+        return memory.blend(name, p, REQUEST_PRIOR_TOKENS if free else MODEL_REQUEST_PRIOR_TOKENS)
 
     def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
         return self.costs.verify(batch_size * tokens_per_seq, batch_size) / batch_size
@@ -555,18 +561,25 @@ class Controller:
                 if batch == 1:
                     lookahead = min(requests[i].lookahead, self.max_lookahead)
                 request = _with_lookahead(requests[i], lookahead)
-                request.keep_going = self._early_exit(request.seq_id, name, batch)
+                request.keep_going = self._early_exit(request.seq_id, name, batch, lookahead)
                 planned.append(request)
             for i, draft in zip(picked, self._propose(name, planned), strict=True):
                 draft.bucket = draft.bucket or name
                 chosen[i] = (chosen[i][0], draft)
 
-    def _early_exit(self, seq_id: str, name: str, batch: int) -> Callable[[list[float]], bool]:
-        """Stop a model drafter once another token no longer pays for itself.
+    def _early_exit(
+        self, seq_id: str, name: str, batch: int, cap: int
+    ) -> Callable[[list[float]], bool]:
+        """Stop a model drafter once drafting on, to any length up to ``cap``, no longer
+        pays for itself.
 
-        The next token is costed at what followed tokens of the last one's confidence
-        before (its ``>next`` bucket): a run of confident tokens that were taken drafts
-        on, where the drafter's pooled rate would have stopped it."""
+        Each token to come is costed at what followed tokens of the last one's
+        confidence before (its ``>next`` bucket; before any evidence, the drafter's
+        pooled rate: an unsure token says little of the one after it): a run of
+        confident tokens that were taken drafts on, where the drafter's pooled rate
+        would have stopped it. Not
+        only the next token: a forward's cost rises in steps (one token more may cost
+        a step, several more hardly anything), so one more can lose where a few win."""
 
         probs: list[float] = []  # of the tokens drafted so far (the draft only grows)
 
@@ -574,11 +587,16 @@ class Controller:
             probs.extend(
                 self._accept_prob(seq_id, name, name, c) for c in confidences[len(probs) :]
             )
-            following = self._accept_prob(seq_id, name, _next_bucket(name), confidences[-1])
+            following = self._accept_prob(
+                seq_id, name, _next_bucket(name), confidences[-1], self.acceptance.rate(name)
+            )
             n = len(probs)
+            if n >= cap:
+                return False
             now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
-            ahead = self._best_cut(name, probs + [following], list(range(-1, n)), n + 1, batch)
-            return ahead.lookahead == n + 1 and ahead.goodput >= now.goodput
+            more = probs + [following] * (cap - n)
+            ahead = self._best_cut(name, more, list(range(-1, cap - 1)), cap, batch)
+            return ahead.lookahead > n and ahead.goodput >= now.goodput
 
         return keep_going
 
@@ -622,7 +640,7 @@ class Controller:
             i for i, parent in enumerate(draft.chain_parents())
             if parent in checked and i not in on_path
         ]  # fmt: skip
-        self._learn(seq_id, name, draft, path, rejected, missed=bool(rejected))
+        self._learn(seq_id, name, draft, path, rejected)
 
     def _score_shadows(self, request: DraftRequest) -> None:
         """Score each free drafter's last draft of this sequence against the tokens the
@@ -633,17 +651,16 @@ class Controller:
             children: dict[int, list[int]] = {}
             for i, parent in enumerate(draft.chain_parents()):
                 children.setdefault(parent, []).append(i)
-            node, path, rejected, missed = -1, [], [], False
+            node, path, rejected = -1, [], []
             for token in produced:
                 kids = children.get(node, [])
                 match = next((k for k in kids if draft.tokens[k] == token), None)
                 rejected += [k for k in kids if k != match]
                 if match is None:
-                    missed = bool(kids)
                     break
                 path.append(match)
                 node = match
-            self._learn(request.seq_id, name, draft, path, rejected, missed)
+            self._learn(request.seq_id, name, draft, path, rejected)
 
     def _learn(
         self,
@@ -652,17 +669,14 @@ class Controller:
         draft: Draft,
         path: list[int],
         rejected: list[int],
-        missed: bool,
     ) -> None:
-        """Acceptance evidence: nodes the target took and checked nodes it did not;
-        ``missed``: the path ended at a rejection (not at the end of what is known)."""
+        """Acceptance evidence: nodes the target took and checked nodes it did not."""
         memory = self._memory.setdefault(seq_id, _SequenceMemory())
         bucket = draft.bucket or name
-        if name in self.free_drafters:
-            memory.expected[name] = memory.expected.get(name, 0.0) + sum(
-                self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
-            )
-        else:
+        memory.expected[name] = memory.expected.get(name, 0.0) + sum(
+            self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
+        )
+        if name not in self.free_drafters:
             # A chain's next token by its predecessor's confidence: what the early exit
             # asks before drafting it.
             parents = draft.chain_parents()
@@ -677,7 +691,6 @@ class Controller:
             rejected=[draft.confidences[i] for i in rejected],
         )
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
-        memory.drafted[name] = memory.drafted.get(name, 0.0) + len(path) + missed
 
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)

@@ -363,3 +363,38 @@ def test_a_model_draft_runs_on_while_its_run_says_the_next_token_will_be_taken()
     name, draft = controller.draft(request())
     assert name == "static"
     assert 12 <= len(draft.tokens) <= 13
+
+
+@pytest.mark.parametrize(("step_s", "drafted"), [(0.03, 16), (0.2, 7)])
+def test_a_model_draft_runs_past_a_step_in_the_verify_cost_when_the_tokens_beyond_pay(
+    step_s, drafted
+):
+    # Verifying 1-8 tokens costs the same, 9-17 a step more. At 7 drafted tokens one
+    # more costs the whole step: alone it loses, but the eight after it ride along
+    # almost free, so a confident draft runs on to the cap; where the step costs more
+    # than all of them gain, it stops at 7.
+    drafter = ScriptedModelDrafter([0.95] * 16)
+    model = CostModel()
+    for n in range(1, 18):
+        model.observe_verify(n, 0.1 if n <= 8 else 0.1 + step_s)
+    model.observe_draft("static", 1, 0.005)
+    controller = Controller([drafter], 16, model)
+    name, draft = controller.draft(request())
+    assert name == "static"
+    assert len(draft.tokens) == drafted
+
+
+def test_a_model_drafters_confident_tokens_keep_their_odds_in_a_request_that_bears_them_out():
+    # This request: the draft model's confident tokens are taken, its unsure last one
+    # is not, as its confidences said. Only 3 of 4 drafted tokens were taken, but a
+    # confident token stays as likely as the confidence says (an average with the
+    # request's raw rate would cut every long draft short); where confident tokens
+    # miss too, they are marked down.
+    controller = Controller([ScriptedModelDrafter([0.95] * 4)], 16, costs(0.01))
+    draft = Draft([7] * 4, [0.95, 0.95, 0.95, 0.15])
+    for _ in range(5):
+        controller.observe("good", "static", draft, [0, 1, 2])
+        controller.observe("bad", "static", draft, [0])
+    pooled = controller.acceptance.prob("static", 0.95)
+    assert controller._accept_prob("good", "static", "static", 0.95) >= 0.95 * pooled
+    assert controller._accept_prob("bad", "static", "static", 0.95) < 0.8 * pooled
