@@ -33,7 +33,9 @@ EWMA = 0.2  # weight of a new cost sample
 # around within a few steps of a batch, not after hundreds of rejections.
 DECAY = 0.98
 PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evidence
-CONFIDENCE_BINS = 10
+# Upper edges of the confidence bins: tenths, and the top tenth split finer, where a
+# draft model's tokens crowd and a long draft's odds hang on 0.97 against 0.995 a token.
+CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97, 0.99, 1.0)
 # _GainCalibration: how many expected draft tokens its prior (gained == expected) is
 # worth, and the most it may raise an estimate that plans keep beating.
 GAIN_PRIOR_TOKENS = 4.0
@@ -227,7 +229,12 @@ def _time_forwards(
 
 
 def _bin(confidence: float) -> int:
-    return min(int(confidence * CONFIDENCE_BINS), CONFIDENCE_BINS - 1)
+    return min(bisect.bisect_right(CONFIDENCE_EDGES, confidence), len(CONFIDENCE_EDGES) - 1)
+
+
+def _bin_middle(index: int) -> float:
+    low = CONFIDENCE_EDGES[index - 1] if index else 0.0
+    return (low + CONFIDENCE_EDGES[index]) / 2
 
 
 @dataclass
@@ -246,7 +253,7 @@ class AcceptanceStats:
         """``prior``: the estimate before any evidence (by default the confidence's own)."""
         cell = self._cells.get((bucket, _bin(confidence)))
         if prior is None:
-            prior = (_bin(confidence) + 0.5) / CONFIDENCE_BINS
+            prior = _bin_middle(_bin(confidence))
         if cell is None:
             return prior
         n = cell.accepted + cell.rejected
