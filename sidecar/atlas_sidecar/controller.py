@@ -438,14 +438,21 @@ class Controller:
         return self.costs.verify(batch_size * tokens_per_seq, batch_size) / batch_size
 
     def _best_cut(
-        self, name: str, probs: list[float], parents: list[int], cap: int, batch_size: int
+        self,
+        name: str,
+        probs: list[float],
+        parents: list[int],
+        cap: int,
+        batch_size: int,
+        drafted: bool = False,
     ) -> Plan:
-        """The most goodput-efficient subtree: the nodes most likely to be reached."""
+        """The most goodput-efficient subtree: the nodes most likely to be reached.
+        ``drafted``: the nodes exist already (their drafting cost is spent)."""
         reach = path_probs(probs, parents)
         # Ancestors are at least as likely as their descendants and come first on ties,
         # so every top-n set is closed under parents.
         order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
-        draft_s = self.costs.draft_per_token(name)
+        draft_s = 0.0 if drafted else self.costs.draft_per_token(name)
         scale = self._gain[name].scale
         gains = [1.0]
         for node in order:
@@ -572,7 +579,22 @@ class Controller:
                 planned.append(request)
             for i, draft in zip(picked, self._propose(name, planned), strict=True):
                 draft.bucket = draft.bucket or name
+                if batch == 1 and requests[i].params.greedy and draft.runners_up:
+                    draft = self._add_runners_up(requests[i].seq_id, name, draft)
                 chosen[i] = (chosen[i][0], draft)
+
+    def _add_runners_up(self, seq_id: str, name: str, draft: Draft) -> Draft:
+        """The draft model's chain with the runners-up worth verifying beside it.
+
+        Where the favourite is unsure, the target often picks the drafter's second
+        choice (chat, Qwen2.5-Coder 0.5B for 1.5B: 41% of the favourite's misses): as
+        a sibling it costs one more token in the verify forward and no drafting. Only
+        for one sequence (in a batch every row would be padded to the wider draft)."""
+        tree = draft.with_runners_up()
+        probs = [self._accept_prob(seq_id, name, tree.bucket, c) for c in tree.confidences]
+        parents = tree.chain_parents()
+        plan = self._best_cut(name, probs, parents, len(tree.tokens), 1, drafted=True)
+        return tree.subset(plan.nodes)
 
     def _early_exit(
         self, seq_id: str, name: str, batch: int, cap: int
@@ -685,12 +707,18 @@ class Controller:
         )
         if name not in self.free_drafters:
             # A chain's next token by its predecessor's confidence: what the early exit
-            # asks before drafting it.
-            parents = draft.chain_parents()
+            # asks before drafting it (of the favourites only, not the runners-up).
+            parents, chain = draft.chain_parents(), set(draft.main_nodes())
             self.acceptance.observe(
                 _next_bucket(bucket),
-                accepted=[draft.confidences[parents[i]] for i in path if parents[i] >= 0],
-                rejected=[draft.confidences[parents[i]] for i in rejected if parents[i] >= 0],
+                accepted=[
+                    draft.confidences[parents[i]] for i in path if i in chain and parents[i] >= 0
+                ],
+                rejected=[
+                    draft.confidences[parents[i]]
+                    for i in rejected
+                    if i in chain and parents[i] >= 0
+                ],
             )
         self.acceptance.observe(
             bucket,

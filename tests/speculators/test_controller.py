@@ -398,3 +398,38 @@ def test_a_model_drafters_confident_tokens_keep_their_odds_in_a_request_that_bea
     pooled = controller.acceptance.prob("static", 0.95)
     assert controller._accept_prob("good", "static", "static", 0.95) >= 0.95 * pooled
     assert controller._accept_prob("bad", "static", "static", 0.95) < 0.8 * pooled
+
+
+class RunnerUpDrafter(ScriptedModelDrafter):
+    """A draft model that also reports its second choice at each position."""
+
+    def propose(self, requests):
+        drafts = super().propose(requests)
+        for draft in drafts:
+            draft.runners_up = [(8, 1.0 - c) for c in draft.confidences]
+        return drafts
+
+
+def test_a_draft_models_unsure_runner_up_is_verified_beside_its_favourite():
+    drafter = RunnerUpDrafter([0.99, 0.99, 0.55, 0.99])
+    model = costs(0.002)
+    model.observe_draft("static", 1, 0.005)
+    controller = Controller([drafter], 4, model)
+    name, draft = controller.draft(request(lookahead=4))
+    assert name == "static"
+    # The chain as drafted, then the one runner-up likely enough to pay for its place:
+    # 8 beside the unsure third token (a child of the second), the favourites first.
+    assert draft.tokens == [7, 7, 7, 7, 8]
+    assert draft.parents == [-1, 0, 1, 2, 1]
+    assert draft.main_chain().tokens == [7, 7, 7, 7]
+    # Sampling gets the chain alone: rejection sampling verifies chains.
+    sampled = DraftRequest("t", [1, 2, 3], 4, SamplingParams(temperature=0.8))
+    assert not controller.draft(sampled)[1].is_tree
+
+
+def test_runners_up_become_siblings_after_the_whole_chain():
+    draft = Draft([5, 6, 7], [0.9, 0.6, 0.8], runners_up=[(1, 0.05), (2, 0.3), (3, 0.0)])
+    tree = draft.with_runners_up()
+    assert tree.tokens == [5, 6, 7, 1, 2]  # a runner-up the drafter could not pick is left out
+    assert tree.parents == [-1, 0, 1, -1, 0]
+    assert tree.main_chain().tokens == [5, 6, 7]

@@ -47,6 +47,10 @@ class Draft:
     # step), as the drafter measured it without one-off work such as a draft model's
     # first prefill of the prompt. None: the controller times the whole call.
     token_cost_s: float | None = None
+    # A draft model's second choice at each token of a chain, with its probability:
+    # (token, probability) per position. The controller may add them to the draft as
+    # siblings (a tree), verified in the same forward at no drafting cost.
+    runners_up: list[tuple[int, float]] | None = None
 
     @classmethod
     def empty(cls) -> Draft:
@@ -73,18 +77,36 @@ class Draft:
             token_cost_s=self.token_cost_s,
         )
 
+    def main_nodes(self) -> list[int]:
+        """The nodes of the path that always follows the first child."""
+        nodes, current = [], -1
+        for i, parent in enumerate(self.chain_parents()):
+            if parent == current:
+                nodes.append(i)
+                current = i
+        return nodes
+
     def main_chain(self) -> Draft:
         """The path that always follows the first child: a tree reduced to a chain."""
         if not self.is_tree:
             return self
-        parents, nodes, current = self.chain_parents(), [], -1
-        for i, parent in enumerate(parents):
-            if parent == current:
-                nodes.append(i)
-                current = i
-        chain = self.subset(nodes)
+        chain = self.subset(self.main_nodes())
         chain.parents = None
         return chain
+
+    def with_runners_up(self) -> Draft:
+        """The chain with each position's runner-up as a sibling of its token (after
+        every chain token, so each node's first child stays the favourite)."""
+        if self.is_tree or not self.runners_up:
+            return self
+        picks = [(i, t, p) for i, (t, p) in enumerate(self.runners_up) if p > 0.0]
+        return Draft(
+            tokens=[*self.tokens, *(t for _, t, _ in picks)],
+            confidences=[*self.confidences, *(p for _, _, p in picks)],
+            bucket=self.bucket,
+            parents=[*range(-1, len(self.tokens) - 1), *(i - 1 for i, _, _ in picks)],
+            token_cost_s=self.token_cost_s,
+        )
 
 
 class Drafter(Protocol):

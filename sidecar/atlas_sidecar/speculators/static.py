@@ -138,11 +138,14 @@ class _Growing:
         self.tokens: list[int] = []
         self.confidences: list[float] = []
         self.sampled_from: list[torch.Tensor] = []
+        self.runners_up: list[tuple[int, float]] = []  # greedy only
 
     def add(self, logits: torch.Tensor, request: DraftRequest) -> None:
         if request.params.greedy:
             probs = logits.float().softmax(dim=-1)
-            token = int(probs.argmax())
+            best = probs.topk(2)
+            token = int(best.indices[0])
+            self.runners_up.append((int(best.indices[1]), float(best.values[1])))
         else:
             probs = probs_from_logits(logits[None], request.params)[0]
             token = int(torch.multinomial(probs, 1, generator=request.generator))
@@ -152,4 +155,10 @@ class _Growing:
 
     def done(self, token_cost_s: float | None) -> Draft:
         probs = torch.stack(self.sampled_from) if self.sampled_from else None
-        return Draft(self.tokens, self.confidences, probs, token_cost_s=token_cost_s)
+        return Draft(
+            self.tokens,
+            self.confidences,
+            probs,
+            token_cost_s=token_cost_s,
+            runners_up=self.runners_up or None,
+        )
