@@ -17,12 +17,11 @@ mode verifies against the same target; tests in float32 check they agree exactly
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "atlas_grouped"
 MAX_QUERY = 16  # query tokens up to which the grouped matmuls beat SDPA (measured)
@@ -64,10 +63,19 @@ def grouped_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(NAME, grouped_attention)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+@functools.cache
+def _register() -> None:
+    """Name ``grouped_attention`` to Hugging Face, on first use: its registries live in
+    modules that import torch._dynamo, and with it Triton, which must not happen on
+    importing the sidecar (start-up time; Triton's interpreter mode, read at its import)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, grouped_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_grouped_attention(model: Any) -> None:
     """Switch ``model`` (on the CPU) to ``grouped_attention``."""
+    _register()
     model.set_attn_implementation(NAME)
