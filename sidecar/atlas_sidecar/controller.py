@@ -592,8 +592,8 @@ class Controller:
         for one sequence (in a batch every row would be padded to the wider draft)."""
         tree = draft.with_runners_up()
         probs = [self._accept_prob(seq_id, name, tree.bucket, c) for c in tree.confidences]
-        parents = tree.chain_parents()
-        plan = self._best_cut(name, probs, parents, len(tree.tokens), 1, drafted=True)
+        cap = len(tree.tokens)
+        plan = self._best_cut(name, probs, tree.chain_parents(), cap, 1, drafted=True)
         return tree.subset(plan.nodes)
 
     def _early_exit(
@@ -606,9 +606,9 @@ class Controller:
         confidence before (its ``>next`` bucket; before any evidence, the drafter's
         pooled rate: an unsure token says little of the one after it): a run of
         confident tokens that were taken drafts on, where the drafter's pooled rate
-        would have stopped it. Not
-        only the next token: a forward's cost rises in steps (one token more may cost
-        a step, several more hardly anything), so one more can lose where a few win."""
+        would have stopped it. Not only the next token: a forward's cost rises in
+        steps (one token more may cost a step, several more hardly anything), so one
+        more can lose where a few win."""
 
         probs: list[float] = []  # of the tokens drafted so far (the draft only grows)
 
@@ -616,12 +616,12 @@ class Controller:
             probs.extend(
                 self._accept_prob(seq_id, name, name, c) for c in confidences[len(probs) :]
             )
-            following = self._accept_prob(
-                seq_id, name, _next_bucket(name), confidences[-1], self.acceptance.rate(name)
-            )
             n = len(probs)
             if n >= cap:
                 return False
+            following = self._accept_prob(
+                seq_id, name, _next_bucket(name), confidences[-1], self.acceptance.rate(name)
+            )
             now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
             more = probs + [following] * (cap - n)
             ahead = self._best_cut(name, more, list(range(-1, cap - 1)), cap, batch)
@@ -708,17 +708,14 @@ class Controller:
         if name not in self.free_drafters:
             # A chain's next token by its predecessor's confidence: what the early exit
             # asks before drafting it (of the favourites only, not the runners-up).
-            parents, chain = draft.chain_parents(), set(draft.main_nodes())
+            parents = draft.chain_parents()
+            followers = {i for i in draft.main_nodes() if parents[i] >= 0}
+
+            def predecessors(nodes: list[int]) -> list[float]:
+                return [draft.confidences[parents[i]] for i in nodes if i in followers]
+
             self.acceptance.observe(
-                _next_bucket(bucket),
-                accepted=[
-                    draft.confidences[parents[i]] for i in path if i in chain and parents[i] >= 0
-                ],
-                rejected=[
-                    draft.confidences[parents[i]]
-                    for i in rejected
-                    if i in chain and parents[i] >= 0
-                ],
+                _next_bucket(bucket), accepted=predecessors(path), rejected=predecessors(rejected)
             )
         self.acceptance.observe(
             bucket,
