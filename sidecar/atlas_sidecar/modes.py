@@ -15,7 +15,7 @@ from atlas_sidecar.speculators.suffix import SuffixSpeculator
 
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
-ATLAS_MAX_LOOKAHEAD = 16
+ATLAS_MAX_LOOKAHEAD = 32
 MODES = ("target_only", "static", "suffix", "neural", "atlas")
 NEEDS_DRAFT = frozenset({"static", "atlas"})
 

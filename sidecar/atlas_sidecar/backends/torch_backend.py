@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from atlas_sidecar import models
+from atlas_sidecar.backends import lean
 from atlas_sidecar.backends.attention import use_grouped_attention
 from atlas_sidecar.backends.base import ForwardItem
 from atlas_sidecar.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
@@ -105,6 +106,7 @@ class CausalLMRunner:
         self._caches: dict[str, DynamicCache] = {}
         self._hidden: dict[str, torch.Tensor] = {}
         self._cache_argument = _cache_argument(model.get_decoder())
+        self._lean: lean.LeanDecoder | None = None
         if self.device.type == "cpu":
             use_grouped_attention(model)
 
@@ -129,6 +131,14 @@ class CausalLMRunner:
         if weights == "int8" or (weights == "auto" and int8_supported(device)):
             quantize_int8(model)
         return runner
+
+    def use_lean_decoder(self) -> bool:
+        """Run chains of few tokens through ``lean.py``'s forward from now on, where the
+        model has one (on the CPU); returns whether it does. For draft models only: a
+        target keeps Hugging Face's forward, the reference every mode verifies with."""
+        if self._lean is None and self.device.type == "cpu" and lean.supports(self.model):
+            self._lean = lean.LeanDecoder(self.model)
+        return self._lean is not None
 
     @property
     def hidden_size(self) -> int:
@@ -174,6 +184,10 @@ class CausalLMRunner:
                 raise ValueError(
                     f"{item.seq_id}: {len(item.tokens)} tokens but {len(item.parents)} parents"
                 )
+        if self._lean is not None and all(
+            item.parents is None and len(item.tokens) <= lean.MAX_TOKENS for item in items
+        ):
+            return self._forward_lean(items, head, last_only)
         if len(items) == 1:
             item = items[0]  # one sequence, chain or tree: its cache as it is, no padding
             cache = self._caches[item.seq_id]
@@ -190,6 +204,23 @@ class CausalLMRunner:
             self._append_hidden(item.seq_id, hidden)
             return [head(hidden[-1:] if last_only else hidden).float()]
         return self._forward_padded(items, head, last_only)
+
+    def _forward_lean(
+        self, items: list[ForwardItem], head: Head, last_only: bool
+    ) -> list[torch.Tensor]:
+        assert self._lean is not None
+        caches = [self._caches[item.seq_id] for item in items]
+        _check_full_attention(caches)
+        hidden = self._lean.run([item.tokens for item in items], caches)
+        ends = torch.tensor([len(item.tokens) for item in items]).cumsum(0).tolist()
+        starts = [0, *ends[:-1]]
+        for item, start, end in zip(items, starts, ends, strict=True):
+            self._append_hidden(item.seq_id, hidden[start:end])
+        if last_only:
+            logits = head(hidden[[end - 1 for end in ends]]).float()
+            return [logits[r : r + 1] for r in range(len(items))]
+        logits = head(hidden).float()
+        return [logits[start:end] for start, end in zip(starts, ends, strict=True)]
 
     def _forward_padded(
         self, items: list[ForwardItem], head: Head, last_only: bool

@@ -26,7 +26,7 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-STEADY_SYNC_TOKENS = 17  # a step's accepted tokens (lookahead 16) plus the target's own
+STEADY_SYNC_TOKENS = 33  # a step's accepted tokens (lookahead 32) plus the target's own
 
 
 class StaticSpeculator:
@@ -34,6 +34,7 @@ class StaticSpeculator:
 
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner
+        runner.use_lean_decoder()  # a draft model's forward, where it has one (``lean.py``)
         # Its own draft vocabulary (``vocab.py``), learned from the contexts it is given.
         self.vocabulary = DraftVocabulary(
             runner.model.get_output_embeddings(), runner.vocab_size, runner.eos_token_ids
