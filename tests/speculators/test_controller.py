@@ -365,6 +365,23 @@ def test_a_model_draft_runs_on_while_its_run_says_the_next_token_will_be_taken()
     assert 12 <= len(draft.tokens) <= 13
 
 
+def test_a_model_draft_runs_on_while_its_tokens_stay_confident():
+    # Earlier traffic: a confident first token was taken and an unsure one after it was
+    # not, every time. So tokens after a confident one were mostly rejected, and the
+    # drafter's pooled rate is middling; yet each token's own confidence told which. A
+    # run of confident tokens is costed at the last one's odds: it drafts on until an
+    # unsure token, which stops it.
+    drafter = ScriptedModelDrafter([0.99] * 10 + [0.2] * 6)
+    controller = Controller([drafter], 16, costs(0.004))
+    controller.costs.observe_draft("static", 1, 0.01)
+    for _ in range(20):
+        controller.observe("t", "static", Draft([7, 7], [0.99, 0.2]), [0])
+    controller.release("t")
+    name, draft = controller.draft(request())
+    assert name == "static"
+    assert len(draft.tokens) == 11
+
+
 @pytest.mark.parametrize(("step_s", "drafted"), [(0.03, 16), (0.2, 7)])
 def test_a_model_draft_runs_past_a_step_in_the_verify_cost_when_the_tokens_beyond_pay(
     step_s, drafted
