@@ -48,6 +48,9 @@ MAX_GAIN_SCALE = 1.5
 # off for good: a larger prior (a request that keeps rejecting it still soon does).
 REQUEST_PRIOR_TOKENS = 2.0
 MODEL_REQUEST_PRIOR_TOKENS = 8.0
+# A model drafter's steps so far, before it drafts: how many of the traffic's steps its
+# request's own are worth (_Steps).
+STEP_PRIOR = 2.0
 
 K = TypeVar("K")
 
@@ -288,6 +291,36 @@ class AcceptanceStats:
 
 
 @dataclass
+class _Steps:
+    """A model drafter's steps: tokens each gained and what each cost (modelled seconds:
+    its drafting and the verify forward), summed with old steps fading.
+
+    Its plan before drafting rests on its pooled acceptance rate, a flat chain; but its
+    early exit makes its drafts long where they are taken and short where they are not,
+    so the rate undersells a drafter whose stretches run long (a draft model on code:
+    6-15 tokens a step) against a cheap one whose tokens are taken as often but whose
+    drafts stay short (the neural head). What its steps gained per second is what it
+    is worth."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    count: float = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.tokens = DECAY * self.tokens + tokens
+        self.seconds = DECAY * self.seconds + seconds
+        self.count = DECAY * self.count + 1.0
+
+    def goodput(self, prior: _Steps | None = None, weight: float = 0.0) -> float | None:
+        """Tokens per second; with ``prior``'s mean step worth ``weight`` steps."""
+        tokens, seconds = self.tokens, self.seconds
+        if prior is not None and prior.count > 0:
+            tokens += weight * prior.tokens / prior.count
+            seconds += weight * prior.seconds / prior.count
+        return tokens / seconds if seconds > 0 else None
+
+
+@dataclass
 class _SequenceMemory:
     """A request's own acceptance so far, per speculator: its domain, learned live."""
 
@@ -295,6 +328,7 @@ class _SequenceMemory:
     # The global estimates summed over the same tokens (what the request would have
     # accepted were it like the traffic before it).
     expected: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, _Steps] = field(default_factory=dict)
 
     def blend(self, name: str, p: float, prior: float) -> float:
         """``p`` (the global estimate) scaled by the request's accepted / expected, so a
@@ -406,6 +440,7 @@ class Controller:
         self._shadows: dict[str, dict[str, tuple[int, Draft]]] = {}
         self.choices: dict[str, int] = {}
         self._gain = {name: _GainCalibration() for name in self.speculators}
+        self._steps = {name: _Steps() for name in self.speculators}
         # Per sequence: the speculator of its last plan and the draft tokens it expected.
         self._expected: dict[str, tuple[str, float]] = {}
 
@@ -523,6 +558,8 @@ class Controller:
                         chain = list(range(-1, cap - 1))
                         plan = self._best_cut(name, [typical] * cap, chain, cap, batch)
                         draft = Draft.empty()
+                        if batch == 1:
+                            plan = self._as_its_steps_did(request.seq_id, plan)
                     if plan.goodput > best.goodput and plan.lookahead > 0:
                         best, best_draft = plan, draft
             chosen.append((best, best_draft))
@@ -541,6 +578,20 @@ class Controller:
                 expected = self._expectation(request.seq_id, plan, draft)
                 self._expected[request.seq_id] = (plan.speculator, expected)
         return [(self._chose(plan), draft) for plan, draft in chosen]
+
+    def _as_its_steps_did(self, seq_id: str, plan: Plan) -> Plan:
+        """A model drafter's plan for one sequence, valued at what its steps gained per
+        second (``_Steps``): the request's own, after its first steps, else the traffic's.
+        A drafter with no steps yet keeps its plan's estimate (so it gets tried)."""
+        name = plan.speculator
+        memory = self._memory.get(seq_id)
+        own = memory.steps.get(name) if memory is not None else None
+        traffic = self._steps[name]
+        goodput = own.goodput(traffic, STEP_PRIOR) if own is not None else traffic.goodput()
+        if goodput is None or plan.lookahead == 0:
+            return plan
+        seconds = plan.expected_s
+        return Plan(name, plan.nodes, goodput * seconds, seconds, plan.order, plan.gains)
 
     def _expectation(self, seq_id: str, plan: Plan, draft: Draft) -> float:
         """Draft tokens the per-token estimates expect ``draft`` to gain: the plan's
@@ -659,6 +710,12 @@ class Controller:
             self._gain[name].observe(len(path), expected[1])
         if name == "none" or not draft.tokens or name in self.free_drafters:
             return  # free drafters learn from their whole draft instead (_score_shadows)
+        # The step as the cost model prices it (one sequence: drafted chain + verify).
+        seconds = self.costs.draft_per_token(name) * len(draft.main_nodes())
+        seconds += self._verify_share(len(draft.tokens) + 1, 1)
+        self._steps[name].observe(len(path) + 1, seconds)
+        memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        memory.steps.setdefault(name, _Steps()).observe(len(path) + 1, seconds)
         # Every other child of the root and of the accepted nodes met the target and lost.
         checked, on_path = {-1, *path}, set(path)
         rejected = [

@@ -382,6 +382,37 @@ def test_a_model_draft_runs_on_while_its_tokens_stay_confident():
     assert len(draft.tokens) == 11
 
 
+class ScriptedNeural(ScriptedModelDrafter):
+    name = "neural"
+
+
+def test_a_model_drafter_is_chosen_by_what_its_steps_gained_not_by_its_pooled_rate():
+    # The draft model's steps either run long and are taken (9 of 10 tokens) or stop
+    # after a few unsure tokens that miss: its pooled token rate is middling, but a step
+    # gains 5.5 tokens on average. The cheap neural head's tokens are taken about as
+    # often, but its drafts stay short: 2 tokens a step. Valued as flat chains at their
+    # pooled rates the cheap head wins; by what their steps gained per second (the step
+    # costs included), the draft model does.
+    static, neural = ScriptedModelDrafter([0.99] * 16), ScriptedNeural([0.8] * 16)
+    model = costs(0.004)
+    model.observe_draft("static", 1, 0.02)
+    model.observe_draft("neural", 1, 0.004)
+    controller = Controller([static, neural], 16, model)
+    for _ in range(10):
+        controller.observe("t", "static", Draft([7] * 10, [0.99] * 9 + [0.2]), list(range(9)))
+        controller.observe("t", "static", Draft([7] * 3, [0.3, 0.2, 0.2]), [])
+        controller.observe("t", "neural", Draft([7] * 2, [0.8, 0.6]), [0])
+    controller.release("t")
+    assert controller.acceptance.rate("static") < 0.8
+    name, _ = controller.draft(request())
+    assert name == "static"
+    # A request where the draft model's steps gain little turns to the neural head.
+    for _ in range(3):
+        controller.observe("s", "static", Draft([7] * 4, [0.99] * 4), [])
+    name, _ = controller.draft(request())
+    assert name == "neural"
+
+
 @pytest.mark.parametrize(("step_s", "drafted"), [(0.03, 16), (0.2, 7)])
 def test_a_model_draft_runs_past_a_step_in_the_verify_cost_when_the_tokens_beyond_pay(
     step_s, drafted
