@@ -302,7 +302,7 @@ class _Steps:
     drafts stay short (the neural head). What its steps gained per second is what it
     is worth against another model drafter. (Not against the suffix index, whose plan
     rests on the match at hand: valued at their steps' average, the draft model took
-    steps the index would have made for free, python 5.1x -> 3.6x.)"""
+    steps the index would have made for free: python 5.1x -> 3.6x in the bench.)"""
 
     tokens: float = 0.0
     seconds: float = 0.0
@@ -671,7 +671,7 @@ class Controller:
         drafted token then shows its own. A run of confident tokens drafts on where the
         drafter's pooled rate would stop it; an unsure token stops it. (What followed
         tokens of the last one's confidence before, learned per bin, drafted shorter:
-        drift(5) A/B, rust 2.75x -> 3.03x, chat 1.67x -> 1.78x.) Not only the next
+        drift(3) A/B, rust 2.75x -> 3.03x, chat 1.67x -> 1.78x.) Not only the next
         token: a forward's cost rises in steps (one token more may cost a step, several
         more hardly anything), so one more can lose where a few win."""
 
