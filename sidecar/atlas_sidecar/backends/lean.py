@@ -7,7 +7,8 @@ per token. This forward runs the same layers with less of it: the q/k/v projecti
 one int8 matmul and gate/up as another (their int8 rows concatenated, the modules'
 own weights becoming views of them, so no memory is added), the rotary embedding once
 for queries and keys together, and attention per sequence on its own tokens, with no
-padding and no 4D mask. Several sequences share every matmul (their tokens are rows).
+padding and no 4D mask (``attention.py``'s grouped matmuls). Several sequences share
+every matmul (their tokens are rows).
 
 Only for drafts, and only for chains of a few tokens (a draft step, a cache catch-up):
 anything else, and every target forward, stays on Hugging Face's forward, so the target
@@ -23,10 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from atlas_sidecar.backends.attention import MAX_QUERY, grouped_attention
 from atlas_sidecar.backends.int8 import INT8_MAX_ROWS, Int8Linear
 
 MODEL_TYPES = ("qwen2",)  # decoders with exactly this layer layout (biased q/k/v, SwiGLU)
-MAX_TOKENS = 16  # new tokens per sequence up to which it is used (a draft step's sync)
+# New tokens per sequence up to which it is used (a draft step's sync): as many as the
+# grouped attention takes.
+MAX_TOKENS = MAX_QUERY
 
 
 def supports(model: Any) -> bool:
@@ -133,34 +137,20 @@ class LeanDecoder:
                 keys, values = cache.layers[index].update(
                     key[rows_of].transpose(0, 1)[None], value[rows_of].transpose(0, 1)[None]
                 )
-                attended.append(self._attend(query[rows_of], keys[0], values[0], mask))
+                # [n, heads, d] -> [1, heads, n, d]; back as [1, n, heads, d].
+                out, _ = grouped_attention(
+                    None,
+                    query[rows_of].transpose(0, 1)[None],
+                    keys,
+                    values,
+                    None if mask is None else mask[None, None],
+                )
+                attended.append(out.reshape(n, q_size))
             hidden = hidden + o_proj(torch.cat(attended) if len(attended) > 1 else attended[0])
             mlp_in = gate_up(_rms_norm(hidden, *norm_post))
             gate, up = mlp_in.chunk(2, dim=-1)
             hidden = hidden + down(nn.functional.silu(gate) * up)
         return _rms_norm(hidden, *self.norm)
-
-    def _attend(
-        self,
-        query: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        mask: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """One sequence: query [n, heads, d]; keys, values [kv_heads, k, d] -> [n, heads*d].
-
-        The query heads sharing a key/value head are one matrix (as ``attention.py``)."""
-        n = query.shape[0]
-        group = self.heads // self.kv_heads
-        grouped = query.view(n, self.kv_heads, group, self.head_dim).permute(1, 2, 0, 3)
-        grouped = grouped.reshape(self.kv_heads, group * n, self.head_dim)
-        scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(self.head_dim**-0.5)
-        if mask is not None:
-            scores = scores.view(self.kv_heads, group, n, -1).masked_fill_(~mask, float("-inf"))
-            scores = scores.view(self.kv_heads, group * n, -1)
-        weights = scores.softmax(dim=-1).to(values.dtype)
-        out = torch.matmul(weights, values).view(self.kv_heads, group, n, self.head_dim)
-        return out.permute(2, 0, 1, 3).reshape(n, self.heads * self.head_dim)
 
 
 def _rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

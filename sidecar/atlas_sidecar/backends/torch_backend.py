@@ -6,6 +6,7 @@ Also runs draft models (the static speculator), which need exactly the same oper
 from __future__ import annotations
 
 import inspect
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -212,7 +213,7 @@ class CausalLMRunner:
         caches = [self._caches[item.seq_id] for item in items]
         _check_full_attention(caches)
         hidden = self._lean.run([item.tokens for item in items], caches)
-        ends = torch.tensor([len(item.tokens) for item in items]).cumsum(0).tolist()
+        ends = list(itertools.accumulate(len(item.tokens) for item in items))
         starts = [0, *ends[:-1]]
         for item, start, end in zip(items, starts, ends, strict=True):
             self._append_hidden(item.seq_id, hidden[start:end])
