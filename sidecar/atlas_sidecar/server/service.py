@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from atlas_sidecar.engine import GenerationResult
 from atlas_sidecar.errors import RequestError
@@ -65,10 +64,12 @@ class Malformed:
 def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
     # grpc answers a deserializer exception with INTERNAL; a client's garbage is its
     # own mistake, so parse failures reach the handler and become INVALID_ARGUMENT.
+    # Any exception, not only DecodeError: whatever the parser raises on bytes a client
+    # chose is still the client's garbage.
     def parse(data: bytes) -> Any:
         try:
             return message_cls.FromString(data)
-        except DecodeError as exc:
+        except Exception as exc:  # noqa: BLE001
             return Malformed(message_cls.DESCRIPTOR.full_name, str(exc))
 
     return parse
