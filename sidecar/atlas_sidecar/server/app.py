@@ -64,7 +64,9 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
     auth_token: str | None = None
-    admin_token: str | None = None  # defaults to auth_token
+    # Admin RPCs need exactly this token; None: they are refused (never the data token).
+    admin_token: str | None = None
+    metrics_host: str = "127.0.0.1"  # Prometheus /metrics; a pod needs 0.0.0.0
     weight_version_file: Path | None = None
     drain_timeout_s: float = 30.0
     log_prompts: bool = False
@@ -107,7 +109,6 @@ class SidecarServer:
     async def start(self) -> int:
         """Bind and start serving; return the gRPC port."""
         cfg = self.config
-        admin_token = cfg.admin_token or cfg.auth_token
         options = [
             ("grpc.max_receive_message_length", cfg.max_message_bytes),
             ("grpc.max_send_message_length", cfg.max_message_bytes),
@@ -115,7 +116,8 @@ class SidecarServer:
             ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
         ]
         server = grpc.aio.server(
-            interceptors=[TokenAuth(cfg.auth_token, admin_token, ADMIN_METHODS)],
+            # No fallback to the data token: a data client must never open admin RPCs.
+            interceptors=[TokenAuth(cfg.auth_token, cfg.admin_token, ADMIN_METHODS)],
             options=options,
         )
         server.add_generic_rpc_handlers((self.service.handler(),))
@@ -142,17 +144,20 @@ class SidecarServer:
             await self.health.set(name, serving)
         log.info("serving %s on %s:%d (%s)", SERVICE_NAME, cfg.host, self.port,
                  "TLS" if cfg.tls else "plaintext")  # fmt: skip
+        if warning := plaintext_token_warning(cfg):
+            log.warning("%s", warning)
         return self.port
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port is None:
             return
+        # Its own host, loopback by default: the metrics page has no auth.
         http, _ = start_http_server(
-            self.config.metrics_port, addr=self.config.host, registry=self.stats.registry
+            self.config.metrics_port, addr=self.config.metrics_host, registry=self.stats.registry
         )
         self._metrics_http = http
         self.metrics_port = int(http.server_port)
-        log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
 
     async def _poll_weight_file(self) -> None:
         # The operator updates a mounted ConfigMap; the kubelet swaps the file under us.
@@ -179,6 +184,22 @@ class SidecarServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def plaintext_token_warning(cfg: ServerConfig) -> str | None:
+    """A bearer token sent in plaintext over a network can be read off the wire."""
+    if cfg.tls is not None or not (cfg.auth_token or cfg.admin_token):
+        return None
+    if cfg.host in LOOPBACK_HOSTS or cfg.host.startswith("127."):
+        return None
+    return (
+        f"bearer tokens are configured but {cfg.host}:{cfg.port} is plaintext and not "
+        "loopback: anyone on the network path can read them; enable TLS (--tls-cert, "
+        "--tls-key) or bind to 127.0.0.1"
+    )
 
 
 def _live(engine: Engine) -> Callable[[], int]:

@@ -56,13 +56,15 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--max-concurrent-streams", type=int, default=256, help="per connection")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics; 0: off")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="/metrics address (no auth: 0.0.0.0 only to be scraped)")  # fmt: skip
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA for client certificates: mutual TLS")
     p.add_argument("--auth-token-file",
                    help=f"bearer token required on every RPC (or ${AUTH_TOKEN_ENV})")  # fmt: skip
     p.add_argument("--admin-token-file",
-                   help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}; default: auth's)")  # fmt: skip
+                   help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}); none: admin off")  # fmt: skip
     p.add_argument("--weight-version-file", default="/etc/atlas/rollout/weight-version",
                    help="the rollout ConfigMap's weight version (read if present)")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -94,6 +96,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_message_bytes=args.max_message_bytes,
