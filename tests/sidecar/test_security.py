@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import urllib.request
 
 import grpc
@@ -13,7 +15,7 @@ from atlas_sidecar.client import NO_RETRY, AtlasError
 from atlas_sidecar.server.app import ServerConfig, TlsConfig, plaintext_token_warning
 from atlas_sidecar.server.auth import bearer_token, tokens_match
 
-from .conftest import PROMPTS, chat, serving
+from .conftest import PROMPTS, _make_leaf, chat, serving
 
 TOKEN = "data-token-123"
 ADMIN = "admin-token-456"
@@ -166,6 +168,35 @@ def test_logs_carry_no_prompt_text_by_default(served, client_for, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "done" in logged  # requests are logged...
     assert "4111" not in logged  # ...without their text
+
+
+def test_a_certificate_rotated_on_disk_is_served_to_new_connections(
+    served, certs, client_for, tmp_path
+):
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(certs.server_cert, live / "tls.crt")
+    shutil.copy(certs.server_key, live / "tls.key")
+    # A second server certificate, from the other CA: which CA a client must trust
+    # tells which certificate the server presented.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(certs.other_ca, other / "ca.pem")
+    shutil.copy(certs.other_ca.with_suffix(".key"), other / "ca.key")
+    extensions = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    _make_leaf("server", "localhost", extensions, other)
+    tls = TlsConfig(live / "tls.crt", live / "tls.key")
+    with serving(served.engine, tls=tls) as server:
+        before = client_for(server, retry=NO_RETRY, ca_cert=certs.ca, timeout=30)
+        assert len(before.generate("Hi", max_tokens=1).token_ids) == 1
+        # Swapped in whole files, as a kubelet-refreshed Secret mount does.
+        for name, source in (("tls.key", "server.key"), ("tls.crt", "server.pem")):
+            shutil.copy(other / source, live / f"{name}.new")
+            os.replace(live / f"{name}.new", live / name)
+        after = client_for(server, retry=NO_RETRY, ca_cert=certs.other_ca, timeout=30)
+        assert len(after.generate("Hi", max_tokens=1).token_ids) == 1
+        stale = client_for(server, retry=NO_RETRY, ca_cert=certs.ca, timeout=5)
+        assert _code(lambda: stale.generate("Hi", max_tokens=1)) == grpc.StatusCode.UNAVAILABLE
 
 
 # -- exposure ----------------------------------------------------------------------------

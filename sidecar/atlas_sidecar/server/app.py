@@ -45,11 +45,56 @@ class TlsConfig:
     client_ca_file: Path | None = None  # set: mutual TLS, clients must present a cert
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
+        """Credentials that re-read the files when they change, with no restart.
+
+        gRPC asks the fetcher before each new handshake; it answers with a new
+        configuration only when a file's (mtime, size, inode) moved, so a certificate
+        rotated in place (cert-manager, a kubelet-refreshed Secret mount) is served to the
+        next connection. Connections already open keep the certificate they shook hands
+        with. A rotation caught half-written (unreadable files) keeps the last good one.
+        """
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(),
+            _CertificateWatcher(self),
+            require_client_authentication=self.client_ca_file is not None,
+        )
+
+    def signature(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            if path is not None:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def _configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
             [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
             root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,
-            require_client_auth=self.client_ca_file is not None,
         )
+
+
+class _CertificateWatcher:
+    """The certificate-configuration fetcher: a new configuration when the files change."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self.seen = tls.signature()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self._lock:
+            try:
+                now = self.tls.signature()
+                if now == self.seen:
+                    return None
+                configuration = self.tls._configuration()
+            except OSError as exc:
+                log.warning("TLS files unreadable, keeping the current certificate: %s", exc)
+                return None
+            self.seen = now
+            log.info("TLS certificate files changed: new connections get the new certificate")
+            return configuration
 
 
 @dataclass(frozen=True)
