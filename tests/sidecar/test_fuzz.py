@@ -104,7 +104,7 @@ def test_parsing_any_request_raises_nothing_but_request_error(request):
 
 
 @pytest.fixture(scope="module")
-def server(served, reference):
+def server(served):
     with serving(served.engine, limits=LIMITS, max_message_bytes=64 << 10) as s:
         yield s
 

@@ -104,8 +104,28 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_batch: int = 16  # sequences decoding at once
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
-    max_message_bytes: int = 4 << 20
+    max_message_bytes: int = 4 << 20  # largest message received (and sent)
     max_concurrent_streams: int = 256  # per connection
+    # RPCs in flight over all connections; past it gRPC answers RESOURCE_EXHAUSTED before
+    # a handler runs (the batch and queue hold max_batch + max_queue generations).
+    max_concurrent_rpcs: int | None = 1024
+    # A request that waits in the queue longer than this fails with RESOURCE_EXHAUSTED
+    # (overloaded; retry elsewhere or later) instead of using up its whole deadline.
+    queue_timeout_s: float | None = 60.0
+    # Keepalive: the server pings an idle transport every keepalive_time_s and drops it
+    # when no ack comes within keepalive_timeout_s (dead peers, half-open NAT entries).
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping (even with no call open) at most this often; faster pingers get
+    # GOAWAY (too_many_pings): a misbehaving client cannot make the server ack floods.
+    min_client_ping_interval_s: float = 10.0
+    permit_keepalive_without_calls: bool = True
+    # Connections idle (no RPC) this long are closed; every connection is closed after
+    # max_connection_age_s (clients reconnect and get rebalanced over replicas), its RPCs
+    # given max_connection_age_grace_s to finish. None: no limit.
+    max_connection_idle_s: float | None = 300.0
+    max_connection_age_s: float | None = 3600.0
+    max_connection_age_grace_s: float | None = 600.0
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
     auth_token: str | None = None
@@ -130,6 +150,7 @@ class SidecarServer:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
+            queue_timeout_s=config.queue_timeout_s,
         )
         self.service = AtlasService(
             self.scheduler,
@@ -154,16 +175,11 @@ class SidecarServer:
     async def start(self) -> int:
         """Bind and start serving; return the gRPC port."""
         cfg = self.config
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
-        ]
         server = grpc.aio.server(
             # No fallback to the data token: a data client must never open admin RPCs.
             interceptors=[TokenAuth(cfg.auth_token, cfg.admin_token, ADMIN_METHODS)],
-            options=options,
+            options=grpc_options(cfg),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -229,6 +245,32 @@ class SidecarServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
+    """The gRPC server's channel arguments, from the config."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
+        ("grpc.keepalive_time_ms", _ms(cfg.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(cfg.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(cfg.min_client_ping_interval_s)),
+        ("grpc.keepalive_permit_without_calls", int(cfg.permit_keepalive_without_calls)),
+    ]
+    for name, seconds in (
+        ("grpc.max_connection_idle_ms", cfg.max_connection_idle_s),
+        ("grpc.max_connection_age_ms", cfg.max_connection_age_s),
+        ("grpc.max_connection_age_grace_ms", cfg.max_connection_age_grace_s),
+    ):
+        if seconds is not None:
+            options.append((name, _ms(seconds)))
+    return options
 
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})

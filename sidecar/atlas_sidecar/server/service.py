@@ -31,6 +31,7 @@ from atlas_sidecar.server.scheduler import (
     FailedEvent,
     Job,
     QueueFull,
+    QueueTimeout,
     Scheduler,
     ShuttingDown,
     TokensEvent,
@@ -322,6 +323,8 @@ def _failure(error: Exception, parsed: ParsedRequest) -> RpcFailure:
         message = str(error)
         reason = message[len(error.field) + 2 :] if message.startswith(error.field) else message
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}")
+    if isinstance(error, QueueTimeout):
+        return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, DeadlineExceeded):
         return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
     if isinstance(error, Cancelled):
