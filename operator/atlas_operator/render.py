@@ -172,6 +172,8 @@ def sidecar_args(spec: Spec) -> list[str]:
     static = spec["speculators"]["static"]
     args = ["serve", "--host", "0.0.0.0", "--port", str(sidecar["port"]),
             "--metrics-port", str(sidecar["metricsPort"]),
+            # The sidecar binds /metrics to loopback unless told: Prometheus scrapes the pod IP.
+            "--metrics-host", "0.0.0.0",
             "--backend", "sglang", "--sglang-url", f"http://127.0.0.1:{spec['serving']['port']}",
             "--target", model["source"], "--dtype", SIDECAR_DTYPES[model["dtype"]],
             "--device", "cuda" if sidecar["gpuCount"] > 0 else "cpu",
@@ -206,7 +208,9 @@ def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
         env += [{"name": "ATLAS_DRAFT_REVISION", "value": static["revision"]},
                 {"name": "ATLAS_DRAFT_ARCHITECTURE", "value": static["architecture"]}]
     if spec["sidecar"].get("auth"):
-        # By reference: the token never appears in the spec, the args or any log.
+        # By reference: the token never appears in the spec, the args or any log. Only the
+        # data token: with no admin token the sidecar refuses admin RPCs (rollouts go by
+        # the ConfigMap), and it never lets this token open them.
         auth = spec["sidecar"]["auth"]
         env.append({"name": "ATLAS_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
             "name": auth["secretName"], "key": auth["key"]}}})

@@ -7,8 +7,9 @@
         for chunk in client.generate_stream(messages=[{"role": "user", "content": "Hi"}]):
             print(chunk.text, end="", flush=True)
 
-Calls that fail with UNAVAILABLE (server starting, restarting, draining) are retried
-with exponential backoff, within the call's deadline; a stream is retried only before
+Calls that fail with UNAVAILABLE (server starting, restarting, draining) or with
+RESOURCE_EXHAUSTED (queue full or waited too long: overloaded) are retried with
+exponential backoff, within the call's deadline; a stream is retried only before
 its first message, so no token is ever delivered twice. Every other failure raises
 ``AtlasError`` with the gRPC status code and the server's message (which names the
 offending field for bad input).
@@ -250,14 +251,21 @@ def _chat_message(message: Message) -> pb.ChatMessage:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Exponential backoff with jitter, for UNAVAILABLE only."""
+    """Exponential backoff with jitter, for UNAVAILABLE and RESOURCE_EXHAUSTED.
+
+    An overloaded server sheds load with RESOURCE_EXHAUSTED (queue full, queue wait over
+    its bound): room frees as requests finish, so the call is worth repeating later. A
+    message over a size limit is RESOURCE_EXHAUSTED too, and is never retried.
+    """
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
     retryable: frozenset[grpc.StatusCode] = field(
-        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE})
+        default_factory=lambda: frozenset(
+            {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        )
     )
 
     def backoff_s(self, attempt: int) -> float:
@@ -322,7 +330,16 @@ class _Deadline:
 
 
 def _should_retry(error: grpc.RpcError, policy: RetryPolicy, attempt: int) -> bool:
-    return attempt < policy.max_attempts and error.code() in policy.retryable
+    code = error.code()
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and _MESSAGE_TOO_LARGE in (
+        error.details() or ""
+    ):
+        return False  # the same message is too large every time
+    return attempt < policy.max_attempts and code in policy.retryable
+
+
+# grpc's own wording for a message over a size limit ("Received message larger than max").
+_MESSAGE_TOO_LARGE = "message larger than max"
 
 
 # -- the clients -----------------------------------------------------------------------

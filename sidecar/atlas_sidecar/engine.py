@@ -23,6 +23,7 @@ import torch
 
 from atlas_sidecar.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.controller import DraftPolicy, FixedPolicy
+from atlas_sidecar.detokenize import IncrementalDetokenizer
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import (
     SamplingParams,
@@ -106,6 +107,8 @@ class StopChecker:
 
     Checked token by token, so a stop string that straddles a draft boundary (or lies
     inside one accepted chunk) ends the output exactly where the target alone would.
+    The text is kept by an incremental detokenizer: each token re-decodes a short tail,
+    not the whole output (which made a request quadratic on the worker thread).
     """
 
     def __init__(self, tokenizer: Any, params: SamplingParams, eos_ids: frozenset[int]):
@@ -117,6 +120,7 @@ class StopChecker:
         self.text = ""
         self.cut_at_stop_string = False
         self.finish_reason: str | None = None
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
 
     def add(self, token: int) -> bool:
         """Append one token; return True when the output is finished."""
@@ -137,7 +141,8 @@ class StopChecker:
         return self.finish_reason is not None
 
     def decode(self) -> str:
-        return str(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        """The text of every token so far (special tokens skipped), as a full decode."""
+        return self._detokenizer.sync(self.tokens)
 
     def final_text(self) -> str:
         return self.text if self.cut_at_stop_string else self.decode()

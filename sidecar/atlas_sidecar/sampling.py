@@ -18,6 +18,15 @@ from atlas_sidecar.errors import RequestError
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# A sampled request's temperature lies in [MIN_TEMPERATURE, MAX_TEMPERATURE] (0 is
+# greedy). The floor keeps logits / temperature finite: fp32 (and bf16, same exponent)
+# overflows past ~3.4e38, and a tiny positive temperature (1e-300) turns every logit into
+# +-inf and the softmax into NaN. At 0.01 a logit gap of 0.1 is already 22000:1, so the
+# distribution is greedy in all but exact ties, and logits up to 3e36 still divide
+# finitely. Anything below is refused with the range, not silently made greedy.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+MAX_SEED = (1 << 64) - 1  # torch generators take an unsigned 64-bit seed
 
 
 @dataclass(frozen=True)
@@ -45,12 +54,22 @@ class SamplingParams:
                 "max_tokens",
                 f"{self.max_tokens} exceeds what the model's context leaves ({max_new_tokens})",
             )
-        if not 0.0 <= self.temperature <= 100.0:
-            raise RequestError("temperature", f"must be in [0, 100], got {self.temperature}")
+        # Written so NaN fails every comparison and is refused too.
+        if not (
+            self.temperature == 0.0 or MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE
+        ):
+            raise RequestError(
+                "temperature",
+                f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE:g}],"
+                f" got {self.temperature}",
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
+        if not isinstance(self.top_k, int) or self.top_k < 0:
             raise RequestError("top_k", f"must be >= 0, got {self.top_k}")
+        seed = self.seed
+        if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+            raise RequestError("seed", f"must be in [0, 2**64 - 1], got {self.seed}")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise RequestError("stop", f"at most {MAX_STOP_STRINGS} stop strings")
         if any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):

@@ -157,3 +157,26 @@ def test_apply_leaves_create_only_fields_and_recreates_immutable_ones() -> None:
     changed = render.render_trainer_job(OWNER, spec(trainer={"gpuCount": 2}))
     result = kube.apply(fake, changed, recreate_on_change=("spec",))  # type: ignore[arg-type]
     assert result.action == "recreated" and "delete" in fake.writes
+
+
+def test_the_sidecar_reads_the_tokens_and_metrics_address_the_operator_renders(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cli = pytest.importorskip("atlas_sidecar.cli")
+    commands = pytest.importorskip("atlas_sidecar.server.commands")
+    container = render.sidecar_container(spec(sidecar={"auth": {"secretName": "tok"}}))
+    parsed = cli.build_parser().parse_args(container["args"])
+    # Prometheus scrapes the pod IP: the sidecar's loopback default must be overridden.
+    assert parsed.metrics_host == "0.0.0.0"
+    assert parsed.metrics_port == container["ports"][1]["containerPort"]
+    # The token's env var is the one the sidecar reads; no admin token is rendered, so
+    # the data token is all the pod has and admin RPCs stay refused.
+    env = {e["name"]: e for e in container["env"]}
+    assert env[commands.AUTH_TOKEN_ENV]["valueFrom"]["secretKeyRef"]["name"] == "tok"
+    assert commands.ADMIN_TOKEN_ENV not in env
+    monkeypatch.setenv(commands.AUTH_TOKEN_ENV, "from-the-secret")
+    monkeypatch.delenv(commands.ADMIN_TOKEN_ENV, raising=False)
+    assert commands._read_token(parsed.auth_token_file, commands.AUTH_TOKEN_ENV) == (
+        "from-the-secret"
+    )
+    assert commands._read_token(parsed.admin_token_file, commands.ADMIN_TOKEN_ENV) is None

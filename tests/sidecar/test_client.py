@@ -29,6 +29,7 @@ class Scripted(pb_grpc.AtlasServicer):
     def __init__(self) -> None:
         self.failures = 0
         self.code = grpc.StatusCode.UNAVAILABLE
+        self.details = "scripted failure"
         self.calls = 0
         self.lock = threading.Lock()
 
@@ -37,7 +38,7 @@ class Scripted(pb_grpc.AtlasServicer):
             self.calls += 1
             fail = self.calls <= self.failures
         if fail:
-            context.abort(self.code, "scripted failure")
+            context.abort(self.code, self.details)
 
     def Generate(self, request, context):
         self._maybe_fail(context)
@@ -76,6 +77,27 @@ def test_unavailable_is_retried_until_the_call_succeeds(scripted):
     assert result.text == "ok" and result.token_ids == [1, 2]
     assert result.finish_reason == "length"
     assert result.usage.speculators[0].name == "static"
+
+
+def test_an_overloaded_server_is_retried_until_the_call_succeeds(scripted):
+    servicer, address = scripted
+    servicer.failures = 3
+    servicer.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    servicer.details = "queue full (64 requests waiting); retry later"
+    with AtlasClient(address, retry=FAST_RETRY) as client:
+        assert client.generate("hi").text == "ok"
+    assert servicer.calls == 4
+
+
+def test_a_message_over_the_size_limit_is_not_retried(scripted):
+    servicer, address = scripted
+    servicer.failures = 100
+    servicer.code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    servicer.details = "Received message larger than max (5000000 vs. 4194304)"
+    with AtlasClient(address, retry=FAST_RETRY) as client, pytest.raises(AtlasError) as raised:
+        client.generate("hi")
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert servicer.calls == 1
 
 
 def test_retries_stop_after_max_attempts(scripted):

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import urllib.request
 
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from atlas_sidecar.client import NO_RETRY, AtlasError
-from atlas_sidecar.server.app import TlsConfig
+from atlas_sidecar.server.app import ServerConfig, TlsConfig, plaintext_token_warning
 from atlas_sidecar.server.auth import bearer_token, tokens_match
 
-from .conftest import PROMPTS, chat, serving
+from .conftest import PROMPTS, _make_leaf, chat, serving
 
 TOKEN = "data-token-123"
 ADMIN = "admin-token-456"
@@ -97,6 +100,18 @@ def test_without_auth_data_rpcs_are_open_and_admin_rpcs_are_refused(served, clie
         assert _code(lambda: client.rollout_weights("v2")) == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_without_an_admin_token_the_data_token_never_opens_admin_rpcs(served, client_for):
+    with serving(served.engine, auth_token=TOKEN) as server:
+        data = client_for(server, retry=NO_RETRY, token=TOKEN)
+        assert len(data.generate("Hi", max_tokens=1).token_ids) == 1
+        for call in (data.reset_stats, lambda: data.rollout_weights("v2")):
+            with pytest.raises(AtlasError) as raised:
+                call()
+            assert raised.value.code == grpc.StatusCode.PERMISSION_DENIED
+            assert "no admin token configured" in raised.value.details
+        assert data.stats().requested_weight_version == ""
+
+
 def test_bearer_tokens_parse_and_compare_exactly():
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("Authorization", "bearer  abc ")]) == "abc"
@@ -153,3 +168,65 @@ def test_logs_carry_no_prompt_text_by_default(served, client_for, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "done" in logged  # requests are logged...
     assert "4111" not in logged  # ...without their text
+
+
+def test_a_certificate_rotated_on_disk_is_served_to_new_connections(
+    served, certs, client_for, tmp_path
+):
+    live = tmp_path / "live"
+    live.mkdir()
+    shutil.copy(certs.server_cert, live / "tls.crt")
+    shutil.copy(certs.server_key, live / "tls.key")
+    # A second server certificate, from the other CA: which CA a client must trust
+    # tells which certificate the server presented.
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(certs.other_ca, other / "ca.pem")
+    shutil.copy(certs.other_ca.with_suffix(".key"), other / "ca.key")
+    extensions = "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+    _make_leaf("server", "localhost", extensions, other)
+    tls = TlsConfig(live / "tls.crt", live / "tls.key")
+    with serving(served.engine, tls=tls) as server:
+        before = client_for(server, retry=NO_RETRY, ca_cert=certs.ca, timeout=30)
+        assert len(before.generate("Hi", max_tokens=1).token_ids) == 1
+        # Swapped in whole files, as a kubelet-refreshed Secret mount does.
+        for name, source in (("tls.key", "server.key"), ("tls.crt", "server.pem")):
+            shutil.copy(other / source, live / f"{name}.new")
+            os.replace(live / f"{name}.new", live / name)
+        after = client_for(server, retry=NO_RETRY, ca_cert=certs.other_ca, timeout=30)
+        assert len(after.generate("Hi", max_tokens=1).token_ids) == 1
+        stale = client_for(server, retry=NO_RETRY, ca_cert=certs.ca, timeout=5)
+        assert _code(lambda: stale.generate("Hi", max_tokens=1)) == grpc.StatusCode.UNAVAILABLE
+
+
+# -- exposure ----------------------------------------------------------------------------
+
+
+def test_metrics_bind_to_loopback_unless_another_host_is_asked_for(served):
+    with serving(served.engine, metrics_port=0) as server:
+        http = server.server._metrics_http
+        assert http.server_address[0] == "127.0.0.1"
+        url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert b"atlas" in page.read()
+    with serving(served.engine, metrics_port=0, metrics_host="0.0.0.0") as server:
+        assert server.server._metrics_http.server_address[0] == "0.0.0.0"
+
+
+def test_a_token_on_a_plaintext_network_port_warns_once_at_start(served, caplog):
+    with caplog.at_level(logging.WARNING, logger="atlas_sidecar"):
+        with serving(served.engine, host="0.0.0.0", auth_token=TOKEN):
+            pass
+        with serving(served.engine, auth_token=TOKEN):  # loopback: no warning
+            pass
+    warnings = [r for r in caplog.records if "plaintext" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "0.0.0.0" in warnings[0].getMessage()
+
+
+def test_no_plaintext_warning_with_tls_or_without_tokens(certs):
+    tls = TlsConfig(certs.server_cert, certs.server_key)
+    assert plaintext_token_warning(ServerConfig(host="0.0.0.0", auth_token=TOKEN, tls=tls)) is None
+    assert plaintext_token_warning(ServerConfig(host="0.0.0.0")) is None
+    assert plaintext_token_warning(ServerConfig(host="10.0.0.5", admin_token=ADMIN)) is not None
+    assert plaintext_token_warning(ServerConfig(host="::1", auth_token=TOKEN)) is None

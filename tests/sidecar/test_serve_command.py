@@ -39,6 +39,29 @@ def test_serve_flags_become_the_server_config(tmp_path, monkeypatch):
     assert (config.auth_token, config.admin_token) == ("from-env", "from-file")
 
 
+def test_hardening_and_metrics_flags_become_the_server_config():
+    def config(*flags: str):
+        return server_config_from_args(cli.build_parser().parse_args(["serve", *flags]))
+
+    default = config()
+    assert default.metrics_host == "127.0.0.1"  # /metrics has no auth: loopback unless asked
+    assert default.queue_timeout_s == 60.0 and default.max_concurrent_rpcs == 1024
+    given = config(
+        "--metrics-host", "0.0.0.0", "--max-concurrent-rpcs", "100", "--queue-timeout", "5",
+        "--keepalive-time", "30", "--keepalive-timeout", "4", "--min-ping-interval", "20",
+        "--max-connection-idle", "0", "--max-connection-age", "900",
+        "--max-connection-age-grace", "60",
+    )  # fmt: skip
+    assert given.metrics_host == "0.0.0.0"
+    assert (given.max_concurrent_rpcs, given.queue_timeout_s) == (100, 5.0)
+    assert (given.keepalive_time_s, given.keepalive_timeout_s) == (30.0, 4.0)
+    assert given.min_client_ping_interval_s == 20.0
+    assert given.max_connection_idle_s is None  # 0: no bound
+    assert (given.max_connection_age_s, given.max_connection_age_grace_s) == (900.0, 60.0)
+    with pytest.raises(ValueError, match="keepalive-time"):
+        config("--keepalive-time", "0")
+
+
 def test_tls_flags_must_come_in_pairs(capsys):
     assert cli.main(["serve", "--tls-cert", "server.pem"]) == 2
     assert "--tls-cert and --tls-key" in capsys.readouterr().err

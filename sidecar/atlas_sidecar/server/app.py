@@ -45,11 +45,56 @@ class TlsConfig:
     client_ca_file: Path | None = None  # set: mutual TLS, clients must present a cert
 
     def credentials(self) -> grpc.ServerCredentials:
-        return grpc.ssl_server_credentials(
+        """Credentials that re-read the files when they change, with no restart.
+
+        gRPC asks the fetcher before each new handshake; it answers with a new
+        configuration only when a file's (mtime, size, inode) moved, so a certificate
+        rotated in place (cert-manager, a kubelet-refreshed Secret mount) is served to the
+        next connection. Connections already open keep the certificate they shook hands
+        with. A rotation caught half-written (unreadable files) keeps the last good one.
+        """
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(),
+            _CertificateWatcher(self),
+            require_client_authentication=self.client_ca_file is not None,
+        )
+
+    def signature(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in (self.cert_file, self.key_file, self.client_ca_file):
+            if path is not None:
+                st = path.stat()
+                out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def _configuration(self) -> Any:
+        return grpc.ssl_server_certificate_configuration(
             [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
             root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,
-            require_client_auth=self.client_ca_file is not None,
         )
+
+
+class _CertificateWatcher:
+    """The certificate-configuration fetcher: a new configuration when the files change."""
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self.seen = tls.signature()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self._lock:
+            try:
+                now = self.tls.signature()
+                if now == self.seen:
+                    return None
+                configuration = self.tls._configuration()
+            except OSError as exc:
+                log.warning("TLS files unreadable, keeping the current certificate: %s", exc)
+                return None
+            self.seen = now
+            log.info("TLS certificate files changed: new connections get the new certificate")
+            return configuration
 
 
 @dataclass(frozen=True)
@@ -59,12 +104,34 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_batch: int = 16  # sequences decoding at once
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
-    max_message_bytes: int = 4 << 20
+    max_message_bytes: int = 4 << 20  # largest message received (and sent)
     max_concurrent_streams: int = 256  # per connection
+    # RPCs in flight over all connections; past it gRPC answers RESOURCE_EXHAUSTED before
+    # a handler runs (the batch and queue hold max_batch + max_queue generations).
+    max_concurrent_rpcs: int | None = 1024
+    # A request that waits in the queue longer than this fails with RESOURCE_EXHAUSTED
+    # (overloaded; retry elsewhere or later) instead of using up its whole deadline.
+    queue_timeout_s: float | None = 60.0
+    # Keepalive: the server pings an idle transport every keepalive_time_s and drops it
+    # when no ack comes within keepalive_timeout_s (dead peers, half-open NAT entries).
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    # Clients may ping (even with no call open) at most this often; faster pingers get
+    # GOAWAY (too_many_pings): a misbehaving client cannot make the server ack floods.
+    min_client_ping_interval_s: float = 10.0
+    permit_keepalive_without_calls: bool = True
+    # Connections idle (no RPC) this long are closed; every connection is closed after
+    # max_connection_age_s (clients reconnect and get rebalanced over replicas), its RPCs
+    # given max_connection_age_grace_s to finish. None: no limit.
+    max_connection_idle_s: float | None = 300.0
+    max_connection_age_s: float | None = 3600.0
+    max_connection_age_grace_s: float | None = 600.0
     limits: Limits = field(default_factory=Limits)
     tls: TlsConfig | None = None
     auth_token: str | None = None
-    admin_token: str | None = None  # defaults to auth_token
+    # Admin RPCs need exactly this token; None: they are refused (never the data token).
+    admin_token: str | None = None
+    metrics_host: str = "127.0.0.1"  # Prometheus /metrics; a pod needs 0.0.0.0
     weight_version_file: Path | None = None
     drain_timeout_s: float = 30.0
     log_prompts: bool = False
@@ -83,6 +150,7 @@ class SidecarServer:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
+            queue_timeout_s=config.queue_timeout_s,
         )
         self.service = AtlasService(
             self.scheduler,
@@ -107,16 +175,11 @@ class SidecarServer:
     async def start(self) -> int:
         """Bind and start serving; return the gRPC port."""
         cfg = self.config
-        admin_token = cfg.admin_token or cfg.auth_token
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-            ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
-            ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
-        ]
         server = grpc.aio.server(
-            interceptors=[TokenAuth(cfg.auth_token, admin_token, ADMIN_METHODS)],
-            options=options,
+            # No fallback to the data token: a data client must never open admin RPCs.
+            interceptors=[TokenAuth(cfg.auth_token, cfg.admin_token, ADMIN_METHODS)],
+            options=grpc_options(cfg),
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers((self.service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -142,17 +205,20 @@ class SidecarServer:
             await self.health.set(name, serving)
         log.info("serving %s on %s:%d (%s)", SERVICE_NAME, cfg.host, self.port,
                  "TLS" if cfg.tls else "plaintext")  # fmt: skip
+        if warning := plaintext_token_warning(cfg):
+            log.warning("%s", warning)
         return self.port
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port is None:
             return
+        # Its own host, loopback by default: the metrics page has no auth.
         http, _ = start_http_server(
-            self.config.metrics_port, addr=self.config.host, registry=self.stats.registry
+            self.config.metrics_port, addr=self.config.metrics_host, registry=self.stats.registry
         )
         self._metrics_http = http
         self.metrics_port = int(http.server_port)
-        log.info("metrics on http://%s:%d/metrics", self.config.host, self.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
 
     async def _poll_weight_file(self) -> None:
         # The operator updates a mounted ConfigMap; the kubelet swaps the file under us.
@@ -179,6 +245,48 @@ class SidecarServer:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_options(cfg: ServerConfig) -> list[tuple[str, Any]]:
+    """The gRPC server's channel arguments, from the config."""
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+        ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share
+        ("grpc.keepalive_time_ms", _ms(cfg.keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", _ms(cfg.keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(cfg.min_client_ping_interval_s)),
+        ("grpc.keepalive_permit_without_calls", int(cfg.permit_keepalive_without_calls)),
+    ]
+    for name, seconds in (
+        ("grpc.max_connection_idle_ms", cfg.max_connection_idle_s),
+        ("grpc.max_connection_age_ms", cfg.max_connection_age_s),
+        ("grpc.max_connection_age_grace_ms", cfg.max_connection_age_grace_s),
+    ):
+        if seconds is not None:
+            options.append((name, _ms(seconds)))
+    return options
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def plaintext_token_warning(cfg: ServerConfig) -> str | None:
+    """A bearer token sent in plaintext over a network can be read off the wire."""
+    if cfg.tls is not None or not (cfg.auth_token or cfg.admin_token):
+        return None
+    if cfg.host in LOOPBACK_HOSTS or cfg.host.startswith("127."):
+        return None
+    return (
+        f"bearer tokens are configured but {cfg.host}:{cfg.port} is plaintext and not "
+        "loopback: anyone on the network path can read them; enable TLS (--tls-cert, "
+        "--tls-key) or bind to 127.0.0.1"
+    )
 
 
 def _live(engine: Engine) -> Callable[[], int]:

@@ -56,13 +56,27 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--max-concurrent-streams", type=int, default=256, help="per connection")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics; 0: off")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="/metrics address (no auth: 0.0.0.0 only to be scraped)")  # fmt: skip
+    # Hardening; defaults (None) are ServerConfig's own. 0 turns an optional bound off.
+    p.add_argument("--max-concurrent-rpcs", type=int,
+                   help="RPCs in flight before RESOURCE_EXHAUSTED (default 1024)")  # fmt: skip
+    p.add_argument("--queue-timeout", type=float,
+                   help="seconds a request may wait for a batch slot (default 60)")  # fmt: skip
+    p.add_argument("--keepalive-time", type=float, help="seconds between server pings (60)")
+    p.add_argument("--keepalive-timeout", type=float, help="seconds to wait for a ping ack (20)")
+    p.add_argument("--min-ping-interval", type=float,
+                   help="fastest client ping allowed, seconds (10)")  # fmt: skip
+    p.add_argument("--max-connection-idle", type=float, help="seconds (300)")
+    p.add_argument("--max-connection-age", type=float, help="seconds (3600)")
+    p.add_argument("--max-connection-age-grace", type=float, help="seconds (600)")
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA for client certificates: mutual TLS")
     p.add_argument("--auth-token-file",
                    help=f"bearer token required on every RPC (or ${AUTH_TOKEN_ENV})")  # fmt: skip
     p.add_argument("--admin-token-file",
-                   help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}; default: auth's)")  # fmt: skip
+                   help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}); none: admin off")  # fmt: skip
     p.add_argument("--weight-version-file", default="/etc/atlas/rollout/weight-version",
                    help="the rollout ConfigMap's weight version (read if present)")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -94,6 +108,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
+        **_hardening(args),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         max_message_bytes=args.max_message_bytes,
@@ -107,6 +123,28 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         log_prompts=args.log_prompts,
         target_model=args.target,
     )
+
+
+def _hardening(args: argparse.Namespace) -> dict[str, Any]:
+    """The hardening flags given, as ServerConfig fields (0: no bound, where optional)."""
+    flags = {
+        "max_concurrent_rpcs": (args.max_concurrent_rpcs, True),
+        "queue_timeout_s": (args.queue_timeout, True),
+        "keepalive_time_s": (args.keepalive_time, False),
+        "keepalive_timeout_s": (args.keepalive_timeout, False),
+        "min_client_ping_interval_s": (args.min_ping_interval, False),
+        "max_connection_idle_s": (args.max_connection_idle, True),
+        "max_connection_age_s": (args.max_connection_age, True),
+        "max_connection_age_grace_s": (args.max_connection_age_grace, True),
+    }
+    out: dict[str, Any] = {}
+    for name, (value, optional) in flags.items():
+        if value is None:
+            continue
+        if value < 0 or (value == 0 and not optional):
+            raise ValueError(f"--{name.removesuffix('_s').replace('_', '-')} must be positive")
+        out[name] = None if value == 0 else value
+    return out
 
 
 def _limits(args: argparse.Namespace) -> Any:

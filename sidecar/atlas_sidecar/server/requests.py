@@ -21,7 +21,8 @@ MAX_REQUEST_ID_CHARS = 128
 
 # The engine names sampling fields bare; the API nests them under ``sampling``.
 _API_FIELD = {
-    name: f"sampling.{name}" for name in ("max_tokens", "temperature", "top_p", "top_k", "stop")
+    name: f"sampling.{name}"
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos")
 }
 
 

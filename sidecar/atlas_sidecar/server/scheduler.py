@@ -38,6 +38,10 @@ class ShuttingDown(Exception):
     """The server is draining or stopped and takes no new work."""
 
 
+class QueueTimeout(Exception):
+    """The request waited in the queue past the server's bound: overloaded, retry later."""
+
+
 class DeadlineExceeded(Exception):
     """The request's deadline passed before it finished."""
 
@@ -97,6 +101,7 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 64,
         max_prompt_tokens: int = 8192,
+        queue_timeout_s: float | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
@@ -105,6 +110,7 @@ class Scheduler:
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
+        self.queue_timeout_s = queue_timeout_s  # None: a request may wait its whole deadline
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()  # guarded by _cond
         self._active: list[Job] = []  # the worker's own
@@ -188,10 +194,24 @@ class Scheduler:
                 self._cond.wait()
             if self._stopping:
                 return None
+            self._expire_queued(time.monotonic())
             admitted: list[Job] = []
             while self._pending and len(self._active) + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
             return admitted
+
+    def _expire_queued(self, now: float) -> None:
+        """Fail queued jobs that waited past queue_timeout_s (called holding _cond)."""
+        limit = self.queue_timeout_s
+        if limit is None:
+            return
+        for job in [j for j in self._pending if now - j.submitted_at > limit]:
+            self._pending.remove(job)
+            waited = now - job.submitted_at
+            job.sink(FailedEvent(QueueTimeout(
+                f"waited {waited:.1f} s in the queue (limit {limit:g} s): the server is"
+                " overloaded; retry later"
+            )))  # fmt: skip
 
     def _admit(self, job: Job) -> None:
         """Tokenize and prefill: the first token comes out of the prefill."""

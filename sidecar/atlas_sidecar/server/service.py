@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from atlas_sidecar.engine import GenerationResult
 from atlas_sidecar.errors import RequestError
@@ -32,6 +31,7 @@ from atlas_sidecar.server.scheduler import (
     FailedEvent,
     Job,
     QueueFull,
+    QueueTimeout,
     Scheduler,
     ShuttingDown,
     TokensEvent,
@@ -65,10 +65,12 @@ class Malformed:
 def _lenient(message_cls: Any) -> Callable[[bytes], Any]:
     # grpc answers a deserializer exception with INTERNAL; a client's garbage is its
     # own mistake, so parse failures reach the handler and become INVALID_ARGUMENT.
+    # Any exception, not only DecodeError: whatever the parser raises on bytes a client
+    # chose is still the client's garbage.
     def parse(data: bytes) -> Any:
         try:
             return message_cls.FromString(data)
-        except DecodeError as exc:
+        except Exception as exc:  # noqa: BLE001
             return Malformed(message_cls.DESCRIPTOR.full_name, str(exc))
 
     return parse
@@ -321,6 +323,8 @@ def _failure(error: Exception, parsed: ParsedRequest) -> RpcFailure:
         message = str(error)
         reason = message[len(error.field) + 2 :] if message.startswith(error.field) else message
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {reason}")
+    if isinstance(error, QueueTimeout):
+        return RpcFailure(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
     if isinstance(error, DeadlineExceeded):
         return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
     if isinstance(error, Cancelled):
