@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 from atlas_sidecar.engine import Engine
 from atlas_sidecar.server.auth import TokenAuth
+from atlas_sidecar.server.memory import default_kv_budget
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits
 from atlas_sidecar.server.scheduler import Scheduler
@@ -59,6 +60,9 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_batch: int = 16  # sequences decoding at once
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
+    # Worst-case KV bytes of the admitted requests (None: a share of the memory free at
+    # start, see server/memory.py; 0: no byte bound, max_batch only).
+    kv_budget_bytes: int | None = None
     max_message_bytes: int = 4 << 20
     max_concurrent_streams: int = 256  # per connection
     limits: Limits = field(default_factory=Limits)
@@ -83,6 +87,11 @@ class SidecarServer:
             max_batch=config.max_batch,
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
+            kv_budget_bytes=(
+                default_kv_budget(engine.target)
+                if config.kv_budget_bytes is None
+                else config.kv_budget_bytes
+            ),
         )
         self.service = AtlasService(
             self.scheduler,

@@ -50,6 +50,10 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED")  # fmt: skip
     # Defaults (None) are the server's own Limits: one source of truth.
     p.add_argument("--max-prompt-tokens", type=int, help="default 8192")
+    p.add_argument("--kv-budget-mb", type=float,
+                   help="KV cache MiB the admitted requests may need at worst (prompt + "
+                        "max_tokens + lookahead); more wait in the queue. Default: 80%% "
+                        "of free GPU memory, or 50%% of free RAM; 0: no byte bound")  # fmt: skip
     p.add_argument("--max-prompt-chars", type=int, help="default 100000")
     p.add_argument("--max-tokens-limit", type=int,
                    help="largest max_tokens a request may ask for (default 4096)")  # fmt: skip
@@ -96,6 +100,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * (1 << 20)),
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
         limits=_limits(args),

@@ -1,0 +1,58 @@
+"""Bounded memory while serving: KV bytes at admission, stream queues, memory metrics."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+import pytest
+
+from atlas_sidecar.client import NO_RETRY, AtlasError
+from atlas_sidecar.server.memory import kv_bytes_per_token
+from atlas_sidecar.workloads import Prompt, encode
+
+from .conftest import LOOKAHEAD, MAX_TOKENS, PROMPTS, chat, serving, wait_until
+
+LONG_TOKENS = 2000  # nothing finishes on its own while a test holds it open
+
+
+def _prompt_len(served, text: str) -> int:
+    return len(encode(served.target.tokenizer, Prompt("t", "t", (("user", text),))))
+
+
+def test_kv_budget_admits_by_worst_case_bytes_and_queues_the_rest(served, reference, client_for):
+    per_token = kv_bytes_per_token(served.target)
+    # SmolLM2-135M in float32: 30 layers x 3 kv heads x 64 dims x 4 bytes x (K, V).
+    assert per_token == 30 * 3 * 64 * 4 * 2
+    long_need = (_prompt_len(served, PROMPTS[0]) + LONG_TOKENS + LOOKAHEAD) * per_token
+    short_need = (_prompt_len(served, PROMPTS[1]) + MAX_TOKENS + LOOKAHEAD) * per_token
+    budget = long_need + short_need // 2  # the long one fits; the short one beside it not
+    with serving(served.engine, max_batch=4, max_queue=8, kv_budget_bytes=budget) as server:
+        client = client_for(server, retry=NO_RETRY)
+        # A request that could never fit is refused at once, saying why.
+        with pytest.raises(AtlasError) as raised:
+            client.generate(messages=chat(PROMPTS[2]), max_tokens=2 * LONG_TOKENS)
+        assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "KV cache" in raised.value.details and "budget" in raised.value.details
+
+        long = client.generate_stream(
+            messages=chat(PROMPTS[0]), max_tokens=LONG_TOKENS, ignore_eos=True
+        )
+        next(long)  # admitted and decoding
+        results: list = []
+        short = threading.Thread(
+            target=lambda: results.append(
+                client.generate(messages=chat(PROMPTS[1]), max_tokens=MAX_TOKENS)
+            )
+        )
+        short.start()
+        # A free batch slot, but not the bytes: the short request waits in the queue.
+        wait_until(lambda: client.stats().requests_queued == 1, "the short request to queue")
+        assert client.stats().requests_active == 1 and not results
+        assert server.server.scheduler.kv_reserved == long_need
+        # The long one goes (cancelled; its bytes come back): the short one runs, exact.
+        long.close()
+        short.join(120)
+        assert results[0].token_ids == reference[PROMPTS[1]].token_ids
+        wait_until(served.idle, "the caches to be freed")
+        assert server.server.scheduler.kv_reserved == 0
