@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import grpc
@@ -9,6 +10,8 @@ import pytest
 
 from atlas_sidecar.client import NO_RETRY, AtlasError
 from atlas_sidecar.server.memory import kv_bytes_per_token
+from atlas_sidecar.server.scheduler import Event, FailedEvent, TokensEvent
+from atlas_sidecar.server.streambuf import EventBuffer
 from atlas_sidecar.workloads import Prompt, encode
 
 from .conftest import LOOKAHEAD, MAX_TOKENS, PROMPTS, chat, serving, wait_until
@@ -56,3 +59,43 @@ def test_kv_budget_admits_by_worst_case_bytes_and_queues_the_rest(served, refere
         assert results[0].token_ids == reference[PROMPTS[1]].token_ids
         wait_until(served.idle, "the caches to be freed")
         assert server.server.scheduler.kv_reserved == 0
+
+
+def test_a_stream_that_is_not_read_holds_two_entries_and_loses_nothing():
+    async def scenario() -> tuple[list[int], str, int, Event]:
+        events = EventBuffer(asyncio.get_running_loop())
+        ids = list(range(10_000))
+
+        def produce() -> None:  # the scheduler's thread: one event a token
+            for i in ids:
+                events.put(TokensEvent([i], f"<{i}>"))
+            events.put(FailedEvent(RuntimeError("end")))
+
+        worker = threading.Thread(target=produce)
+        worker.start()
+        await asyncio.to_thread(worker.join)  # nobody reads while all 10,001 arrive
+        entries = events.pending_entries
+        merged = await events.get()
+        assert isinstance(merged, TokensEvent)
+        return merged.token_ids, merged.text, entries, await events.get()
+
+    token_ids, text, entries, final = asyncio.run(scenario())
+    assert entries == 2  # the merged tokens and the final event, not 10,001
+    assert token_ids == list(range(10_000))
+    assert text == "".join(f"<{i}>" for i in range(10_000))
+    assert isinstance(final, FailedEvent)
+
+
+def test_a_slow_stream_reader_still_gets_the_whole_exact_output(served, reference, client_for):
+    text = PROMPTS[4]
+    with serving(served.engine) as server:
+        client = client_for(server, retry=NO_RETRY)
+        stream = client.generate_stream(messages=chat(text), max_tokens=MAX_TOKENS)
+        chunks = [next(stream)]
+        # The reader pauses until the server has generated everything (gRPC's window
+        # and the coalescing buffer hold the rest; the unit test above bounds the latter).
+        wait_until(lambda: client.stats().requests_active == 0, "the request to finish")
+        chunks.extend(stream)
+    assert [t for c in chunks for t in c.token_ids] == reference[text].token_ids
+    assert "".join(c.text for c in chunks) == reference[text].text
+    assert chunks[-1].finish_reason == reference[text].finish_reason
