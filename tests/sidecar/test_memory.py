@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from atlas_sidecar.client import NO_RETRY, AtlasError
+from atlas_sidecar.engine import Engine
 from atlas_sidecar.server.memory import kv_bytes_per_token
 from atlas_sidecar.server.scheduler import Event, FailedEvent, TokensEvent
 from atlas_sidecar.server.streambuf import EventBuffer
+from atlas_sidecar.speculators.suffix import SuffixSpeculator
 from atlas_sidecar.workloads import Prompt, encode
 
 from .conftest import LOOKAHEAD, MAX_TOKENS, PROMPTS, chat, serving, wait_until
@@ -99,3 +103,46 @@ def test_a_slow_stream_reader_still_gets_the_whole_exact_output(served, referenc
     assert [t for c in chunks for t in c.token_ids] == reference[text].token_ids
     assert "".join(c.text for c in chunks) == reference[text].text
     assert chunks[-1].finish_reason == reference[text].finish_reason
+
+
+def _scrape(server) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    url = f"http://127.0.0.1:{server.server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_export_process_memory_and_the_bounded_structures_in_bytes(
+    served, reference, client_for
+):
+    suffix = SuffixSpeculator()
+    engine = Engine(served.target, served.target.tokenizer, suffix, lookahead=LOOKAHEAD)
+    per_token = kv_bytes_per_token(served.target)
+    budget = 1 << 30
+    with serving(engine, metrics_port=0, kv_budget_bytes=budget) as server:
+        client = client_for(server, retry=NO_RETRY)
+        long = client.generate_stream(
+            messages=chat(PROMPTS[0]), max_tokens=LONG_TOKENS, ignore_eos=True
+        )
+        next(long)
+        during = _scrape(server)
+        long.close()
+        result = client.generate(messages=chat(PROMPTS[5]), max_tokens=MAX_TOKENS)
+        assert result.token_ids == reference[PROMPTS[5]].token_ids
+        wait_until(served.idle, "the caches to be freed")
+        after = _scrape(server)
+    rss = after[("process_resident_memory_bytes", ())]
+    assert 100 << 20 < rss < 64 << 30  # a process holding a 135M-parameter model
+    long_need = (_prompt_len(served, PROMPTS[0]) + LONG_TOKENS + LOOKAHEAD) * per_token
+    assert during[("atlas_kv_cache_bytes", (("kind", "reserved"),))] == long_need
+    assert after[("atlas_kv_cache_bytes", (("kind", "reserved"),))] == 0
+    assert after[("atlas_kv_cache_bytes", (("kind", "budget"),))] == budget
+    # Both finished requests went into the global index: its bytes, as it counts them.
+    assert during[("atlas_suffix_index_bytes", (("scope", "local"),))] > 0
+    glob = after[("atlas_suffix_index_bytes", (("scope", "global"),))]
+    assert glob == suffix.global_nbytes and 0 < glob < suffix.global_bytes
+    assert after[("atlas_stream_pending", (("unit", "events"),))] == 0

@@ -25,7 +25,7 @@ from prometheus_client import start_http_server
 
 from atlas_sidecar.engine import Engine
 from atlas_sidecar.server.auth import TokenAuth
-from atlas_sidecar.server.memory import default_kv_budget
+from atlas_sidecar.server.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits
 from atlas_sidecar.server.scheduler import Scheduler
@@ -105,6 +105,7 @@ class SidecarServer:
             ),
             log_prompts=config.log_prompts,
         )
+        register_memory_metrics(self.stats, engine, self.scheduler, self.service)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None

@@ -65,3 +65,51 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def register_memory_metrics(stats: Any, engine: Any, scheduler: Any, service: Any) -> None:
+    """Gauges, in bytes, of everything serving grows, read when /metrics is scraped.
+
+    The process's own RSS (``process_resident_memory_bytes``) comes from
+    prometheus_client's process collector on the same registry (ServingStats)."""
+    from prometheus_client import Gauge
+
+    r = stats.registry
+    kv = Gauge("atlas_kv_cache_bytes", "Worst-case KV cache bytes: admitted requests "
+               "(reserved) and what they may total (budget; 0: no byte bound)", ["kind"],
+               registry=r)  # fmt: skip
+    kv.labels("reserved").set_function(lambda: scheduler.kv_reserved)
+    kv.labels("budget").set_function(lambda: scheduler.kv_budget_bytes)
+    drafters = _drafters(engine)
+    suffix = [d for d in drafters if hasattr(d, "global_nbytes")]
+    if suffix:
+        index = Gauge("atlas_suffix_index_bytes", "Suffix n-gram index bytes: global, and "
+                      "the live requests' own (local)", ["scope"], registry=r)  # fmt: skip
+        index.labels("global").set_function(lambda: sum(d.global_nbytes for d in suffix))
+        index.labels("local").set_function(lambda: sum(d.local_nbytes for d in suffix))
+    learners = [d.learner for d in drafters if getattr(d, "learner", None) is not None]
+    if learners:
+        learner = Gauge("atlas_learner_buffer_bytes", "Neural learner bytes: replay buffer, "
+                        "and finished requests queued for it", ["buffer"], registry=r)  # fmt: skip
+        learner.labels("replay").set_function(
+            lambda: sum(x.distiller.buffer.nbytes for x in learners)
+        )
+        learner.labels("queue").set_function(
+            lambda: sum(getattr(x, "queued_bytes", 0) for x in learners)
+        )
+    streams = Gauge("atlas_stream_pending", "Events and tokens waiting for the live RPCs' "
+                    "readers (token events coalesce: at most 2 events an RPC)", ["unit"],
+                    registry=r)  # fmt: skip
+    streams.labels("events").set_function(
+        lambda: sum(b.pending_entries for b in list(service.buffers))
+    )
+    streams.labels("tokens").set_function(
+        lambda: sum(b.pending_tokens for b in list(service.buffers))
+    )
+
+
+def _drafters(engine: Any) -> list[Any]:
+    policy = getattr(engine, "policy", None)
+    found = list(getattr(policy, "speculators", {}).values())
+    found.append(getattr(policy, "speculator", None))
+    return [d for d in found if d is not None]
