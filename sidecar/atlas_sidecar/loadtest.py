@@ -325,21 +325,25 @@ async def run_soak(
                 rss.append((time.perf_counter() - started, value))
             await asyncio.sleep(config.sample_s)
 
+    # The kinds in their shares, in a seeded order, repeated: a short soak still gets
+    # each kind in its share (independent draws can miss the rarer kinds for a while).
+    longs, randoms = round(10 * config.long_share), round(10 * config.random_share)
+    mix = ["long"] * longs + ["random_ids"] * randoms + ["short"] * max(0, 10 - longs - randoms)
+    rng.shuffle(mix)
+    order = itertools.count()
+
     async def worker(client: AsyncAtlasClient) -> None:
         while time.perf_counter() < stop_at:
-            draw = rng.random()
+            kind = mix[next(order) % len(mix)]
             request: dict[str, Any] = {"max_tokens": config.max_tokens}
-            if draw < config.long_share:
-                kind = "long"
+            if kind == "long":
                 request["prompt"] = _long_text(prompts, config.long_chars, rng.randrange(1 << 30))
-            elif draw < config.long_share + config.random_share:
-                kind = "random_ids"
+            elif kind == "random_ids":
                 request["token_ids"] = [
                     rng.randrange(config.vocab_size) for _ in range(config.random_tokens)
                 ]
                 request["ignore_eos"] = True
             else:
-                kind = "short"
                 request["messages"] = rng.choice(prompts).chat
             cancel = rng.randint(1, 4) if rng.random() < config.cancel_share else None
             outcomes.append(await _soak_stream(client, kind, request, cancel, timeout))
