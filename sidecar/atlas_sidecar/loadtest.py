@@ -183,6 +183,9 @@ def parse_levels(text: str) -> list[int]:
 # -- soak: a bounded time of mixed, hostile traffic; nothing may be lost or leak ---------
 
 
+RSS_WINDOW = 5  # samples whose median is the soak's start / end RSS
+
+
 @dataclass
 class SoakConfig:
     duration_s: float = 180.0
@@ -217,8 +220,8 @@ class SoakReport:
     lost: int
     tokens: int
     rss: list[tuple[float, float]]  # (seconds since start, bytes)
-    rss_start: float  # first sample after warm-up
-    rss_end: float
+    rss_start: float  # median of the first RSS_WINDOW samples after warm-up
+    rss_end: float  # median of the last RSS_WINDOW samples
     rss_max: float
     rss_growth: float  # (end - start) / start
     gap_p50_s: float
@@ -367,8 +370,9 @@ def soak_report(
     gaps = [end - start for start, end in all_gaps]
     long_gaps = [end - start for start, end in all_gaps if _overlaps((start, end), spans)]
     steady = [value for t, value in rss if t >= config.warmup_s] or [v for _, v in rss]
-    start = steady[0] if steady else 0.0
-    end = steady[-1] if steady else 0.0
+    # Medians of a few samples: one sample can land on a long prompt's transient peak.
+    start = statistics.median(steady[:RSS_WINDOW]) if steady else 0.0
+    end = statistics.median(steady[-RSS_WINDOW:]) if steady else 0.0
     return SoakReport(
         config=asdict(config),
         wall_s=wall_s,

@@ -311,7 +311,7 @@ def _soak(args: argparse.Namespace, endpoints: Any, levels: list[int], prompts: 
         concurrency=max(levels),
         max_tokens=args.max_tokens,
         vocab_size=args.vocab_size,
-        warmup_s=min(20.0, args.duration / 4),
+        warmup_s=min(60.0, args.duration / 3),  # allocator and caches settle first
         seed=args.seed,
     )
     print(f"soak {address} for {args.duration:.0f} s at concurrency {config.concurrency}; "
