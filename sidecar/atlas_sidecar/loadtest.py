@@ -13,9 +13,10 @@ import itertools
 import json
 import statistics
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from atlas_sidecar.client import NO_RETRY, AsyncAtlasClient, AtlasError
 from atlas_sidecar.workloads import Prompt
@@ -177,3 +178,246 @@ def parse_levels(text: str) -> list[int]:
     if not levels or min(levels) < 1:
         raise ValueError("--concurrency levels must be positive")
     return levels
+
+
+# -- soak: a bounded time of mixed, hostile traffic; nothing may be lost or leak ---------
+
+
+RSS_WINDOW = 5  # samples whose median is the soak's start / end RSS
+
+
+@dataclass
+class SoakConfig:
+    duration_s: float = 180.0
+    concurrency: int = 8
+    max_tokens: int = 64
+    long_share: float = 0.2  # of requests: long prompts (a prefill that stalls the batch)
+    long_chars: int = 6000  # about 1,500 tokens of text
+    random_share: float = 0.2  # random prompt_token_ids within [0, vocab_size)
+    random_tokens: int = 256
+    vocab_size: int = 32000  # ids below it are valid for any common vocabulary
+    cancel_share: float = 0.2  # streams we cancel after a few chunks
+    sample_s: float = 3.0  # RSS sampling period
+    warmup_s: float = 20.0  # RSS before this is start-up, not the soak's
+    seed: int = 0
+
+
+@dataclass
+class _Outcome:
+    kind: str
+    status: str  # a gRPC status name, "CANCELLED_BY_US" or "LOST"
+    tokens: int
+    gaps: list[tuple[float, float]]  # (previous chunk, this chunk), perf_counter times
+    prefill: tuple[float, float] | None  # a long prompt: (sent, first chunk)
+
+
+@dataclass
+class SoakReport:
+    config: dict[str, Any]
+    wall_s: float
+    requests: dict[str, int]  # by kind
+    statuses: dict[str, int]  # final status of every stream
+    lost: int
+    tokens: int
+    rss: list[tuple[float, float]]  # (seconds since start, bytes)
+    rss_start: float  # median of the first RSS_WINDOW samples after warm-up
+    rss_end: float  # median of the last RSS_WINDOW samples
+    rss_max: float
+    rss_growth: float  # (end - start) / start
+    gap_p50_s: float
+    gap_p99_s: float
+    gap_max_s: float
+    gaps: int
+    # Gaps of running streams that overlapped a long prompt's prefill.
+    long_gap_p50_s: float
+    long_gap_p99_s: float
+    long_gap_max_s: float
+    long_gaps: int
+
+
+def read_rss(metrics_url: str, timeout: float = 5.0) -> float | None:
+    """process_resident_memory_bytes from a Prometheus endpoint (None: unreadable)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "process_resident_memory_bytes":
+                return float(sample.value)
+    return None
+
+
+def _long_text(prompts: list[Prompt], chars: int, offset: int) -> str:
+    corpus = "\n\n".join(content for p in prompts for _, content in p.messages) or "x "
+    while len(corpus) < chars + len(corpus) // 2:
+        corpus += "\n\n" + corpus
+    start = offset % (len(corpus) - chars)
+    return "Summarize the following.\n\n" + corpus[start : start + chars]
+
+
+async def _soak_stream(
+    client: AsyncAtlasClient,
+    kind: str,
+    request: dict[str, Any],
+    cancel_after: int | None,
+    timeout: float,
+) -> _Outcome:
+    sent = time.perf_counter()
+    last: float | None = None
+    gaps: list[tuple[float, float]] = []
+    prefill: tuple[float, float] | None = None
+    tokens = 0
+    finished = False
+    chunks = 0
+    stream = client.generate_stream(timeout=timeout, **request)
+    try:
+        async for chunk in stream:
+            now = time.perf_counter()
+            if last is None:
+                if kind == "long":
+                    prefill = (sent, now)
+            else:
+                gaps.append((last, now))
+            last = now
+            chunks += 1
+            tokens += len(chunk.token_ids)
+            if chunk.finish_reason is not None:
+                finished = True
+            if cancel_after is not None and chunks >= cancel_after and not finished:
+                return _Outcome(kind, "CANCELLED_BY_US", tokens, gaps, prefill)
+    except AtlasError as exc:
+        return _Outcome(kind, exc.code.name, tokens, gaps, prefill)
+    finally:
+        await cast(AsyncGenerator[Any, None], stream).aclose()  # cancels a running RPC
+    return _Outcome(kind, "OK" if finished else "LOST", tokens, gaps, prefill)
+
+
+def _overlaps(gap: tuple[float, float], spans: list[tuple[float, float]]) -> bool:
+    return any(gap[0] < end and start < gap[1] for start, end in spans)
+
+
+async def run_soak(
+    address: str,
+    metrics_url: str | None,
+    prompts: list[Prompt],
+    config: SoakConfig,
+    client_settings: dict[str, Any],
+) -> SoakReport:
+    """Closed-loop clients send a random mix (short chat, long text, random ids), cancel
+    some streams after a few chunks, and record every stream's end, the gaps between its
+    chunks, and the server's RSS every ``sample_s``."""
+    import random
+
+    rng = random.Random(config.seed)
+    outcomes: list[_Outcome] = []
+    rss: list[tuple[float, float]] = []
+    started = time.perf_counter()
+    stop_at = started + config.duration_s
+    timeout = max(120.0, config.duration_s)  # a hung stream ends as DEADLINE_EXCEEDED
+
+    async def sampler() -> None:
+        while metrics_url and time.perf_counter() < stop_at:
+            value = await asyncio.to_thread(read_rss, metrics_url)
+            if value is not None:
+                rss.append((time.perf_counter() - started, value))
+            await asyncio.sleep(config.sample_s)
+
+    # The kinds in their shares, in a seeded order, repeated: a short soak still gets
+    # each kind in its share (independent draws can miss the rarer kinds for a while).
+    longs, randoms = round(10 * config.long_share), round(10 * config.random_share)
+    mix = ["long"] * longs + ["random_ids"] * randoms + ["short"] * max(0, 10 - longs - randoms)
+    rng.shuffle(mix)
+    order = itertools.count()
+
+    async def worker(client: AsyncAtlasClient) -> None:
+        while time.perf_counter() < stop_at:
+            kind = mix[next(order) % len(mix)]
+            request: dict[str, Any] = {"max_tokens": config.max_tokens}
+            if kind == "long":
+                request["prompt"] = _long_text(prompts, config.long_chars, rng.randrange(1 << 30))
+            elif kind == "random_ids":
+                request["token_ids"] = [
+                    rng.randrange(config.vocab_size) for _ in range(config.random_tokens)
+                ]
+                request["ignore_eos"] = True
+            else:
+                request["messages"] = rng.choice(prompts).chat
+            cancel = rng.randint(1, 4) if rng.random() < config.cancel_share else None
+            outcomes.append(await _soak_stream(client, kind, request, cancel, timeout))
+
+    async with AsyncAtlasClient(address, retry=NO_RETRY, **client_settings) as client:
+        await asyncio.gather(sampler(), *(worker(client) for _ in range(config.concurrency)))
+    wall = time.perf_counter() - started
+    return soak_report(config, outcomes, rss, wall)
+
+
+def soak_report(
+    config: SoakConfig, outcomes: list[_Outcome], rss: list[tuple[float, float]], wall_s: float
+) -> SoakReport:
+    requests: dict[str, int] = {}
+    statuses: dict[str, int] = {}
+    for o in outcomes:
+        requests[o.kind] = requests.get(o.kind, 0) + 1
+        statuses[o.status] = statuses.get(o.status, 0) + 1
+    spans = [o.prefill for o in outcomes if o.prefill is not None]
+    all_gaps = [g for o in outcomes for g in o.gaps]
+    gaps = [end - start for start, end in all_gaps]
+    long_gaps = [end - start for start, end in all_gaps if _overlaps((start, end), spans)]
+    steady = [value for t, value in rss if t >= config.warmup_s] or [v for _, v in rss]
+    # Medians of a few samples: one sample can land on a long prompt's transient peak.
+    start = statistics.median(steady[:RSS_WINDOW]) if steady else 0.0
+    end = statistics.median(steady[-RSS_WINDOW:]) if steady else 0.0
+    return SoakReport(
+        config=asdict(config),
+        wall_s=wall_s,
+        requests=requests,
+        statuses=statuses,
+        lost=statuses.get("LOST", 0),
+        tokens=sum(o.tokens for o in outcomes),
+        rss=rss,
+        rss_start=start,
+        rss_end=end,
+        rss_max=max((v for _, v in rss), default=0.0),
+        rss_growth=(end - start) / start if start else 0.0,
+        gap_p50_s=percentile(gaps, 50),
+        gap_p99_s=percentile(gaps, 99),
+        gap_max_s=max(gaps, default=0.0),
+        gaps=len(gaps),
+        long_gap_p50_s=percentile(long_gaps, 50),
+        long_gap_p99_s=percentile(long_gaps, 99),
+        long_gap_max_s=max(long_gaps, default=0.0),
+        long_gaps=len(long_gaps),
+    )
+
+
+def format_soak(report: SoakReport) -> str:
+    mib = 1 << 20
+    lines = [
+        f"soak: {report.wall_s:.0f} s, {sum(report.requests.values())} streams "
+        + ", ".join(f"{k} {v}" for k, v in sorted(report.requests.items()))
+        + f", {report.tokens} tokens",
+        f"{'final status':<18} {'streams':>7}",
+        *(f"{k:<18} {v:>7}" for k, v in sorted(report.statuses.items())),
+        f"{'lost streams':<18} {report.lost:>7}",
+        f"RSS after warm-up: start {report.rss_start / mib:.0f} MiB, end "
+        f"{report.rss_end / mib:.0f} MiB ({report.rss_growth:+.1%}), max "
+        f"{report.rss_max / mib:.0f} MiB, {len(report.rss)} samples",
+        f"{'inter-chunk gap':<26} {'n':>6} {'p50':>8} {'p99':>8} {'max':>8}",
+        f"{'all running streams':<26} {report.gaps:>6} {report.gap_p50_s:>7.3f}s "
+        f"{report.gap_p99_s:>7.3f}s {report.gap_max_s:>7.3f}s",
+        f"{'while a long prompt lands':<26} {report.long_gaps:>6} "
+        f"{report.long_gap_p50_s:>7.3f}s {report.long_gap_p99_s:>7.3f}s "
+        f"{report.long_gap_max_s:>7.3f}s",
+    ]
+    return "\n".join(lines)
+
+
+def write_soak_json(report: SoakReport, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(report), indent=2))

@@ -30,6 +30,7 @@ from atlas_sidecar.speculators.neural_train import (
     first_token_acceptance,
     replay_accept_len,
     select_vocab,
+    sequence_bytes,
     warm_start_texts,
 )
 from atlas_sidecar.workloads import encode
@@ -380,3 +381,39 @@ def test_neural_mode_records_hidden_states_is_lossless_and_hands_requests_to_its
     finally:
         learner.close()
     assert runner.live_sequences == 0
+
+
+def test_replay_buffer_stays_within_its_byte_budget():
+    # 64 fp32 features a position: 256 bytes, plus 8 for the token's list slot.
+    def seq(first: int, n: int) -> FinishedSequence:
+        return FinishedSequence(list(range(first, first + n + 1)), torch.zeros(n, 64))
+
+    one = sequence_bytes(seq(0, 30))
+    assert one == 30 * 64 * 4 + 31 * 8
+    buffer = ReplayBuffer(max_tokens=10**6, max_bytes=3 * one + one // 2)
+    for i in range(10):
+        buffer.add(seq(1000 * i, 30))
+        assert buffer.nbytes <= buffer.max_bytes
+    assert len(buffer) == 3 and buffer._sequences[0].tokens[0] == 7000  # the newest
+    buffer.add(seq(0, 1000))  # bigger than the whole budget: its most recent part stays
+    assert len(buffer) == 1 and buffer.nbytes <= buffer.max_bytes
+    assert buffer._sequences[0].tokens[-1] == 1000
+
+
+def test_background_learner_bounds_its_queue_in_bytes(target, texts):
+    speculator = NeuralSpeculator(target)
+    sequences = texts[0][:6]
+    budget = sequence_bytes(sequences[0]) + sequence_bytes(sequences[1])
+    config = TrainConfig(batch_size=16, steps_per_request=1, queue_size=100, queue_bytes=budget)
+    learner = OnlineLearner(speculator, config, background=True)
+    try:
+        with learner._lock:  # training is busy: submits pile up against the byte bound
+            for s in sequences:
+                learner.submit(s)
+                assert learner.queued_bytes <= budget
+            assert learner.dropped >= 3  # one in training at most, two fit the bytes
+        assert learner.wait_idle(timeout=60)
+        assert learner.queued_bytes == 0
+        assert learner.stats()["sequences_seen"] == len(sequences) - learner.dropped
+    finally:
+        learner.close()

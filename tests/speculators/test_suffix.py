@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import random
+import tracemalloc
+from collections.abc import Callable
+
 from atlas_sidecar.sampling import SamplingParams
 from atlas_sidecar.speculators.base import DraftRequest
-from atlas_sidecar.speculators.suffix import SuffixSpeculator
+from atlas_sidecar.speculators.suffix import WORST_BYTES_PER_TOKEN, SuffixSpeculator
 
 
 def propose(spec: SuffixSpeculator, seq_id: str, context: list[int], lookahead: int = 8):
@@ -81,3 +86,75 @@ def test_agreeing_evidence_is_a_chain():
     draft = propose(spec, "q", [7, 1, 2], 3)
     assert draft.tokens == [3, 4, 5]
     assert not draft.is_tree
+
+
+def _random_docs(count: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(count)]
+
+
+def _real_growth(fill: Callable[[], SuffixSpeculator]) -> tuple[SuffixSpeculator, int]:
+    """The speculator ``fill`` builds, and the bytes tracemalloc saw it keep."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        spec = fill()
+        gc.collect()
+        return spec, tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_byte_accounting_matches_what_the_index_really_allocates():
+    # Random ids (every n-gram new) and a 40-token vocabulary (n-grams recur, so
+    # occurrence lists fill and the oldest drop): the accounting within 5% of the real.
+    for vocab in (49152, 40):
+        docs = _random_docs(20, 1000, vocab)
+
+        def fill(docs: list[list[int]] = docs) -> SuffixSpeculator:
+            spec = SuffixSpeculator(global_tokens=10**9, global_bytes=10**12)
+            for doc in docs:
+                spec.add_document(doc)
+            return spec
+
+        spec, real = _real_growth(fill)
+        assert abs(spec.global_nbytes - real) <= 0.05 * real, (vocab, spec.global_nbytes, real)
+        assert real / 20_000 < WORST_BYTES_PER_TOKEN  # the bound the tail cut relies on
+
+
+def test_global_index_stays_within_its_byte_budget_by_evicting_the_oldest():
+    budget = 2 << 20
+    docs = _random_docs(40, 1000, 49152, seed=1)  # ~30 MB of index unbounded
+
+    def fill() -> SuffixSpeculator:
+        spec = SuffixSpeculator(global_tokens=10**9, global_bytes=budget)
+        for doc in docs:
+            spec.add_document(doc)
+        return spec
+
+    spec, real = _real_growth(fill)
+    assert spec.global_nbytes <= budget
+    assert real <= 1.05 * budget
+    assert propose(spec, "q", docs[0][:3], 2).tokens == []  # the oldest was evicted
+    assert propose(spec, "r", docs[-1][:3], 2).tokens == docs[-1][3:5]
+
+
+def test_one_document_over_the_byte_budget_keeps_its_tail():
+    spec = SuffixSpeculator(global_bytes=64 * WORST_BYTES_PER_TOKEN)
+    doc = _random_docs(1, 1000, 49152, seed=2)[0]
+    spec.add_document(doc)
+    assert spec.global_size == 64
+    assert spec.global_nbytes <= spec.global_bytes
+    assert propose(spec, "q", doc[-10:-8], 2).tokens == doc[-8:-6]
+
+
+def test_a_request_index_stays_within_its_byte_budget_and_keeps_its_newest_tokens():
+    budget = 1 << 20
+    spec = SuffixSpeculator(local_bytes=budget)
+    context = _random_docs(1, 20_000, 49152, seed=3)[0]  # ~15 MB of index unbounded
+    for end in range(1000, len(context) + 1, 1000):
+        propose(spec, "a", context[:end], 0)
+        assert spec.local_nbytes <= budget
+    # What it just saw is still evidence: the newest tokens, repeated, are drafted on.
+    assert propose(spec, "a", context + context[-50:-48], 3).tokens == context[-48:-45]

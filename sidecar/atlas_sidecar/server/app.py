@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 
 from atlas_sidecar.engine import Engine
 from atlas_sidecar.server.auth import TokenAuth
+from atlas_sidecar.server.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits
 from atlas_sidecar.server.scheduler import Scheduler
@@ -104,6 +105,9 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_batch: int = 16  # sequences decoding at once
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
+    # Worst-case KV bytes of the admitted requests (None: a share of the memory free at
+    # start, see server/memory.py; 0: no byte bound, max_batch only).
+    kv_budget_bytes: int | None = None
     max_message_bytes: int = 4 << 20  # largest message received (and sent)
     max_concurrent_streams: int = 256  # per connection
     # RPCs in flight over all connections; past it gRPC answers RESOURCE_EXHAUSTED before
@@ -151,6 +155,11 @@ class SidecarServer:
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
             queue_timeout_s=config.queue_timeout_s,
+            kv_budget_bytes=(
+                default_kv_budget(engine.target)
+                if config.kv_budget_bytes is None
+                else config.kv_budget_bytes
+            ),
         )
         self.service = AtlasService(
             self.scheduler,
@@ -164,6 +173,7 @@ class SidecarServer:
             ),
             log_prompts=config.log_prompts,
         )
+        register_memory_metrics(self.stats, engine, self.scheduler, self.service)
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None

@@ -50,6 +50,10 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED")  # fmt: skip
     # Defaults (None) are the server's own Limits: one source of truth.
     p.add_argument("--max-prompt-tokens", type=int, help="default 8192")
+    p.add_argument("--kv-budget-mb", type=float,
+                   help="KV cache MiB the admitted requests may need at worst (prompt + "
+                        "max_tokens + lookahead); more wait in the queue. Default: 80%% "
+                        "of free GPU memory, or 50%% of free RAM; 0: no byte bound")  # fmt: skip
     p.add_argument("--max-prompt-chars", type=int, help="default 100000")
     p.add_argument("--max-tokens-limit", type=int,
                    help="largest max_tokens a request may ask for (default 4096)")  # fmt: skip
@@ -112,6 +116,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         **_hardening(args),
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * (1 << 20)),
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
         limits=_limits(args),
@@ -284,6 +289,16 @@ def add_loadtest_parser(sub: Any) -> None:
     p.add_argument("--workload", default="python", help="python, rust, chat or drift")
     p.add_argument("--prompts", type=int, default=16, help="distinct prompts (cycled)")
     p.add_argument("--out", default="bench-out/loadtest.json", help="JSON output path")
+    p.add_argument("--soak", action="store_true",
+                   help="one endpoint, --duration seconds of mixed traffic (short, long and "
+                        "random-id prompts, streams cancelled mid-way) at the largest "
+                        "--concurrency: status counts, lost streams, RSS, chunk gaps")  # fmt: skip
+    p.add_argument("--metrics-url",
+                   help="soak: the server's /metrics, for its RSS (default: the endpoint's "
+                        "host, port 9090)")  # fmt: skip
+    p.add_argument("--vocab-size", type=int, default=32000,
+                   help="soak: random prompt ids are drawn below this")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="soak: the traffic mix's seed")
     add_endpoint_args(p)
     p.set_defaults(func=cmd_loadtest)
 
@@ -304,6 +319,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.workload not in loaders:
         raise ValueError(f"unknown workload {args.workload!r}; use one of {', '.join(loaders)}")
     prompts = loaders[args.workload](args.prompts)
+    if args.soak:
+        return _soak(args, endpoints, levels, prompts)
     print(f"{len(prompts)} {args.workload} prompts, {args.max_tokens} new tokens, "
           f"{args.duration:.0f} s per level\n{loadtest.HEADER}", flush=True)  # fmt: skip
     rows = asyncio.run(
@@ -315,3 +332,32 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     loadtest.write_json(rows, Path(args.out), config)
     print(f"wrote {args.out}")
     return 0 if all(r.errors == 0 for r in rows) else 1
+
+
+def _soak(args: argparse.Namespace, endpoints: Any, levels: list[int], prompts: Any) -> int:
+    """Exit status 1 if any stream was lost or ended INTERNAL."""
+    import asyncio
+
+    from atlas_sidecar import loadtest
+
+    if len(endpoints) != 1:
+        raise ValueError("--soak drives one endpoint")
+    address = endpoints[0][1]
+    metrics_url = args.metrics_url or f"http://{address.rpartition(':')[0]}:9090/metrics"
+    config = loadtest.SoakConfig(
+        duration_s=args.duration,
+        concurrency=max(levels),
+        max_tokens=args.max_tokens,
+        vocab_size=args.vocab_size,
+        warmup_s=min(60.0, args.duration / 3),  # allocator and caches settle first
+        seed=args.seed,
+    )
+    print(f"soak {address} for {args.duration:.0f} s at concurrency {config.concurrency}; "
+          f"RSS from {metrics_url}", flush=True)  # fmt: skip
+    report = asyncio.run(
+        loadtest.run_soak(address, metrics_url, prompts, config, client_settings(args))
+    )
+    print(loadtest.format_soak(report), flush=True)
+    loadtest.write_soak_json(report, Path(args.out))
+    print(f"wrote {args.out}")
+    return 1 if report.lost or report.statuses.get("INTERNAL") else 0

@@ -8,12 +8,13 @@ in one process (tests) without clashing.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from atlas_sidecar.engine import StepStats
 
@@ -56,6 +57,9 @@ class ServingStats:
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._weight_labels: dict[str, str] = {}
         r = self.registry
+        # process_resident_memory_bytes and the rest, on this server's own registry.
+        with contextlib.suppress(ValueError):  # a registry that already has them
+            ProcessCollector(registry=r)
         self.requests = Counter(
             "atlas_requests", "Generate RPCs by outcome", ["rpc", "code"], registry=r
         )

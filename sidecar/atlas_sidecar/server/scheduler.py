@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from atlas_sidecar.engine import Engine, GenerationResult, Sequence
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.server.memory import format_bytes, kv_bytes_per_token
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import PromptInput
 from atlas_sidecar.workloads import Prompt, encode
@@ -88,6 +89,8 @@ class Job:
     seq: Sequence | None = None
     ttft_s: float = 0.0
     emitted_text: str = ""
+    ids: list[int] | None = None  # the prompt's token ids, once tokenized
+    kv_bytes: int = 0  # KV bytes reserved for it while admitted
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -102,10 +105,17 @@ class Scheduler:
         max_queue: int = 64,
         max_prompt_tokens: int = 8192,
         queue_timeout_s: float | None = None,
+        kv_budget_bytes: int = 0,
     ) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.engine = engine
+        # Admission in bytes (0: by count only): the worst-case KV bytes of admitted
+        # requests stay within kv_budget_bytes; the rest wait in the queue.
+        self.kv_budget_bytes = kv_budget_bytes
+        self.kv_bytes_per_token = kv_bytes_per_token(engine.target) if kv_budget_bytes else 0
+        self.kv_reserved = 0  # the worker's own; read by metrics
+        self._deferred = 0  # jobs of this admission pass put back in the queue
         self.stats = stats
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -195,6 +205,7 @@ class Scheduler:
             if self._stopping:
                 return None
             self._expire_queued(time.monotonic())
+            self._deferred = 0
             admitted: list[Job] = []
             while self._pending and len(self._active) + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
@@ -220,7 +231,10 @@ class Scheduler:
         try:
             if job.expired(time.monotonic()):
                 raise DeadlineExceeded("deadline exceeded while queued")
-            ids = self._encode(job.prompt)
+            ids = job.ids = job.ids if job.ids is not None else self._encode(job.prompt)
+            if not self._reserve_kv(job, len(ids)):
+                self._defer(job)
+                return
             job.seq = self.engine.start(ids, job.params)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
             self._fail(job, exc)
@@ -294,7 +308,35 @@ class Scheduler:
         self._release(job)
         job.sink(FailedEvent(error))
 
+    def _reserve_kv(self, job: Job, prompt_tokens: int) -> bool:
+        """Reserve the job's worst-case KV bytes; False: not now (it waits, in order)."""
+        if not self.kv_bytes_per_token:
+            return True
+        tokens = prompt_tokens + job.params.max_tokens + self.engine.lookahead
+        need = tokens * self.kv_bytes_per_token
+        if need > self.kv_budget_bytes:
+            raise RequestError(
+                "max_tokens",
+                f"{prompt_tokens} prompt tokens + max_tokens {job.params.max_tokens} + "
+                f"lookahead {self.engine.lookahead} need {format_bytes(need)} of KV cache, "
+                f"more than the server's budget of {format_bytes(self.kv_budget_bytes)}",
+            )
+        if self._deferred or self.kv_reserved + need > self.kv_budget_bytes:
+            return False
+        job.kv_bytes = need
+        self.kv_reserved += need
+        return True
+
+    def _defer(self, job: Job) -> None:
+        """Back to the queue, ahead of later arrivals and behind this pass's others."""
+        with self._cond:
+            if not job.cancelled:
+                self._pending.insert(self._deferred, job)
+                self._deferred += 1
+
     def _release(self, job: Job) -> None:
+        self.kv_reserved -= job.kv_bytes
+        job.kv_bytes = 0
         if job.seq is not None:
             self.engine.release(job.seq)
         if job in self._active:

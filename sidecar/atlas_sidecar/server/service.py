@@ -36,6 +36,7 @@ from atlas_sidecar.server.scheduler import (
     ShuttingDown,
     TokensEvent,
 )
+from atlas_sidecar.server.streambuf import EventBuffer
 from atlas_sidecar.server.weights import WeightVersions
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class AtlasService:
         self.model = model
         self.log_prompts = log_prompts
         self.started_at = time.monotonic()
+        self.buffers: set[EventBuffer] = set()  # the live RPCs' (memory metrics)
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
@@ -175,9 +177,11 @@ class AtlasService:
         started = time.monotonic()
         code = grpc.StatusCode.OK
         job: Job | None = None
+        events: EventBuffer | None = None
         try:
             parsed = self._parse(request)
-            events: asyncio.Queue[Event] = asyncio.Queue()
+            events = EventBuffer(asyncio.get_running_loop())  # O(1) entries a stream
+            self.buffers.add(events)
             job = self._submit(parsed, events, context, stream)
             while True:
                 event = await events.get()
@@ -199,6 +203,7 @@ class AtlasService:
             log.exception("%s failed", rpc)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         finally:
+            self.buffers.discard(events)
             if job is not None:
                 self.scheduler.cancel(job)
             self.stats.rpc_finished(rpc, code.name, time.monotonic() - started)
@@ -217,18 +222,11 @@ class AtlasService:
     def _submit(
         self,
         parsed: ParsedRequest,
-        events: asyncio.Queue[Event],
+        events: EventBuffer,
         context: grpc.aio.ServicerContext,
         stream: bool,
     ) -> Job:
-        loop = asyncio.get_running_loop()
-
-        def sink(event: Event) -> None:  # called from the scheduler's thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the loop closed: the RPC is long gone
-
+        sink = events.put  # called from the scheduler's thread
         remaining = context.time_remaining()
         job = Job(
             request_id=parsed.request_id,

@@ -56,6 +56,10 @@ class TrainConfig:
     cls_weight: float = 1.0  # soft cross-entropy vs the feature regression
     grad_clip: float = 1.0
     buffer_tokens: int = 65_536  # replay buffer bound (positions); oldest evicted
+    # ... and in bytes: a position holds the target's hidden state (hidden x 4 bytes in
+    # fp32: 65,536 positions of a 3584-wide target would be 940 MB).
+    buffer_bytes: int = 256 << 20
+    queue_bytes: int = 128 << 20  # online: finished requests waiting, in bytes
     steps_per_request: int = 4  # online: training steps per finished request
     queue_size: int = 16  # online: finished requests waiting; more are dropped
     threads: int = 1  # online: torch threads of the training thread
@@ -72,15 +76,33 @@ class Batch:
     tokens: torch.Tensor  # [B, unroll]: token_{i+1} .. token_{i+unroll}
 
 
-class ReplayBuffer:
-    """Finished sequences, at most ``max_tokens`` positions in all; the oldest go first."""
+def sequence_bytes(sequence: FinishedSequence) -> int:
+    """What a finished sequence holds: its features' storage and its token list's slots."""
+    features = sequence.features
+    return features.element_size() * features.nelement() + 8 * len(sequence.tokens)
 
-    def __init__(self, max_tokens: int) -> None:
+
+def tail(sequence: FinishedSequence, max_bytes: int) -> FinishedSequence:
+    """The sequence, or its most recent part that fits ``max_bytes`` (>= 1 position)."""
+    if sequence_bytes(sequence) <= max_bytes or len(sequence) <= 1:
+        return sequence
+    per_position = sequence_bytes(sequence) / len(sequence)
+    keep = max(1, int(max_bytes // per_position))
+    return FinishedSequence(sequence.tokens[-(keep + 1) :], sequence.features[-keep:].clone())
+
+
+class ReplayBuffer:
+    """Finished sequences, at most ``max_tokens`` positions and ``max_bytes`` in all; the
+    oldest go first."""
+
+    def __init__(self, max_tokens: int, max_bytes: int | None = None) -> None:
         if max_tokens <= 0:
             raise ValueError("the replay buffer needs room for at least one position")
         self.max_tokens = max_tokens
+        self.max_bytes = max_bytes
         self._sequences: deque[FinishedSequence] = deque()
         self.tokens = 0
+        self.nbytes = 0
 
     def add(self, sequence: FinishedSequence) -> None:
         if len(sequence) > self.max_tokens:  # keep its most recent part
@@ -88,10 +110,17 @@ class ReplayBuffer:
             sequence = FinishedSequence(
                 sequence.tokens[-(keep + 1) :], sequence.features[-keep:].clone()
             )
+        if self.max_bytes is not None:
+            sequence = tail(sequence, self.max_bytes)
         self._sequences.append(sequence)
         self.tokens += len(sequence)
-        while self.tokens > self.max_tokens:
-            self.tokens -= len(self._sequences.popleft())
+        self.nbytes += sequence_bytes(sequence)
+        while self.tokens > self.max_tokens or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes
+        ):
+            old = self._sequences.popleft()
+            self.tokens -= len(old)
+            self.nbytes -= sequence_bytes(old)
 
     def __len__(self) -> int:
         return len(self._sequences)
@@ -178,7 +207,7 @@ class Distiller:
         self.head.load_state_dict({k: v.float() for k, v in current.head.state_dict().items()})
         self.head.train()
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.config.lr)
-        self.buffer = ReplayBuffer(self.config.buffer_tokens)
+        self.buffer = ReplayBuffer(self.config.buffer_tokens, self.config.buffer_bytes)
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.counts = torch.zeros(target.vocab_size, dtype=torch.long)
         self.embedding = target.model.get_input_embeddings().weight.detach()
@@ -258,6 +287,7 @@ class Distiller:
             "sequences_seen": self.sequences_seen,
             "examples_seen": self.examples_seen,
             "buffer_tokens": self.buffer.tokens,
+            "buffer_bytes": self.buffer.nbytes,
             "steps": self.steps,
             "last_loss": None if self.last_loss is None else round(self.last_loss, 4),
             "train_s": round(self.train_s, 3),
@@ -291,6 +321,8 @@ class OnlineLearner:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._queue: queue.Queue[FinishedSequence | None] = queue.Queue(self.config.queue_size)
+        self.queued_bytes = 0  # of the sequences in _queue, bounded by config.queue_bytes
+        self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         speculator.learner = self
@@ -306,10 +338,24 @@ class OnlineLearner:
         if not self.background:
             self._learn(sequence)
             return
-        try:
-            self._queue.put_nowait(sequence)
-        except queue.Full:
-            self.dropped += 1
+        # Bounded in bytes as well as in count: a long request's features are large.
+        sequence = tail(sequence, min(self.config.buffer_bytes, self.config.queue_bytes))
+        size = sequence_bytes(sequence)
+        with self._queued_lock:
+            if self.queued_bytes + size > self.config.queue_bytes:
+                self.dropped += 1
+                return
+            try:
+                self._queue.put_nowait(sequence)
+            except queue.Full:
+                self.dropped += 1
+                return
+            self.queued_bytes += size
+
+    def _dequeued(self, sequence: FinishedSequence | None) -> None:
+        if sequence is not None:
+            with self._queued_lock:
+                self.queued_bytes -= sequence_bytes(sequence)
 
     def _learn(self, sequence: FinishedSequence) -> None:
         with self._lock:
@@ -347,6 +393,7 @@ class OnlineLearner:
         torch.set_num_threads(self.config.threads)
         while not self._stop.is_set():
             sequence = self._queue.get()
+            self._dequeued(sequence)
             try:
                 if sequence is None:
                     return
@@ -365,6 +412,7 @@ class OnlineLearner:
                     sequence = self._queue.get_nowait()
                 except queue.Empty:
                     break
+                self._dequeued(sequence)
                 if sequence is not None:
                     self.distiller.add(sequence)
                 self._queue.task_done()
@@ -399,6 +447,7 @@ class OnlineLearner:
             **self.distiller.stats(),
             "submitted": self.submitted,
             "queued": self._queue.qsize(),
+            "queued_bytes": self.queued_bytes,
             "dropped": self.dropped,
             "errors": self.errors,
             "last_error": self.last_error,
