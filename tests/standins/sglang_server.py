@@ -41,7 +41,6 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -81,7 +80,8 @@ class SGLangStandin:
         self._cache_ids = itertools.count()
         self._rids = itertools.count()
         self.port = port
-        self.delay_s = 0.0
+        self._delay_s = 0.0
+        self._calm = threading.Event()  # set: a delay in progress ends at once
         self.die_after_requests: int | None = None
         self.generate_calls = 0
         self.rejected: list[str] = []  # every 400 answered, for tests to assert on
@@ -89,6 +89,19 @@ class SGLangStandin:
         self._thread: threading.Thread | None = None
 
     # -- life cycle ------------------------------------------------------------------
+
+    @property
+    def delay_s(self) -> float:
+        return self._delay_s
+
+    @delay_s.setter
+    def delay_s(self, seconds: float) -> None:
+        """Every /generate waits this long first; setting 0 ends the waits under way."""
+        self._delay_s = seconds
+        if seconds:
+            self._calm.clear()
+        else:
+            self._calm.set()
 
     @property
     def url(self) -> str:
@@ -111,6 +124,7 @@ class SGLangStandin:
     def stop(self) -> None:
         """Stop listening and drop the KV cache (a restart starts cold, as SGLang's)."""
         server, self._server = self._server, None
+        self.delay_s = 0.0
         if server is not None:
             server.shutdown()
             server.server_close()
@@ -132,8 +146,8 @@ class SGLangStandin:
             if self.die_after_requests <= 0:
                 self.die_after_requests = None
                 raise _Died()
-        if self.delay_s:
-            time.sleep(self.delay_s)
+        if self._delay_s:
+            self._calm.wait(self._delay_s)
         try:
             requests = self._validate(body)
         except (ValueError, TypeError, pydantic.ValidationError) as exc:
