@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import threading
 from collections import OrderedDict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -341,6 +342,11 @@ def _top(row: torch.Tensor, n: int) -> list[list[Any]]:
 class _Handler(BaseHTTPRequestHandler):
     owner: SGLangStandin
     protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn
+
+    def setup(self) -> None:
+        super().setup()
+        # As uvicorn: no Nagle, or headers and body written apart wait for a delayed ACK.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
         pass
