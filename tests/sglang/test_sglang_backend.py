@@ -171,6 +171,19 @@ def test_standin_answers_in_sglangs_logprob_layout(standin, torch_target):
 # -- start-up -----------------------------------------------------------------------------
 
 
+def test_startup_takes_sglangs_shorter_context(standin):
+    standin.context_len = 512
+    try:
+        backend = SGLangBackend(standin.url, target_spec(models.TEST_MODEL))
+        assert backend.max_context == 8192  # the model's own
+        backend.wait_ready(timeout_s=30)
+        assert backend.max_context == 512
+        with pytest.raises(RequestError):  # refused before SGLang would refuse it
+            Engine(backend, backend.tokenizer).start([1] * 600, GREEDY)
+    finally:
+        standin.context_len = standin.runner.max_context
+
+
 def test_startup_refuses_a_server_with_another_tokenizer(standin):
     qwen = "qwen2.5-coder-0.5b-instruct"
     if not models.is_pulled(qwen):

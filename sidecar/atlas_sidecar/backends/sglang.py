@@ -145,7 +145,10 @@ class SGLangBackend:
 
     def wait_ready(self, timeout_s: float = HEALTH_TIMEOUT_S, poll_s: float = 1.0) -> None:
         """Wait for SGLang's ``GET /health`` (it loads the model first), then check that
-        it serves the sidecar's model: drafts are token ids, so both must tokenize alike."""
+        it serves the sidecar's model: drafts are token ids, so both must tokenize alike.
+        A ``--context-length`` SGLang was started with (``/get_server_info``'s
+        ``context_length``) lowers ``max_context``, so requests it would refuse are
+        refused here first, as INVALID_ARGUMENT."""
         deadline = time.monotonic() + timeout_s
         log.info("waiting up to %.0f s for SGLang at %s", timeout_s, self.url)
         last = "no answer yet"
@@ -168,6 +171,12 @@ class SGLangBackend:
             self.url, info.get("model_path"), info.get("architectures"),
         )  # fmt: skip
         self.check_model(info)
+        server = self._get_json("/get_server_info")
+        context = server.get("context_length") if isinstance(server, dict) else None
+        if isinstance(context, int) and 0 < context < self.max_context:
+            log.info("SGLang serves a context of %d tokens (the model's: %d)",
+                     context, self.max_context)  # fmt: skip
+            self.max_context = context
 
     def check_model(self, info: dict[str, Any]) -> None:
         """Refuse a server that would verify different tokens than the sidecar drafts."""
