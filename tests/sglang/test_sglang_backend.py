@@ -296,3 +296,45 @@ def test_atlas_serve_backend_sglang_answers_like_the_torch_backend(
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_a_refused_call_leaves_its_sequences_usable(backend, standin, torch_target, prompts):
+    backend.start("good")
+    backend.start("bad")
+    try:
+        backend.forward("good", prompts[0])
+        with pytest.raises(SGLangError, match="HTTP 400"):
+            backend.forward_many([ForwardItem("good", [504]), ForwardItem("bad", [10**9])])
+        assert backend.cached_len("good") == len(prompts[0])  # as before the refused call
+        row = backend.forward("good", [504])[-1]
+        torch_target.start("ref")
+        try:
+            expected = torch_target.forward("ref", [*prompts[0], 504])[-1]
+        finally:
+            torch_target.release("ref")
+        assert int(row.argmax()) == int(expected.argmax())
+    finally:
+        backend.release("good")
+        backend.release("bad")
+    assert len(standin.rejected) == 1
+    standin.rejected.clear()
+
+
+def test_sequences_of_an_unanswered_call_fail_fast_after_it(backend, standin, prompts):
+    backend.start("s")
+    try:
+        backend.forward("s", prompts[0])
+        standin.die_after_requests = 1
+        with pytest.raises(SGLangUnavailable):
+            backend.forward("s", [504])
+        standin.stop()
+        standin.start()
+        calls = standin.generate_calls
+        with pytest.raises(SGLangUnavailable, match="an earlier SGLang call failed"):
+            backend.forward("s", [504])
+        assert standin.generate_calls == calls  # no second wait on SGLang
+    finally:
+        backend.release("s")
+    backend.start("s")  # released, the id is usable again
+    assert backend.forward("s", prompts[0]).shape[0] == len(prompts[0])
+    backend.release("s")

@@ -28,8 +28,10 @@ Faults: every call has a timeout and idempotent calls (all of them: a greedy
 one-token generate on a given prefix answers the same) are retried a bounded number of
 times on connection failures. A call that still fails raises ``SGLangUnavailable`` (a
 ``BackendUnavailable``, which the server answers with UNAVAILABLE); no token is ever
-made up. A sequence whose call failed is poisoned until released, since SGLang's view
-of it is unknown.
+made up. The sequences of a call SGLang did not answer fail fast from then on (until
+released): the scheduler's one-by-one retry of a failed batch would otherwise wait out
+the timeout once per sequence. A call SGLang refused (``SGLangError``, e.g. HTTP 400)
+leaves its sequences as they were, so that retry finds the one at fault.
 """
 
 from __future__ import annotations
@@ -244,7 +246,9 @@ class SGLangBackend:
                 self._rows(answer, len(item.tokens))
                 for answer, item in zip(answers, items, strict=True)
             ]
-        except BaseException:
+        except SGLangUnavailable:
+            # Down or too slow: a retry of these sequences one by one (the scheduler's
+            # fallback) would wait out the timeout once per sequence.
             self._poisoned.update(item.seq_id for item in items)
             raise
         for item, full in zip(items, inputs, strict=True):
