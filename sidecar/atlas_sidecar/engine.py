@@ -246,6 +246,12 @@ class Engine:
                 f"{len(prompt_ids)} tokens exceed the context of {self.target.max_context}",
             )
         params.validate(max_new_tokens=room)
+        if not params.greedy and not getattr(self.target, "exact_logits", True):
+            raise RequestError(
+                "temperature",
+                "this target backend verifies greedy decoding only (temperature 0): "
+                "its rows carry the target's choice, not its distribution",
+            )
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate, prefill the target, and take the first token."""
@@ -349,7 +355,10 @@ class Engine:
             for i, (name, draft) in zip(
                 where, self.policy.draft_many(requests, batch_size=len(seqs)), strict=True
             ):
-                drafts[i] = (name, _sanitize(draft, seqs[i], self.target.vocab_size))
+                drafts[i] = (name, _sanitize(
+                    draft, seqs[i], self.target.vocab_size,
+                    getattr(self.target, "supports_trees", True),
+                ))  # fmt: skip
         return drafts
 
     def _accept_path(
@@ -390,10 +399,11 @@ def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
 
 
-def _sanitize(draft: Draft, seq: Sequence, vocab: int) -> Draft:
+def _sanitize(draft: Draft, seq: Sequence, vocab: int, trees: bool = True) -> Draft:
     """A draft the target can verify: tokens of its vocabulary, within the room left,
-    and a chain when sampling (multi-branch rejection sampling is not done here)."""
-    if not seq.params.greedy:
+    and a chain when sampling (multi-branch rejection sampling is not done here) or when
+    the target cannot verify trees (``supports_trees = False``, e.g. SGLang)."""
+    if not seq.params.greedy or not trees:
         draft = draft.main_chain()
     room = seq.params.max_tokens - len(seq.output) - 1
     parents = draft.chain_parents()

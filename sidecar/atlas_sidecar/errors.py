@@ -7,3 +7,10 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class BackendUnavailable(RuntimeError):
+    """The target backend (a remote server) cannot answer now; the request may be retried.
+
+    Raised instead of returning a token that was not verified: the server answers it
+    with UNAVAILABLE."""

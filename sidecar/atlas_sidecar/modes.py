@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from atlas_sidecar.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.controller import Controller, CostModel
@@ -18,6 +19,9 @@ SUFFIX_LOOKAHEAD = 16
 ATLAS_MAX_LOOKAHEAD = 32
 MODES = ("target_only", "static", "suffix", "neural", "atlas")
 NEEDS_DRAFT = frozenset({"static", "atlas"})
+
+if TYPE_CHECKING:
+    from atlas_sidecar.backends.sglang import SGLangBackend
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +72,21 @@ def neural_speculator(target: CausalLMRunner, learn: bool = True) -> NeuralSpecu
 
 def build_engine(
     mode: str,
-    target: CausalLMRunner,
+    target: CausalLMRunner | SGLangBackend,
     draft: CausalLMRunner | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
 ) -> Engine:
-    """An engine for ``mode``; ``draft`` is the static speculator's model runner."""
+    """An engine for ``mode``; ``draft`` is the static speculator's model runner.
+
+    A target whose hidden states the sidecar cannot read (SGLang's, in another
+    process) has no neural speculator: ``atlas`` then picks among suffix and static."""
     tokenizer = target.tokenizer
     if mode in ("target_only", "none"):
         return Engine(target, tokenizer)
     if mode == "suffix":
         return Engine(target, tokenizer, SuffixSpeculator(), lookahead=SUFFIX_LOOKAHEAD)
+    if not isinstance(target, CausalLMRunner):
+        return _remote_target_engine(mode, target, draft, lookahead)
     if mode == "neural":
         return Engine(target, tokenizer, neural_speculator(target), lookahead=lookahead)
     if mode in NEEDS_DRAFT and draft is None:
@@ -99,6 +108,24 @@ def build_engine(
         )
         return Engine(target, tokenizer, policy=controller)
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+
+
+def _remote_target_engine(
+    mode: str, target: SGLangBackend, draft: CausalLMRunner | None, lookahead: int
+) -> Engine:
+    if mode not in NEEDS_DRAFT:
+        raise ValueError(f"mode {mode!r} needs the target's hidden states, not available here")
+    if draft is None:
+        raise ValueError(f"mode {mode!r} needs a draft model")
+    if mode == "static":
+        return Engine(target, target.tokenizer, StaticSpeculator(draft), lookahead=lookahead)
+    costs = CostModel()
+    costs.profile(target)
+    costs.profile_batched(target)
+    costs.profile_drafter(StaticSpeculator.name, draft)
+    speculators: list[Drafter] = [SuffixSpeculator(), StaticSpeculator(draft)]
+    controller = Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs)
+    return Engine(target, target.tokenizer, policy=controller)
 
 
 def neural_learners(engine: Engine) -> list[OnlineLearner]:

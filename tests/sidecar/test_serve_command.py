@@ -16,10 +16,15 @@ from atlas_sidecar.server.commands import server_config_from_args
 from .conftest import chat
 
 
-def test_backends_other_than_torch_fail_clearly(capsys):
-    code = cli.main(["serve", "--backend", "sglang", "--sglang-url", "http://127.0.0.1:30000"])
+def test_backends_other_than_torch_and_sglang_fail_clearly(capsys):
+    code = cli.main(["serve", "--backend", "triton"])
     assert code == 2
-    assert "backend 'sglang' is not available yet" in capsys.readouterr().err
+    assert "backend 'triton' is not available yet" in capsys.readouterr().err
+
+
+def test_sglang_backend_needs_its_url(capsys):
+    assert cli.main(["serve", "--backend", "sglang"]) == 2
+    assert "--backend sglang needs --sglang-url" in capsys.readouterr().err
 
 
 def test_serve_flags_become_the_server_config(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Any
 
 AUTH_TOKEN_ENV = "ATLAS_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "ATLAS_ADMIN_TOKEN"
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "sglang")
 SPECULATORS = ("atlas", "static", "suffix", "none")
 
 
@@ -38,8 +38,13 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p = sub.add_parser("serve", help="run the gRPC sidecar (atlas.v1) around the engine")
     p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
-    p.add_argument("--backend", default="torch", help="target backend: torch (sglang: later)")
+    p.add_argument("--backend", default="torch",
+                   help="target backend: torch (in-process) or sglang (greedy only)")  # fmt: skip
     p.add_argument("--sglang-url", help="the SGLang server, for --backend sglang")
+    p.add_argument("--sglang-timeout", type=float, default=30.0,
+                   help="seconds per SGLang call before the request fails UNAVAILABLE")  # fmt: skip
+    p.add_argument("--sglang-wait", type=float, default=600.0,
+                   help="seconds to wait at start-up for SGLang to be healthy")  # fmt: skip
     p.add_argument("--speculator", choices=SPECULATORS, default="atlas",
                    help="atlas: the controller picks suffix/static/none per step")  # fmt: skip
     p.add_argument("--draft-num-layers", type=int,
@@ -97,6 +102,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(
             f"backend {args.backend!r} is not available yet; use one of: {', '.join(BACKENDS)}"
         )
+    if args.backend == "sglang" and not args.sglang_url:
+        raise ValueError("--backend sglang needs --sglang-url http://host:port")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -170,7 +177,17 @@ def build_engine(args: argparse.Namespace) -> Any:
     from atlas_sidecar.modes import NEEDS_DRAFT
     from atlas_sidecar.modes import build_engine as build_mode
 
-    target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
+    target: Any
+    if args.backend == "sglang":
+        # SGLang holds the target's weights: the sidecar loads only its tokenizer and
+        # config, and checks that SGLang's model tokenizes the same way.
+        from atlas_sidecar.backends.sglang import SGLangBackend, target_spec
+
+        target = SGLangBackend(args.sglang_url, target_spec(args.target),
+                               timeout_s=args.sglang_timeout)  # fmt: skip
+        target.wait_ready(timeout_s=args.sglang_wait)
+    else:
+        target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
     draft = None
     if args.speculator in NEEDS_DRAFT:
         draft_ref = args.target if args.draft_num_layers else args.draft

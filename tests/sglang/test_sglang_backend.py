@@ -1,0 +1,340 @@
+"""SGLangBackend: greedy output through SGLang equals the torch backend's, token for
+token, and a fault fails a request as UNAVAILABLE, never with a wrong token."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+
+from atlas_sidecar import models
+from atlas_sidecar.backends.base import ForwardItem
+from atlas_sidecar.backends.sglang import (
+    SGLangBackend,
+    SGLangError,
+    SGLangUnavailable,
+    target_spec,
+)
+from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.client import AtlasClient, AtlasError
+from atlas_sidecar.engine import Engine, Sequence, StopChecker, _sanitize
+from atlas_sidecar.errors import BackendUnavailable, RequestError
+from atlas_sidecar.modes import build_engine
+from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.server.app import ServerConfig, ServerThread
+from atlas_sidecar.speculators.base import Draft
+from atlas_sidecar.workloads import Prompt, encode
+from tests.standins.sglang_server import SGLangStandin
+
+from .conftest import AGREEING_LAYERS, MAX_TOKENS
+
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS)
+
+
+def _torch_outputs(torch_target: CausalLMRunner, prompts: list[list[int]]) -> list[list[int]]:
+    engine = Engine(torch_target, torch_target.tokenizer)
+    return [engine.generate(p, GREEDY).token_ids for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def reference(torch_target: CausalLMRunner, prompts: list[list[int]]) -> list[list[int]]:
+    return _torch_outputs(torch_target, prompts)
+
+
+def _post(url: str, body: Any) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+# -- exactness ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["target_only", "static", "atlas"])
+def test_greedy_output_through_sglang_equals_the_torch_backend(
+    mode, backend, draft_model, prompts, reference, no_rejections
+):
+    engine = build_engine(mode, backend, draft_model if mode != "target_only" else None, 4)
+    results = [engine.generate(p, GREEDY) for p in prompts]
+    assert [r.token_ids for r in results] == reference
+    assert all(len(r.token_ids) > 0 for r in results)
+    if mode != "target_only":  # the drafts were verified by SGLang, not skipped
+        assert sum(r.accepted for r in results) > 0
+    assert backend.live_sequences == 0
+
+
+def test_batched_steps_verify_every_sequence_in_one_call_and_equal_torch(
+    backend, draft_model, prompts, reference, no_rejections
+):
+    engine = build_engine("static", backend, draft_model, 4)
+    seqs = [engine.start(p, GREEDY) for p in prompts]
+    rounds = 0
+    calls_before = backend.calls
+    try:
+        while live := [s for s in seqs if not s.finished]:
+            engine.step_many(live)
+            rounds += 1
+    finally:
+        for seq in seqs:
+            engine.release(seq)
+    assert [s.output for s in seqs] == reference
+    assert backend.calls - calls_before == rounds  # one /generate a step, all sequences
+
+
+def test_a_backend_without_trees_gets_chains():
+    tree = Draft(tokens=[11, 12, 13], confidences=[0.9, 0.5, 0.8], parents=[-1, -1, 0])
+    state = Sequence("s", [1], GREEDY, StopChecker(None, GREEDY, frozenset()), None, 0.0)
+    state.stop.tokens.append(5)
+    assert _sanitize(tree, state, 100).is_tree
+    chain = _sanitize(tree, state, 100, trees=False)
+    assert not chain.is_tree
+    assert chain.tokens == [11, 13]  # the main chain: each node's first child
+
+
+def test_tree_items_are_refused_not_verified_wrong(backend):
+    backend.start("t")
+    with pytest.raises(ValueError, match="chains only"):
+        backend.forward_many([ForwardItem("t", [1, 2, 3], [-1, 0, 0])])
+    backend.release("t")
+
+
+def test_sampled_requests_are_refused_on_a_greedy_only_backend(backend, prompts):
+    engine = Engine(backend, backend.tokenizer)
+    with pytest.raises(RequestError) as info:
+        engine.start(prompts[0], SamplingParams(max_tokens=4, temperature=0.8))
+    assert info.value.field == "temperature"
+    assert backend.live_sequences == 0
+
+
+# -- the stand-in holds the backend to SGLang's checks -------------------------------------
+
+
+def test_standin_refuses_what_sglang_refuses(standin):
+    ok = {
+        "input_ids": [1, 2, 3],
+        "return_logprob": True,
+        "logprob_start_len": 1,
+        "top_logprobs_num": 1,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+    }
+    assert _post(standin.url + "/generate", ok)[0] == 200
+    bad = [
+        {**ok, "logprob_start_len": 4},  # past the input
+        {**ok, "sampling_params": {"max_new_tokens": 1, "temperature": -1}},
+        {**ok, "input_ids": [1, 2, 10**9]},  # outside the vocabulary
+        {**ok, "input_ids": "not ids"},
+        {"input_ids": [[1, 2], [3]], "sampling_params": [{"max_new_tokens": 1}] * 3},
+    ]
+    for body in bad:
+        status, answer = _post(standin.url + "/generate", body)
+        assert status == 400, body
+        assert answer["error"]["message"]
+    assert len(standin.rejected) == len(bad)
+    standin.rejected.clear()
+
+
+def test_standin_answers_in_sglangs_logprob_layout(standin, torch_target):
+    ids = [1, 504, 3458, 314, 260]
+    status, answer = _post(standin.url + "/generate", {
+        "input_ids": ids, "return_logprob": True, "logprob_start_len": 2, "top_logprobs_num": 1,
+        "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+    })  # fmt: skip
+    assert status == 200
+    meta = answer["meta_info"]
+    torch_target.start("layout")
+    try:
+        rows = torch_target.forward("layout", ids)
+    finally:
+        torch_target.release("layout")
+    assert meta["input_top_logprobs"][0] is None and len(meta["input_top_logprobs"]) == 3
+    for k in (1, 2):  # entry k: the distribution after position 2 + k - 1
+        assert meta["input_top_logprobs"][k][0][1] == int(rows[2 + k - 1].argmax())
+        assert meta["input_token_logprobs"][k][1] == ids[2 + k]
+    assert answer["output_ids"] == [int(rows[-1].argmax())]
+    assert meta["finish_reason"]["type"] in ("length", "stop")
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(ids), 1)
+
+
+# -- start-up -----------------------------------------------------------------------------
+
+
+def test_startup_takes_sglangs_shorter_context(standin):
+    standin.context_len = 512
+    try:
+        backend = SGLangBackend(standin.url, target_spec(models.TEST_MODEL))
+        assert backend.max_context == 8192  # the model's own
+        backend.wait_ready(timeout_s=30)
+        assert backend.max_context == 512
+        with pytest.raises(RequestError):  # refused before SGLang would refuse it
+            Engine(backend, backend.tokenizer).start([1] * 600, GREEDY)
+    finally:
+        standin.context_len = standin.runner.max_context
+
+
+def test_startup_refuses_a_server_with_another_tokenizer(standin):
+    qwen = "qwen2.5-coder-0.5b-instruct"
+    if not models.is_pulled(qwen):
+        pytest.skip(f"{qwen} is not pulled (its tokenizer is the mismatch)")
+    backend = SGLangBackend(standin.url, target_spec(qwen))
+    with pytest.raises(SGLangError, match="tokenizer mismatch"):
+        backend.wait_ready(timeout_s=30)
+
+
+def test_startup_gives_up_on_an_absent_server_with_a_clear_error(standin):
+    url = standin.url
+    standin.stop()
+    backend = SGLangBackend(url, target_spec(models.TEST_MODEL))
+    with pytest.raises(SGLangUnavailable, match="not healthy after"):
+        backend.wait_ready(timeout_s=0.5, poll_s=0.1)
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def test_killed_mid_request_fails_unavailable_then_the_next_request_succeeds(
+    backend, standin, draft_model, prompts, reference
+):
+    engine = build_engine("static", backend, draft_model, 4)
+    standin.die_after_requests = 3  # the prefill and a step answer, the next call dies
+    with pytest.raises(BackendUnavailable):
+        engine.generate(prompts[0], GREEDY)
+    assert standin._server is None or standin.die_after_requests is None
+    assert backend.live_sequences == 0
+    standin.stop()
+    standin.start()  # back on the same port, cold cache
+    assert engine.generate(prompts[0], GREEDY).token_ids == reference[0]
+
+
+def test_a_slow_server_fails_the_call_at_its_timeout(standin, prompts, reference):
+    backend = SGLangBackend(standin.url, target_spec(models.TEST_MODEL), timeout_s=5.0)
+    backend.wait_ready(timeout_s=30)
+    engine = Engine(backend, backend.tokenizer)
+    standin.delay_s = 600.0  # ends when reset below
+    with pytest.raises(SGLangUnavailable, match="did not answer"):
+        engine.generate(prompts[0], GREEDY)
+    standin.delay_s = 0.0
+    assert engine.generate(prompts[0], GREEDY).token_ids == reference[0]
+
+
+# -- over gRPC --------------------------------------------------------------------------------
+
+
+CHAT = "Name a color."
+
+
+@pytest.fixture(scope="module")
+def chat_reference(torch_target: CausalLMRunner) -> list[int]:
+    ids = encode(torch_target.tokenizer, Prompt("t", "t", (("user", CHAT),)))
+    return Engine(torch_target, torch_target.tokenizer).generate(ids, GREEDY).token_ids
+
+
+def test_grpc_generate_over_sglang_is_exact_and_faults_are_unavailable(
+    backend, standin, draft_model, chat_reference
+):
+    engine = build_engine("static", backend, draft_model, 4)
+    server = ServerThread(engine, ServerConfig(port=0, metrics_port=None)).start()
+    try:
+        with AtlasClient(server.address, timeout=120) as client:
+            chat = [{"role": "user", "content": CHAT}]
+            result = client.generate(messages=chat, max_tokens=MAX_TOKENS)
+            assert list(result.token_ids) == chat_reference
+            standin.die_after_requests = 1
+            with pytest.raises(AtlasError) as info:
+                client.generate(messages=chat, max_tokens=MAX_TOKENS)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            standin.stop()
+            standin.start()
+            standin.delay_s = 600.0  # ends when reset below
+            with pytest.raises(AtlasError) as info:
+                client.generate(messages=chat, max_tokens=MAX_TOKENS, timeout=1.0)
+            assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            standin.delay_s = 0.0
+            result = client.generate(messages=chat, max_tokens=MAX_TOKENS)
+            assert list(result.token_ids) == chat_reference
+    finally:
+        server.stop()
+
+
+def test_atlas_serve_backend_sglang_answers_like_the_torch_backend(
+    standin: SGLangStandin, chat_reference, no_rejections
+):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "atlas_sidecar.cli", "serve", "--port", "0",
+         "--metrics-port", "0", "--backend", "sglang", "--sglang-url", standin.url,
+         "--target", models.TEST_MODEL, "--dtype", "fp32", "--speculator", "static",
+         "--draft-num-layers", str(AGREEING_LAYERS), "--sglang-wait", "60"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port, seen = None, []
+        for line in process.stderr:  # type: ignore[union-attr]
+            seen.append(line)
+            if match := re.search(r"serving atlas\.v1\.Atlas on [\d.]+:(\d+)", line):
+                port = int(match.group(1))
+                break
+        assert port, "the server never reported its port:\n" + "".join(seen[-20:])
+        assert any("SGLang tokenizer matches" in line for line in seen)
+        with AtlasClient(f"127.0.0.1:{port}", timeout=120) as client:
+            chat = [{"role": "user", "content": CHAT}]
+            result = client.generate(messages=chat, max_tokens=MAX_TOKENS)
+        assert list(result.token_ids) == chat_reference
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_a_refused_call_leaves_its_sequences_usable(backend, standin, torch_target, prompts):
+    backend.start("good")
+    backend.start("bad")
+    try:
+        backend.forward("good", prompts[0])
+        with pytest.raises(SGLangError, match="HTTP 400"):
+            backend.forward_many([ForwardItem("good", [504]), ForwardItem("bad", [10**9])])
+        assert backend.cached_len("good") == len(prompts[0])  # as before the refused call
+        row = backend.forward("good", [504])[-1]
+        torch_target.start("ref")
+        try:
+            expected = torch_target.forward("ref", [*prompts[0], 504])[-1]
+        finally:
+            torch_target.release("ref")
+        assert int(row.argmax()) == int(expected.argmax())
+    finally:
+        backend.release("good")
+        backend.release("bad")
+    assert len(standin.rejected) == 1
+    standin.rejected.clear()
+
+
+def test_sequences_of_an_unanswered_call_fail_fast_after_it(backend, standin, prompts):
+    backend.start("s")
+    try:
+        backend.forward("s", prompts[0])
+        standin.die_after_requests = 1
+        with pytest.raises(SGLangUnavailable):
+            backend.forward("s", [504])
+        standin.stop()
+        standin.start()
+        calls = standin.generate_calls
+        with pytest.raises(SGLangUnavailable, match="an earlier SGLang call failed"):
+            backend.forward("s", [504])
+        assert standin.generate_calls == calls  # no second wait on SGLang
+    finally:
+        backend.release("s")
+    backend.start("s")  # released, the id is usable again
+    assert backend.forward("s", prompts[0]).shape[0] == len(prompts[0])
+    backend.release("s")
