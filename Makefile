@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	# The CPU build of torch (a plain `torch` would pull a multi-GB CUDA build).
 	$(BIN)/pip install -q -c $(LOCK) torch==2.13.0
 	$(BIN)/pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
+	# SGLang's request types for the tests' SGLang stand-in (not its CUDA dependencies).
+	$(BIN)/pip install -q -c $(LOCK) --no-deps sglang==0.5.23
 	touch $(STAMP)
 
 # Re-resolve every dependency from pyproject.toml in a scratch venv and write the lock.
@@ -30,6 +32,7 @@ lock:
 	.lockvenv/bin/pip install -q --upgrade pip
 	.lockvenv/bin/pip install -q torch==2.13.0
 	.lockvenv/bin/pip install -q -e '.[$(EXTRAS)]'
+	.lockvenv/bin/pip install -q --no-deps sglang==0.5.23
 	{ sed -n '1,/^pip==/p' $(LOCK) | sed '$$d'; \
 	  echo "pip==$$(.lockvenv/bin/pip --version | cut -d' ' -f2)"; \
 	  .lockvenv/bin/pip freeze --exclude-editable; } > $(LOCK).new
