@@ -23,7 +23,7 @@ import torch
 
 from atlas_sidecar.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.controller import DraftPolicy, FixedPolicy
-from atlas_sidecar.errors import RequestError
+from atlas_sidecar.errors import RequestError, StepFailed
 from atlas_sidecar.sampling import (
     SamplingParams,
     make_generator,
@@ -176,6 +176,33 @@ class Sequence:
         )
 
 
+@dataclass
+class _Mark:
+    """What a failed step must put back in a sequence, saved before the step: lengths
+    of what only grows (output, stats), the stop checker's fields, the sampling RNG."""
+
+    steps: int
+    stop: dict[str, Any]
+    stop_lists: dict[str, int]
+    rng: torch.Tensor | None
+
+    @classmethod
+    def of(cls, seq: Sequence) -> _Mark:
+        fields = dict(vars(seq.stop))
+        lists = {k: len(v) for k, v in fields.items() if isinstance(v, list)}
+        rng = seq.generator.get_state() if seq.generator is not None else None
+        return cls(len(seq.steps), fields, lists, rng)
+
+    def restore(self, seq: Sequence) -> None:
+        del seq.steps[self.steps :]
+        for name, length in self.stop_lists.items():
+            del self.stop[name][length:]  # the same list objects: appended to, not replaced
+        vars(seq.stop).clear()
+        vars(seq.stop).update(self.stop)
+        if seq.generator is not None and self.rng is not None:
+            seq.generator.set_state(self.rng)
+
+
 class Engine:
     """Speculative decoding over one target backend.
 
@@ -275,11 +302,58 @@ class Engine:
         Each sequence drafts its own chain or tree and accepts its own number of tokens;
         the time of the shared draft and verify calls is split evenly in the step stats.
         Returns the tokens each sequence added to its output.
+
+        All or nothing: if any part of the step raises (a drafter, the forward, one
+        sequence's verification), every sequence is put back as it was before the step
+        (``_rollback``) and the error propagates; ``step_isolated`` then finds the
+        sequence at fault. What is saved beforehand is a few lengths per sequence: the
+        cache invariant says where each cache is cut back to.
         """
         if not seqs:
             return []
         if len({seq.seq_id for seq in seqs}) != len(seqs) or any(s.finished for s in seqs):
             raise ValueError("step_many takes distinct unfinished sequences")
+        marks = [_Mark.of(seq) for seq in seqs]
+        try:
+            return self._step_many(seqs)
+        except BaseException:
+            for seq, mark in zip(seqs, marks, strict=True):
+                self._rollback(seq, mark)
+            raise
+
+    def step_isolated(self, seqs: list[Sequence]) -> list[list[int] | StepFailed]:
+        """``step_many``, confining a failure to the sequences that cause it.
+
+        A failed batched step leaves every sequence as it was, so the batch is halved
+        and each half stepped again, down to the sequences that fail on their own: each
+        of those gets a ``StepFailed`` (and stays as it was, for the caller to release),
+        the others take their step exactly as they would have. One bad sequence in a
+        batch of B costs about 2 log2(B) more forwards."""
+        try:
+            return list(self.step_many(seqs))
+        except Exception as exc:  # noqa: BLE001 - any failure is confined, then reported
+            if len(seqs) == 1:
+                # The message names the error's type only; the cause (chained) is logged.
+                failed = StepFailed(
+                    f"the engine failed on this request ({type(exc).__name__}); "
+                    "the other requests went on"
+                )
+                failed.__cause__ = exc
+                return [failed]
+        half = len(seqs) // 2
+        return self.step_isolated(seqs[:half]) + self.step_isolated(seqs[half:])
+
+    def _rollback(self, seq: Sequence, mark: _Mark) -> None:
+        """Put a sequence back as ``mark`` saw it: its output, stop state, stats and
+        sampling generator; the target's cache (and recorded hidden states) cut back to
+        ``prompt + output[:-1]`` (rows appended past it, rejected tree branches and
+        half-done forwards included: the prefix itself is never rewritten); the
+        policy's plan and its drafters' state past the accepted context."""
+        mark.restore(seq)
+        self.target.truncate(seq.seq_id, len(seq.prompt) + len(seq.output) - 1)
+        self.policy.rollback(seq.seq_id, seq.prompt + seq.output)
+
+    def _step_many(self, seqs: list[Sequence]) -> list[list[int]]:
         t0 = time.perf_counter()
         drafts = self._draft(seqs)
         t1 = time.perf_counter()
@@ -303,14 +377,10 @@ class Engine:
                 self.target.truncate(seq.seq_id, prefix + 1 + len(path))
             outcomes.append((path, bonus))
         t2 = time.perf_counter()
-        # A batched forward pads every row to the widest: that is the size it cost.
-        width = max(len(item.tokens) for item in items)
-        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
         share = len(seqs)
         added_all: list[list[int]] = []
         for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True):
             accepted_tokens = [draft.tokens[i] for i in path]
-            self.policy.observe(seq.seq_id, name, draft, path)
             seq.steps.append(
                 StepStats(
                     speculator=name if draft.tokens else "none",
@@ -326,6 +396,12 @@ class Engine:
                 if seq.stop.add(token):
                     break
             added_all.append(added)
+        # The policy learns last: a step that fails before here taught it nothing.
+        # A batched forward pads every row to the widest: that is the size it cost.
+        width = max(len(item.tokens) for item in items)
+        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
+        for seq, (name, draft), (path, _) in zip(seqs, drafts, outcomes, strict=True):
+            self.policy.observe(seq.seq_id, name, draft, path)
         return added_all
 
     def _draft(self, seqs: list[Sequence]) -> list[tuple[str, Draft]]:

@@ -7,3 +7,8 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class StepFailed(RuntimeError):
+    """The engine failed on this request alone (its cause is chained); every other
+    request of its batch was rolled back, stepped again without it, and went on."""

@@ -219,17 +219,17 @@ class Scheduler:
         if not jobs:
             return
         seqs = [job.seq for job in jobs if job.seq is not None]
-        try:
-            added_all = self.engine.step_many(seqs)
-        except Exception:  # noqa: BLE001 - find the bad sequence, keep the rest going
-            log.exception("batched step of %d sequences failed; retrying one by one", len(jobs))
-            for job in jobs:
-                self._step(job)
-            return
-        for job, added in zip(jobs, added_all, strict=True):
+        # A failed batched step is rolled back whole and retried without the sequence
+        # at fault, which fails alone: the others' outputs are what they would have been.
+        for job, outcome in zip(jobs, self.engine.step_isolated(seqs), strict=True):
             assert job.seq is not None
-            self.stats.step(job.seq.steps[-1], len(added))
-            self._progress(job, added)
+            if isinstance(outcome, Exception):
+                log.error("request %s: engine step failed", job.request_id,
+                          exc_info=outcome.__cause__ or outcome)  # fmt: skip
+                self._fail(job, outcome)
+                continue
+            self.stats.step(job.seq.steps[-1], len(outcome))
+            self._progress(job, outcome)
 
     def _reap(self) -> None:
         now = time.monotonic()
@@ -238,17 +238,6 @@ class Scheduler:
                 self._fail(job, Cancelled("cancelled by the caller"))
             elif job.expired(now):
                 self._fail(job, DeadlineExceeded("deadline exceeded"))
-
-    def _step(self, job: Job) -> None:
-        assert job.seq is not None
-        try:
-            added = self.engine.step(job.seq)
-        except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the rest
-            log.exception("request %s: engine step failed", job.request_id)
-            self._fail(job, exc)
-            return
-        self.stats.step(job.seq.steps[-1], len(added))
-        self._progress(job, added)
 
     def _progress(self, job: Job, added: list[int]) -> None:
         seq = job.seq
