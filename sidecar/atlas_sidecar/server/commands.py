@@ -56,6 +56,9 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-message-bytes", type=int, default=4 << 20)
     p.add_argument("--max-concurrent-streams", type=int, default=256, help="per connection")
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics; 0: off")
+    p.add_argument("--health-port", type=int,
+                   help="plaintext grpc.health.v1 on 127.0.0.1 only, for an exec probe "
+                        "(python -m atlas_sidecar.server.healthcheck) beside TLS")  # fmt: skip
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA for client certificates: mutual TLS")
@@ -104,6 +107,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         admin_token=_read_token(args.admin_token_file, ADMIN_TOKEN_ENV),
         weight_version_file=Path(args.weight_version_file) if args.weight_version_file else None,
         drain_timeout_s=args.drain_timeout,
+        health_port=args.health_port,
         log_prompts=args.log_prompts,
         target_model=args.target,
     )
@@ -148,6 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from atlas_sidecar.server.app import serve
+    from atlas_sidecar.server.scheduler import WorkerDied
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -158,6 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     try:
         asyncio.run(serve(engine, config))
+    except WorkerDied as exc:
+        # Non-zero, so that Kubernetes restarts the container; the cause was logged.
+        logging.getLogger(__name__).critical("exiting: %s (%r)", exc, exc.__cause__)
+        return 1
     finally:
         from atlas_sidecar.modes import close_engine
 

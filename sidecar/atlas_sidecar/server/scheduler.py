@@ -13,6 +13,7 @@ its KV cache is freed within one step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -36,6 +37,10 @@ class QueueFull(Exception):
 
 class ShuttingDown(Exception):
     """The server is draining or stopped and takes no new work."""
+
+
+class WorkerDied(ShuttingDown):
+    """The worker thread died: nothing is served until the process restarts."""
 
 
 class DeadlineExceeded(Exception):
@@ -84,6 +89,7 @@ class Job:
     seq: Sequence | None = None
     ttft_s: float = 0.0
     emitted_text: str = ""
+    closed: bool = False  # its last event (done or failed) was sent
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -97,7 +103,10 @@ class Scheduler:
         max_batch: int = 16,
         max_queue: int = 64,
         max_prompt_tokens: int = 8192,
+        on_death: Callable[[BaseException], None] | None = None,
     ) -> None:
+        """``on_death`` is called (on the worker thread) if the worker dies, after every
+        request has been failed: the server stops serving and exits (see ``_run``)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.engine = engine
@@ -110,6 +119,9 @@ class Scheduler:
         self._active: list[Job] = []  # the worker's own
         self._accepting = True
         self._stopping = False
+        self.on_death = on_death
+        self.failure: BaseException | None = None  # what killed the worker, if it died
+        self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
         self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
 
     # -- the caller's side (any thread) ------------------------------------------
@@ -119,6 +131,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._cond:
+            if self.failure is not None:
+                raise WorkerDied("the serving worker failed; the server is restarting")
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
@@ -164,22 +178,54 @@ class Scheduler:
     # -- the worker ---------------------------------------------------------------
 
     def _run(self) -> None:
+        """The worker, supervised: an exception escaping the loop (outside a step's own
+        handling) leaves the engine in an unknown state, so nothing more is served.
+        Every request, waiting or in flight, fails with ``WorkerDied`` (UNAVAILABLE, so
+        clients retry elsewhere) rather than hanging, new ones are refused, and
+        ``on_death`` tells the server, which turns NOT_SERVING and exits non-zero so
+        that Kubernetes restarts the process."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - supervised: whatever kills the loop
+            log.critical("the scheduler's worker died; failing every request", exc_info=exc)
+            self.failure = exc
+            self._fail_all(WorkerDied(
+                f"the serving worker failed ({type(exc).__name__}); the server is restarting"
+            ))  # fmt: skip
+            if self.on_death is not None:
+                self.on_death(exc)
+
+    def _fail_all(self, error: ShuttingDown) -> None:
+        """Refuse new work and fail every job, waiting or admitted, with ``error``."""
+        with self._cond:
+            self._accepting = False
+            leftover = list(self._pending)
+            self._pending.clear()
+        # A job being admitted when the worker died is in neither the queue nor the batch.
+        jobs = dict.fromkeys([*self._active, *self._admitting, *leftover])
+        for job in [job for job in jobs if not job.closed]:
+            try:
+                self._fail(job, error)
+            except Exception:  # noqa: BLE001 - the engine may be what broke; tell the rest
+                log.exception("request %s: could not release it", job.request_id)
+                if job in self._active:
+                    self._active.remove(job)
+                job.closed = True
+                job.sink(FailedEvent(error))
+        with contextlib.suppress(Exception):
+            self._publish_load()
+
+    def _loop(self) -> None:
         while True:
             admitted = self._wait_for_work()
             if admitted is None:
                 break
+            self._admitting = admitted
             for job in admitted:
                 self._admit(job)
             self._round()
             self._publish_load()
-        for job in list(self._active):
-            self._fail(job, ShuttingDown("the server stopped"))
-        with self._cond:
-            leftover = list(self._pending)
-            self._pending.clear()
-        for job in leftover:
-            job.sink(FailedEvent(ShuttingDown("the server stopped")))
-        self._publish_load()
+        self._fail_all(ShuttingDown("the server stopped"))
 
     def _wait_for_work(self) -> list[Job] | None:
         """Block until there is work; return the jobs to admit now (None: stop)."""
@@ -257,10 +303,12 @@ class Scheduler:
             if not result.text.startswith(job.emitted_text):
                 log.warning("request %s: streamed text is not a prefix of the final text",
                             job.request_id)  # fmt: skip
+        job.closed = True
         job.sink(DoneEvent(result, added, tail, job.ttft_s))
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)
+        job.closed = True
         job.sink(FailedEvent(error))
 
     def _release(self, job: Job) -> None:
