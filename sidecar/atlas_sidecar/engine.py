@@ -155,6 +155,11 @@ class Sequence:
     started_at: float
     prefill_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the target's cache (prefill may go in chunks)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
 
     @property
     def output(self) -> list[int]:
@@ -271,26 +276,47 @@ class Engine:
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate, prefill the target, and take the first token."""
+        seq = self.begin(prompt_ids, params)
+        self.prefill(seq, len(seq.prompt))
+        return seq
+
+    def begin(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate and open the sequence's cache; ``prefill`` then feeds its prompt."""
         self.validate(prompt_ids, params)
-        started = time.perf_counter()
         seq = Sequence(
             seq_id=f"seq-{next(_seq_ids)}",
             prompt=list(prompt_ids),
             params=params,
             stop=StopChecker(self.tokenizer, params, self.target.eos_token_ids),
             generator=make_generator(params, self.target.device),
-            started_at=started,
+            started_at=time.perf_counter(),
         )
         self.target.start(seq.seq_id)
+        return seq
+
+    def prefill(self, seq: Sequence, max_tokens: int) -> int:
+        """Feed the target up to ``max_tokens`` more prompt tokens (at least one); with
+        the prompt's last, take the first output token. Returns how many were fed.
+
+        A chunk attends to the chunks before it through the cache, so chunks give the
+        whole prompt's prefill (up to float rounding), and a scheduler can spread a long
+        prompt over rounds between the running sequences' steps. On failure the
+        sequence is released."""
+        if not seq.prefilling:
+            raise ValueError(f"{seq.seq_id} is already prefilled")
+        started = time.perf_counter()
+        end = min(len(seq.prompt), seq.prefilled + max(1, max_tokens))
         try:
-            logits = self.target.forward(seq.seq_id, seq.prompt)[-1:]
-            _, first = self._accept(seq, Draft.empty(), logits)
+            logits = self.target.forward(seq.seq_id, seq.prompt[seq.prefilled : end])[-1:]
+            first = self._accept(seq, Draft.empty(), logits)[1] if end == len(seq.prompt) else None
         except BaseException:
             self.release(seq)
             raise
-        seq.prefill_s = time.perf_counter() - started
-        seq.stop.add(first)
-        return seq
+        fed, seq.prefilled = end - seq.prefilled, end
+        seq.prefill_s += time.perf_counter() - started
+        if first is not None:
+            seq.stop.add(first)
+        return fed
 
     def step(self, seq: Sequence) -> list[int]:
         """One draft + verify round; return the tokens it added to the output."""
@@ -311,8 +337,10 @@ class Engine:
         """
         if not seqs:
             return []
-        if len({seq.seq_id for seq in seqs}) != len(seqs) or any(s.finished for s in seqs):
-            raise ValueError("step_many takes distinct unfinished sequences")
+        if len({seq.seq_id for seq in seqs}) != len(seqs) or any(
+            s.finished or s.prefilling for s in seqs
+        ):
+            raise ValueError("step_many takes distinct unfinished sequences, prefilled")
         marks = [_Mark.of(seq) for seq in seqs]
         try:
             return self._step_many(seqs)

@@ -12,7 +12,7 @@ import queue
 
 import pytest
 
-from atlas_sidecar.engine import Engine
+from atlas_sidecar.engine import Engine, Sequence
 from atlas_sidecar.errors import StepFailed
 from atlas_sidecar.sampling import SamplingParams
 from atlas_sidecar.server.metrics import ServingStats
@@ -52,22 +52,23 @@ def last_event(events: queue.Queue[Event]) -> Event:
 
 def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prompt: int) -> None:
     """Fail, at ``stage``, every step that includes the sequence whose prompt is
-    ``bad_prompt`` tokens long (the sequences are created inside the worker)."""
+    ``bad_prompt`` tokens long, once its prompt is in (the sequences are created inside
+    the worker)."""
     target = engine.target
+    bad: dict[str, Sequence] = {}
 
     def armed(seq_ids: set[str]) -> bool:
-        return any(target.cached_len(s) >= bad_prompt for s in seq_ids if s in bad_ids)
+        return any(not bad[s].prefilling for s in seq_ids if s in bad)
 
-    bad_ids: set[str] = set()
-    start = engine.start
+    begin = engine.begin
 
-    def tracking_start(ids, params):
-        seq = start(ids, params)
+    def tracking_begin(ids, params):
+        seq = begin(ids, params)
         if len(ids) == bad_prompt:
-            bad_ids.add(seq.seq_id)
+            bad[seq.seq_id] = seq
         return seq
 
-    monkeypatch.setattr(engine, "start", tracking_start)
+    monkeypatch.setattr(engine, "begin", tracking_begin)
     if stage == "draft":
         drafter = engine.policy.speculator  # type: ignore[union-attr]
         propose = drafter.propose
@@ -83,8 +84,9 @@ def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prom
         forward_many = target.forward_many
 
         def faulty_forward(items, *args, **kwargs):
+            fail = armed({item.seq_id for item in items})  # a step's forward, not a prefill's
             out = forward_many(items, *args, **kwargs)
-            if armed({item.seq_id for item in items}):
+            if fail:
                 raise Fault("forward")
             return out
 

@@ -29,7 +29,7 @@ from atlas_sidecar.engine import Engine
 from atlas_sidecar.server.auth import TokenAuth
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits
-from atlas_sidecar.server.scheduler import Scheduler, WorkerDied
+from atlas_sidecar.server.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler, WorkerDied
 from atlas_sidecar.server.service import ADMIN_METHODS, SERVICE_NAME, AtlasService, ModelInfo
 from atlas_sidecar.server.weights import WeightVersions
 
@@ -62,6 +62,7 @@ class ServerConfig:
     metrics_port: int | None = None  # None: no metrics endpoint; 0: any free port
     max_batch: int = 16  # sequences decoding at once
     max_queue: int = 64  # requests waiting for a batch slot before RESOURCE_EXHAUSTED
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET  # prompt tokens prefilled per round
     max_message_bytes: int = 4 << 20
     max_concurrent_streams: int = 256  # per connection
     limits: Limits = field(default_factory=Limits)
@@ -91,6 +92,7 @@ class SidecarServer:
             max_queue=config.max_queue,
             max_prompt_tokens=config.limits.max_prompt_tokens,
             on_death=self._worker_died,
+            prefill_budget=config.prefill_budget,
         )
         self.service = AtlasService(
             self.scheduler,

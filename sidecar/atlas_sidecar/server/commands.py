@@ -48,6 +48,9 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoding at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED")  # fmt: skip
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled per scheduler round, between the running "
+                        "sequences' steps: a long prompt is prefilled in chunks")  # fmt: skip
     # Defaults (None) are the server's own Limits: one source of truth.
     p.add_argument("--max-prompt-tokens", type=int, help="default 8192")
     p.add_argument("--max-prompt-chars", type=int, help="default 100000")
@@ -82,6 +85,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         raise ValueError(
             f"backend {args.backend!r} is not available yet; use one of: {', '.join(BACKENDS)}"
         )
+    if args.prefill_budget < 1:
+        raise ValueError("--prefill-budget must be at least 1 token")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -99,6 +104,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         metrics_port=args.metrics_port or None,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefill_budget=args.prefill_budget,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
         limits=_limits(args),

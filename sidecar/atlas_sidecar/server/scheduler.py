@@ -4,7 +4,9 @@ The engine (and the tokenizer) is synchronous torch code and not thread-safe, so
 call into it happens on this one thread. Requests wait in a bounded queue, are admitted
 into the batch (tokenized and prefilled) as slots free up, and each round every admitted
 sequence takes one draft+verify step in one batched target forward: continuous batching
-at step granularity. The controller sees the batch size and drafts less as it grows.
+at step granularity. Prompts are prefilled in chunks, at most ``prefill_budget`` tokens a
+round, so a long prompt delays the running streams by about one chunk's forward a round.
+The controller sees the batch size and drafts less as it grows.
 
 Results travel back to the caller as events through the job's ``sink`` (thread-safe).
 A cancelled or expired job is released before the next step any sequence takes, so
@@ -29,6 +31,9 @@ from atlas_sidecar.server.requests import PromptInput
 from atlas_sidecar.workloads import Prompt, encode
 
 log = logging.getLogger(__name__)
+
+
+DEFAULT_PREFILL_BUDGET = 512  # prompt tokens prefilled per round, all admitted prompts together
 
 
 class QueueFull(Exception):
@@ -104,19 +109,22 @@ class Scheduler:
         max_queue: int = 64,
         max_prompt_tokens: int = 8192,
         on_death: Callable[[BaseException], None] | None = None,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     ) -> None:
         """``on_death`` is called (on the worker thread) if the worker dies, after every
         request has been failed: the server stops serving and exits (see ``_run``)."""
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
+            raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
         self.stats = stats
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
+        self.prefill_budget = prefill_budget
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()  # guarded by _cond
         self._active: list[Job] = []  # the worker's own
+        self._prefilling: list[Job] = []  # admitted, prompt not all in yet (the worker's own)
         self._accepting = True
         self._stopping = False
         self.on_death = on_death
@@ -173,7 +181,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._prefilling)
 
     # -- the worker ---------------------------------------------------------------
 
@@ -202,7 +210,7 @@ class Scheduler:
             leftover = list(self._pending)
             self._pending.clear()
         # A job being admitted when the worker died is in neither the queue nor the batch.
-        jobs = dict.fromkeys([*self._active, *self._admitting, *leftover])
+        jobs = dict.fromkeys([*self._active, *self._prefilling, *self._admitting, *leftover])
         for job in [job for job in jobs if not job.closed]:
             try:
                 self._fail(job, error)
@@ -230,37 +238,60 @@ class Scheduler:
     def _wait_for_work(self) -> list[Job] | None:
         """Block until there is work; return the jobs to admit now (None: stop)."""
         with self._cond:
-            while not self._stopping and not self._pending and not self._active:
+            while (not self._stopping and not self._pending and not self._active
+                   and not self._prefilling):  # fmt: skip
                 self._cond.wait()
             if self._stopping:
                 return None
             admitted: list[Job] = []
-            while self._pending and len(self._active) + len(admitted) < self.max_batch:
+            taken = len(self._active) + len(self._prefilling)
+            while self._pending and taken + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
             return admitted
 
     def _admit(self, job: Job) -> None:
-        """Tokenize and prefill: the first token comes out of the prefill."""
+        """Tokenize and open the sequence; ``_prefill`` feeds its prompt in chunks."""
         if job.cancelled:
             return
         try:
             if job.expired(time.monotonic()):
                 raise DeadlineExceeded("deadline exceeded while queued")
             ids = self._encode(job.prompt)
-            job.seq = self.engine.start(ids, job.params)
+            job.seq = self.engine.begin(ids, job.params)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
             self._fail(job, exc)
             return
-        job.ttft_s = time.monotonic() - job.submitted_at
-        self.stats.first_token(job.ttft_s, len(job.seq.prompt))
-        self._active.append(job)
-        self._progress(job, list(job.seq.output))
+        self._prefilling.append(job)
+
+    def _prefill(self) -> None:
+        """Prefill admitted prompts, oldest first, ``prefill_budget`` tokens in all this
+        round: a long prompt then holds the running sequences' next step back by about
+        one chunk's forward, not by its whole prefill. A prompt whose last chunk is in
+        joins the batch with its first token (it comes out of the prefill)."""
+        budget = self.prefill_budget
+        for job in list(self._prefilling):
+            if budget <= 0:
+                break
+            assert job.seq is not None
+            try:
+                budget -= self.engine.prefill(job.seq, budget)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+                self._fail(job, exc)
+                continue
+            if job.seq.prefilling:
+                continue
+            self._prefilling.remove(job)
+            job.ttft_s = time.monotonic() - job.submitted_at
+            self.stats.first_token(job.ttft_s, len(job.seq.prompt))
+            self._active.append(job)
+            self._progress(job, list(job.seq.output))
 
     def _round(self) -> None:
         """One draft + verify step for every admitted sequence, in one batched forward."""
         # Cancelled and expired requests go first: their caches are freed before the
         # batch spends a forward on them.
         self._reap()
+        self._prefill()
         jobs = list(self._active)
         if not jobs:
             return
@@ -279,7 +310,7 @@ class Scheduler:
 
     def _reap(self) -> None:
         now = time.monotonic()
-        for job in list(self._active):
+        for job in [*self._active, *self._prefilling]:
             if job.cancelled:
                 self._fail(job, Cancelled("cancelled by the caller"))
             elif job.expired(now):
@@ -316,9 +347,11 @@ class Scheduler:
             self.engine.release(job.seq)
         if job in self._active:
             self._active.remove(job)
+        if job in self._prefilling:
+            self._prefilling.remove(job)
 
     def _publish_load(self) -> None:
-        self.stats.set_load(len(self._pending), len(self._active))
+        self.stats.set_load(len(self._pending), len(self._active) + len(self._prefilling))
 
     # -- tokenizer work (worker thread only: fast tokenizers are not thread-safe) --
 
