@@ -38,6 +38,9 @@ WEIGHTS_DIR = f"{DATA_MOUNT_PATH}/weights"
 MIRROR_DIR = f"{DATA_MOUNT_PATH}/mirror"
 HF_HOME = f"{DATA_MOUNT_PATH}/hf-cache"
 TLS_MOUNT_PATH = "/etc/atlas/tls"
+# With TLS, the sidecar also serves grpc.health.v1 in plaintext on this loopback port,
+# for its exec probe (the next free one if the spec's ports take it).
+SIDECAR_HEALTH_PORT = 50052
 SIDECAR_UID = 1000  # the sidecar and trainer images run as this user (docker/*.Dockerfile)
 
 
@@ -188,8 +191,18 @@ def sidecar_args(spec: Spec) -> list[str]:
         args += ["--speculator", "none"]
     if sidecar.get("tls"):
         args += ["--tls-cert", f"{TLS_MOUNT_PATH}/tls.crt",
-                 "--tls-key", f"{TLS_MOUNT_PATH}/tls.key"]
+                 "--tls-key", f"{TLS_MOUNT_PATH}/tls.key",
+                 "--health-port", str(sidecar_health_port(spec))]
     return args
+
+
+def sidecar_health_port(spec: Spec) -> int:
+    """The sidecar's loopback health port (with TLS): clear of every port the pod uses."""
+    taken = {spec["sidecar"]["port"], spec["sidecar"]["metricsPort"], spec["serving"]["port"]}
+    port = SIDECAR_HEALTH_PORT
+    while port in taken:
+        port += 1
+    return port
 
 
 def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
@@ -218,10 +231,16 @@ def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
 
 
 def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
-    port = spec["sidecar"]["port"]
-    # kubelet's gRPC probe (standard health service) cannot speak TLS: fall back to TCP then.
-    check: dict[str, Any] = {"tcpSocket": {"port": port}} if spec["sidecar"].get("tls") \
-        else {"grpc": {"port": port}}
+    """The standard gRPC health service, which turns NOT_SERVING when the sidecar drains
+    or its worker dies. kubelet's gRPC probe cannot speak TLS, and a TCP probe would
+    pass as long as the port is open: with TLS, an exec probe asks the sidecar's
+    plaintext loopback health port instead (``atlas_sidecar.server.healthcheck``, which
+    imports grpc only, not torch)."""
+    check: dict[str, Any] = {"grpc": {"port": spec["sidecar"]["port"]}}
+    if spec["sidecar"].get("tls"):
+        check = {"exec": {"command": [
+            "python", "-m", "atlas_sidecar.server.healthcheck",
+            "--port", str(sidecar_health_port(spec)), "--timeout", "2"]}}  # fmt: skip
     return {**check, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from atlas_sidecar.backends.base import ForwardItem, TargetBackend
-from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.speculators.base import Draft, Drafter, DraftRequest, rollback_drafter
 
 EWMA = 0.2  # weight of a new cost sample
 # Per observation: old acceptance evidence fades, so drift is followed. A cell's
@@ -780,6 +780,19 @@ class Controller:
         )
         memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
 
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """A step that drafted after ``context`` failed: forget what it planned (its
+        expectation is observed by the step that succeeds) and roll the drafters back.
+
+        What the failed step learned stays: scoring the last step's shadows (their
+        outcome was already known, and the retry does not score them again) and its
+        timings. A failure inside ``observe`` itself leaves the earlier sequences'
+        evidence counted, and counted again on the retry: it only weighs the estimates
+        that pick drafts, which the target verifies, so no output changes."""
+        self._expected.pop(seq_id, None)
+        for speculator in self.speculators.values():
+            rollback_drafter(speculator, seq_id, context)
+
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)
         self._expected.pop(seq_id, None)
@@ -821,6 +834,10 @@ class FixedPolicy:
 
     def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
         pass
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        if self.speculator is not None:
+            rollback_drafter(self.speculator, seq_id, context)
 
     def release(self, seq_id: str) -> None:
         if self.speculator is not None:

@@ -24,7 +24,7 @@ import torch
 from atlas_sidecar.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.controller import DraftPolicy, FixedPolicy
 from atlas_sidecar.detokenize import IncrementalDetokenizer
-from atlas_sidecar.errors import RequestError
+from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
 from atlas_sidecar.sampling import (
     SamplingParams,
     make_generator,
@@ -140,6 +140,12 @@ class StopChecker:
             self.finish_reason = "length"
         return self.finish_reason is not None
 
+    def rewind(self) -> None:
+        """After a rolled-back step: the text is decoded afresh from the kept tokens (a
+        retried step may add other tokens of the same count, which a detokenizer that
+        only compares lengths and the last token would take for the ones it saw)."""
+        self._detokenizer = IncrementalDetokenizer(self.tokenizer)
+
     def decode(self) -> str:
         """The text of every token so far (special tokens skipped), as a full decode."""
         return self._detokenizer.sync(self.tokens)
@@ -160,6 +166,11 @@ class Sequence:
     started_at: float
     prefill_s: float = 0.0
     steps: list[StepStats] = field(default_factory=list)
+    prefilled: int = 0  # prompt tokens in the target's cache (prefill may go in chunks)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
 
     @property
     def output(self) -> list[int]:
@@ -179,6 +190,34 @@ class Sequence:
             steps=list(self.steps),
             elapsed_s=time.perf_counter() - self.started_at,
         )
+
+
+@dataclass
+class _Mark:
+    """What a failed step must put back in a sequence, saved before the step: lengths
+    of what only grows (output, stats), the stop checker's fields, the sampling RNG."""
+
+    steps: int
+    stop: dict[str, Any]
+    stop_lists: dict[str, int]
+    rng: torch.Tensor | None
+
+    @classmethod
+    def of(cls, seq: Sequence) -> _Mark:
+        fields = dict(vars(seq.stop))
+        lists = {k: len(v) for k, v in fields.items() if isinstance(v, list)}
+        rng = seq.generator.get_state() if seq.generator is not None else None
+        return cls(len(seq.steps), fields, lists, rng)
+
+    def restore(self, seq: Sequence) -> None:
+        del seq.steps[self.steps :]
+        for name, length in self.stop_lists.items():
+            del self.stop[name][length:]  # the same list objects: appended to, not replaced
+        vars(seq.stop).clear()
+        vars(seq.stop).update(self.stop)
+        seq.stop.rewind()
+        if seq.generator is not None and self.rng is not None:
+            seq.generator.set_state(self.rng)
 
 
 class Engine:
@@ -255,26 +294,47 @@ class Engine:
 
     def start(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Validate, prefill the target, and take the first token."""
+        seq = self.begin(prompt_ids, params)
+        self.prefill(seq, len(seq.prompt))
+        return seq
+
+    def begin(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
+        """Validate and open the sequence's cache; ``prefill`` then feeds its prompt."""
         self.validate(prompt_ids, params)
-        started = time.perf_counter()
         seq = Sequence(
             seq_id=f"seq-{next(_seq_ids)}",
             prompt=list(prompt_ids),
             params=params,
             stop=StopChecker(self.tokenizer, params, self.target.eos_token_ids),
             generator=make_generator(params, self.target.device),
-            started_at=started,
+            started_at=time.perf_counter(),
         )
         self.target.start(seq.seq_id)
+        return seq
+
+    def prefill(self, seq: Sequence, max_tokens: int) -> int:
+        """Feed the target up to ``max_tokens`` more prompt tokens (at least one); with
+        the prompt's last, take the first output token. Returns how many were fed.
+
+        A chunk attends to the chunks before it through the cache, so chunks give the
+        whole prompt's prefill (up to float rounding), and a scheduler can spread a long
+        prompt over rounds between the running sequences' steps. On failure the
+        sequence is released."""
+        if not seq.prefilling:
+            raise ValueError(f"{seq.seq_id} is already prefilled")
+        started = time.perf_counter()
+        end = min(len(seq.prompt), seq.prefilled + max(1, max_tokens))
         try:
-            logits = self.target.forward(seq.seq_id, seq.prompt)[-1:]
-            _, first = self._accept(seq, Draft.empty(), logits)
+            logits = self.target.forward(seq.seq_id, seq.prompt[seq.prefilled : end])[-1:]
+            first = self._accept(seq, Draft.empty(), logits)[1] if end == len(seq.prompt) else None
         except BaseException:
             self.release(seq)
             raise
-        seq.prefill_s = time.perf_counter() - started
-        seq.stop.add(first)
-        return seq
+        fed, seq.prefilled = end - seq.prefilled, end
+        seq.prefill_s += time.perf_counter() - started
+        if first is not None:
+            seq.stop.add(first)
+        return fed
 
     def step(self, seq: Sequence) -> list[int]:
         """One draft + verify round; return the tokens it added to the output."""
@@ -286,11 +346,65 @@ class Engine:
         Each sequence drafts its own chain or tree and accepts its own number of tokens;
         the time of the shared draft and verify calls is split evenly in the step stats.
         Returns the tokens each sequence added to its output.
+
+        All or nothing: if any part of the step raises (a drafter, the forward, one
+        sequence's verification), every sequence is put back as it was before the step
+        (``_rollback``) and the error propagates; ``step_isolated`` then finds the
+        sequence at fault. What is saved beforehand is a few lengths per sequence: the
+        cache invariant says where each cache is cut back to.
         """
         if not seqs:
             return []
-        if len({seq.seq_id for seq in seqs}) != len(seqs) or any(s.finished for s in seqs):
-            raise ValueError("step_many takes distinct unfinished sequences")
+        if len({seq.seq_id for seq in seqs}) != len(seqs) or any(
+            s.finished or s.prefilling for s in seqs
+        ):
+            raise ValueError("step_many takes distinct unfinished sequences, prefilled")
+        marks = [_Mark.of(seq) for seq in seqs]
+        try:
+            return self._step_many(seqs)
+        except BaseException:
+            for seq, mark in zip(seqs, marks, strict=True):
+                self._rollback(seq, mark)
+            raise
+
+    def step_isolated(
+        self, seqs: list[Sequence]
+    ) -> list[list[int] | StepFailed | BackendUnavailable]:
+        """``step_many``, confining a failure to the sequences that cause it.
+
+        A failed batched step leaves every sequence as it was, so the batch is halved
+        and each half stepped again, down to the sequences that fail on their own: each
+        of those gets a ``StepFailed`` (and stays as it was, for the caller to release),
+        or the ``BackendUnavailable`` it met (a remote target away: UNAVAILABLE, not the
+        request's fault), the others take their step exactly as they would have. One bad
+        sequence in a batch of B costs about 2 log2(B) more forwards."""
+        try:
+            return list(self.step_many(seqs))
+        except Exception as exc:  # noqa: BLE001 - any failure is confined, then reported
+            if len(seqs) == 1:
+                if isinstance(exc, BackendUnavailable):
+                    return [exc]  # the target is away, not this request at fault: retryable
+                # The message names the error's type only; the cause (chained) is logged.
+                failed = StepFailed(
+                    f"the engine failed on this request ({type(exc).__name__}); "
+                    "the other requests went on"
+                )
+                failed.__cause__ = exc
+                return [failed]
+        half = len(seqs) // 2
+        return self.step_isolated(seqs[:half]) + self.step_isolated(seqs[half:])
+
+    def _rollback(self, seq: Sequence, mark: _Mark) -> None:
+        """Put a sequence back as ``mark`` saw it: its output, stop state, stats and
+        sampling generator; the target's cache (and recorded hidden states) cut back to
+        ``prompt + output[:-1]`` (rows appended past it, rejected tree branches and
+        half-done forwards included: the prefix itself is never rewritten); the
+        policy's plan and its drafters' state past the accepted context."""
+        mark.restore(seq)
+        self.target.truncate(seq.seq_id, len(seq.prompt) + len(seq.output) - 1)
+        self.policy.rollback(seq.seq_id, seq.prompt + seq.output)
+
+    def _step_many(self, seqs: list[Sequence]) -> list[list[int]]:
         t0 = time.perf_counter()
         drafts = self._draft(seqs)
         t1 = time.perf_counter()
@@ -314,14 +428,10 @@ class Engine:
                 self.target.truncate(seq.seq_id, prefix + 1 + len(path))
             outcomes.append((path, bonus))
         t2 = time.perf_counter()
-        # A batched forward pads every row to the widest: that is the size it cost.
-        width = max(len(item.tokens) for item in items)
-        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
         share = len(seqs)
         added_all: list[list[int]] = []
         for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True):
             accepted_tokens = [draft.tokens[i] for i in path]
-            self.policy.observe(seq.seq_id, name, draft, path)
             seq.steps.append(
                 StepStats(
                     speculator=name if draft.tokens else "none",
@@ -337,6 +447,12 @@ class Engine:
                 if seq.stop.add(token):
                     break
             added_all.append(added)
+        # The policy learns last: a step that fails before here taught it nothing.
+        # A batched forward pads every row to the widest: that is the size it cost.
+        width = max(len(item.tokens) for item in items)
+        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
+        for seq, (name, draft), (path, _) in zip(seqs, drafts, outcomes, strict=True):
+            self.policy.observe(seq.seq_id, name, draft, path)
         return added_all
 
     def _draft(self, seqs: list[Sequence]) -> list[tuple[str, Draft]]:

@@ -14,3 +14,8 @@ class BackendUnavailable(RuntimeError):
 
     Raised instead of returning a token that was not verified: the server answers it
     with UNAVAILABLE."""
+
+
+class StepFailed(RuntimeError):
+    """The engine failed on this request alone (its cause is chained); every other
+    request of its batch was rolled back, stepped again without it, and went on."""

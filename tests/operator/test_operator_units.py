@@ -36,10 +36,20 @@ def test_sidecar_args_parse_with_the_real_sidecar_cli() -> None:
     assert parsed.sglang_url == "http://127.0.0.1:30000" and parsed.tls_cert
 
 
-def test_tls_switches_sidecar_probes_to_tcp_and_auth_goes_by_secret_reference() -> None:
+def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_reference() -> None:
     container = render.sidecar_container(spec(sidecar={"tls": {"secretName": "t"},
                                                         "auth": {"secretName": "tok"}}))
-    assert "tcpSocket" in container["readinessProbe"]
+    # kubelet's gRPC probe cannot do TLS: an exec probe asks the plaintext loopback port
+    # that the same container's args open.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[probe]["exec"]["command"]
+        assert command[:3] == ["python", "-m", "atlas_sidecar.server.healthcheck"]
+        port = command[command.index("--port") + 1]
+        assert container["args"][container["args"].index("--health-port") + 1] == port
+    assert "--health-port" not in render.sidecar_args(spec())  # plaintext: kubelet's gRPC probe
+    assert render.sidecar_container(spec())["readinessProbe"]["grpc"] == {"port": 50051}
+    clash = spec(sidecar={"tls": {"secretName": "t"}, "metricsPort": 50052})
+    assert render.sidecar_health_port(clash) == 50053
     token = next(e for e in container["env"] if e["name"] == "ATLAS_AUTH_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "token"}
 

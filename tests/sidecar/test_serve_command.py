@@ -34,9 +34,10 @@ def test_serve_flags_become_the_server_config(tmp_path, monkeypatch):
     args = cli.build_parser().parse_args([
         "serve", "--host", "0.0.0.0", "--port", "6000", "--metrics-port", "0",
         "--max-batch", "3", "--max-queue", "5", "--max-prompt-tokens", "99",
-        "--admin-token-file", str(admin),
+        "--admin-token-file", str(admin), "--prefill-budget", "64",
     ])  # fmt: skip
     config = server_config_from_args(args)
+    assert config.prefill_budget == 64
     assert (config.host, config.port, config.metrics_port) == ("0.0.0.0", 6000, None)
     assert (config.max_batch, config.max_queue) == (3, 5)
     assert config.limits.max_prompt_tokens == 99

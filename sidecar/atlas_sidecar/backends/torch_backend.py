@@ -301,10 +301,14 @@ class CausalLMRunner:
             self._hidden[seq_id] = torch.cat([self._hidden[seq_id], hidden.to("cpu")])
 
     def truncate(self, seq_id: str, length: int) -> None:
-        cache = self._caches[seq_id]
-        excess = cache.get_seq_length() - length
-        if excess > 0:
-            cache.crop(-excess)  # transformers 5 crops by a negative count of tokens
+        """Cut the cache (and recorded hidden states) back to ``length`` tokens.
+
+        Layer by layer: a forward cut off part-way (an error in layer i) has grown only
+        the layers before i, and rolling it back must bring every layer to ``length``."""
+        for layer in _layers(self._caches[seq_id]):
+            excess = layer.get_seq_length() - length
+            if excess > 0:
+                layer.crop(-excess)  # transformers 5 crops by a negative count of tokens
         if self.record_hidden:
             self._hidden[seq_id] = self._hidden[seq_id][:length]
 
@@ -330,7 +334,9 @@ class CausalLMRunner:
         return self._hidden[seq_id]
 
     def cached_len(self, seq_id: str) -> int:
-        return int(self._caches[seq_id].get_seq_length())
+        """Tokens every layer holds (after a forward cut off part-way, the fewest)."""
+        return min((int(layer.get_seq_length()) for layer in _layers(self._caches[seq_id])),
+                   default=0)  # fmt: skip
 
     def release(self, seq_id: str) -> None:
         self._caches.pop(seq_id, None)

@@ -2,7 +2,9 @@
 
 ``SidecarServer`` is the whole serving face around one Engine. ``serve`` runs it until
 SIGTERM/SIGINT and then drains: health turns NOT_SERVING, new RPCs are refused, the
-requests in flight finish (up to ``drain_timeout_s``), then the worker stops.
+requests in flight finish (up to ``drain_timeout_s``), then the worker stops. If the
+worker dies instead, every request fails with UNAVAILABLE, health turns NOT_SERVING and
+``serve`` raises ``WorkerDied``: ``atlas serve`` exits non-zero, and Kubernetes restarts it.
 ``ServerThread`` runs one on a background thread (tests, notebooks).
 """
 
@@ -28,7 +30,7 @@ from atlas_sidecar.server.auth import TokenAuth
 from atlas_sidecar.server.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits
-from atlas_sidecar.server.scheduler import Scheduler
+from atlas_sidecar.server.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler, WorkerDied
 from atlas_sidecar.server.service import ADMIN_METHODS, SERVICE_NAME, AtlasService, ModelInfo
 from atlas_sidecar.server.weights import WeightVersions
 
@@ -37,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9090
 WEIGHT_FILE_POLL_S = 5.0
+DEATH_GRACE_S = 2.0  # after the worker died: time for the failed RPCs' statuses to go out
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,7 @@ class ServerConfig:
     # start, see server/memory.py; 0: no byte bound, max_batch only).
     kv_budget_bytes: int | None = None
     max_message_bytes: int = 4 << 20  # largest message received (and sent)
+    prefill_budget: int = DEFAULT_PREFILL_BUDGET  # prompt tokens prefilled per round
     max_concurrent_streams: int = 256  # per connection
     # RPCs in flight over all connections; past it gRPC answers RESOURCE_EXHAUSTED before
     # a handler runs (the batch and queue hold max_batch + max_queue generations).
@@ -138,6 +142,10 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"  # Prometheus /metrics; a pod needs 0.0.0.0
     weight_version_file: Path | None = None
     drain_timeout_s: float = 30.0
+    # A second, plaintext gRPC port on 127.0.0.1 serving only grpc.health.v1: what an
+    # exec probe (``python -m atlas_sidecar.server.healthcheck``) asks when the main port
+    # has TLS, which kubelet's own gRPC probe cannot speak. None: none; 0: any free port.
+    health_port: int | None = None
     log_prompts: bool = False
     target_model: str = ""
 
@@ -160,6 +168,8 @@ class SidecarServer:
                 if config.kv_budget_bytes is None
                 else config.kv_budget_bytes
             ),
+            on_death=self._worker_died,
+            prefill_budget=config.prefill_budget,
         )
         self.service = AtlasService(
             self.scheduler,
@@ -177,7 +187,12 @@ class SidecarServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        self.worker_error: BaseException | None = None  # what killed the worker, if it died
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._died = asyncio.Event()
         self._metrics_http: Any = None
         self._poller: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -203,6 +218,9 @@ class SidecarServer:
             self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {address}")
+        if cfg.health_port is not None:
+            await self._start_health_port(cfg.health_port)
+        self._loop = asyncio.get_running_loop()
         self.scheduler.start()
         await server.start()
         self._server = server
@@ -218,6 +236,32 @@ class SidecarServer:
         if warning := plaintext_token_warning(cfg):
             log.warning("%s", warning)
         return self.port
+
+    async def _start_health_port(self, port: int) -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = server.add_insecure_port(f"127.0.0.1:{port}")
+        if self.health_port == 0:
+            raise OSError(f"could not bind 127.0.0.1:{port} (health)")
+        await server.start()
+        self._health_server = server
+        log.info("health (plaintext, loopback) on 127.0.0.1:%d", self.health_port)
+
+    def _worker_died(self, error: BaseException) -> None:
+        """On the worker thread, after it failed every request: stop serving."""
+        self.worker_error = error
+        if self._loop is not None and not self._loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._not_serving(), self._loop)
+
+    async def _not_serving(self) -> None:
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, not_serving)
+        self._died.set()
+
+    async def wait_died(self) -> None:
+        """Return once the worker has died and health says NOT_SERVING."""
+        await self._died.wait()
 
     def _start_metrics(self) -> None:
         if self.config.metrics_port is None:
@@ -247,6 +291,8 @@ class SidecarServer:
             self._poller.cancel()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(None)
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close, 10.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -307,7 +353,8 @@ def _live(engine: Engine) -> Callable[[], int]:
 
 
 async def serve(engine: Engine, config: ServerConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then drain and return."""
+    """Serve until SIGTERM or SIGINT, then drain and return; raise ``WorkerDied`` (after
+    a short stop) if the scheduler's worker dies."""
     server = SidecarServer(engine, config)
     await server.start()
     loop = asyncio.get_running_loop()
@@ -321,7 +368,15 @@ async def serve(engine: Engine, config: ServerConfig) -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await server.wait_stopped()
+    ends = [loop.create_task(server.wait_stopped()), loop.create_task(server.wait_died())]
+    await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+    for task in ends:
+        task.cancel()
+    if server.worker_error is not None:
+        if stopping is None:
+            stopping = loop.create_task(server.stop(DEATH_GRACE_S))
+        await stopping
+        raise WorkerDied("the scheduler's worker died") from server.worker_error
 
 
 class ServerThread:

@@ -53,6 +53,9 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoding at once")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a slot before RESOURCE_EXHAUSTED")  # fmt: skip
+    p.add_argument("--prefill-budget", type=int, default=512,
+                   help="prompt tokens prefilled per scheduler round, between the running "
+                        "sequences' steps: a long prompt is prefilled in chunks")  # fmt: skip
     # Defaults (None) are the server's own Limits: one source of truth.
     p.add_argument("--max-prompt-tokens", type=int, help="default 8192")
     p.add_argument("--kv-budget-mb", type=float,
@@ -79,6 +82,9 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--max-connection-idle", type=float, help="seconds (300)")
     p.add_argument("--max-connection-age", type=float, help="seconds (3600)")
     p.add_argument("--max-connection-age-grace", type=float, help="seconds (600)")
+    p.add_argument("--health-port", type=int,
+                   help="plaintext grpc.health.v1 on 127.0.0.1 only, for an exec probe "
+                        "(python -m atlas_sidecar.server.healthcheck) beside TLS")  # fmt: skip
     p.add_argument("--tls-cert", help="server certificate (PEM); enables TLS")
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="CA for client certificates: mutual TLS")
@@ -104,6 +110,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         )
     if args.backend == "sglang" and not args.sglang_url:
         raise ValueError("--backend sglang needs --sglang-url http://host:port")
+    if args.prefill_budget < 1:
+        raise ValueError("--prefill-budget must be at least 1 token")
     tls = None
     if args.tls_cert or args.tls_key:
         if not (args.tls_cert and args.tls_key):
@@ -124,6 +132,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         max_batch=args.max_batch,
         max_queue=args.max_queue,
         kv_budget_bytes=None if args.kv_budget_mb is None else int(args.kv_budget_mb * (1 << 20)),
+        prefill_budget=args.prefill_budget,
         max_message_bytes=args.max_message_bytes,
         max_concurrent_streams=args.max_concurrent_streams,
         limits=_limits(args),
@@ -132,6 +141,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         admin_token=_read_token(args.admin_token_file, ADMIN_TOKEN_ENV),
         weight_version_file=Path(args.weight_version_file) if args.weight_version_file else None,
         drain_timeout_s=args.drain_timeout,
+        health_port=args.health_port,
         log_prompts=args.log_prompts,
         target_model=args.target,
     )
@@ -208,6 +218,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from atlas_sidecar.server.app import serve
+    from atlas_sidecar.server.scheduler import WorkerDied
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -218,6 +229,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = build_engine(args)
     try:
         asyncio.run(serve(engine, config))
+    except WorkerDied as exc:
+        # Non-zero, so that Kubernetes restarts the container; the cause was logged.
+        logging.getLogger(__name__).critical("exiting: %s (%r)", exc, exc.__cause__)
+        return 1
     finally:
         from atlas_sidecar.modes import close_engine
 

@@ -4,7 +4,9 @@ The engine (and the tokenizer) is synchronous torch code and not thread-safe, so
 call into it happens on this one thread. Requests wait in a bounded queue, are admitted
 into the batch (tokenized and prefilled) as slots free up, and each round every admitted
 sequence takes one draft+verify step in one batched target forward: continuous batching
-at step granularity. The controller sees the batch size and drafts less as it grows.
+at step granularity. Prompts are prefilled in chunks, at most ``prefill_budget`` tokens a
+round, so a long prompt delays the running streams by about one chunk's forward a round.
+The controller sees the batch size and drafts less as it grows.
 
 Results travel back to the caller as events through the job's ``sink`` (thread-safe).
 A cancelled or expired job is released before the next step any sequence takes, so
@@ -13,6 +15,7 @@ its KV cache is freed within one step.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,6 +34,9 @@ from atlas_sidecar.workloads import Prompt, encode
 log = logging.getLogger(__name__)
 
 
+DEFAULT_PREFILL_BUDGET = 512  # prompt tokens prefilled per round, all admitted prompts together
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound: back off and retry."""
 
@@ -41,6 +47,10 @@ class ShuttingDown(Exception):
 
 class QueueTimeout(Exception):
     """The request waited in the queue past the server's bound: overloaded, retry later."""
+
+
+class WorkerDied(ShuttingDown):
+    """The worker thread died: nothing is served until the process restarts."""
 
 
 class DeadlineExceeded(Exception):
@@ -91,6 +101,7 @@ class Job:
     emitted_text: str = ""
     ids: list[int] | None = None  # the prompt's token ids, once tokenized
     kv_bytes: int = 0  # KV bytes reserved for it while admitted
+    closed: bool = False  # its last event (done or failed) was sent
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -106,9 +117,13 @@ class Scheduler:
         max_prompt_tokens: int = 8192,
         queue_timeout_s: float | None = None,
         kv_budget_bytes: int = 0,
+        on_death: Callable[[BaseException], None] | None = None,
+        prefill_budget: int = DEFAULT_PREFILL_BUDGET,
     ) -> None:
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        """``on_death`` is called (on the worker thread) if the worker dies, after every
+        request has been failed: the server stops serving and exits (see ``_run``)."""
+        if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
+            raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
         # Admission in bytes (0: by count only): the worst-case KV bytes of admitted
         # requests stay within kv_budget_bytes; the rest wait in the queue.
@@ -121,11 +136,16 @@ class Scheduler:
         self.max_queue = max_queue
         self.max_prompt_tokens = max_prompt_tokens
         self.queue_timeout_s = queue_timeout_s  # None: a request may wait its whole deadline
+        self.prefill_budget = prefill_budget
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()  # guarded by _cond
         self._active: list[Job] = []  # the worker's own
+        self._prefilling: list[Job] = []  # admitted, prompt not all in yet (the worker's own)
         self._accepting = True
         self._stopping = False
+        self.on_death = on_death
+        self.failure: BaseException | None = None  # what killed the worker, if it died
+        self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
         self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
 
     # -- the caller's side (any thread) ------------------------------------------
@@ -135,6 +155,8 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._cond:
+            if self.failure is not None:
+                raise WorkerDied("the serving worker failed; the server is restarting")
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
@@ -175,39 +197,73 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self._active)
+        return len(self._active) + len(self._prefilling)
 
     # -- the worker ---------------------------------------------------------------
 
     def _run(self) -> None:
+        """The worker, supervised: an exception escaping the loop (outside a step's own
+        handling) leaves the engine in an unknown state, so nothing more is served.
+        Every request, waiting or in flight, fails with ``WorkerDied`` (UNAVAILABLE, so
+        clients retry elsewhere) rather than hanging, new ones are refused, and
+        ``on_death`` tells the server, which turns NOT_SERVING and exits non-zero so
+        that Kubernetes restarts the process."""
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001 - supervised: whatever kills the loop
+            log.critical("the scheduler's worker died; failing every request", exc_info=exc)
+            self.failure = exc
+            self._fail_all(WorkerDied(
+                f"the serving worker failed ({type(exc).__name__}); the server is restarting"
+            ))  # fmt: skip
+            if self.on_death is not None:
+                self.on_death(exc)
+
+    def _fail_all(self, error: ShuttingDown) -> None:
+        """Refuse new work and fail every job, waiting or admitted, with ``error``."""
+        with self._cond:
+            self._accepting = False
+            leftover = list(self._pending)
+            self._pending.clear()
+        # A job being admitted when the worker died is in neither the queue nor the batch.
+        jobs = dict.fromkeys([*self._active, *self._prefilling, *self._admitting, *leftover])
+        for job in [job for job in jobs if not job.closed]:
+            try:
+                self._fail(job, error)
+            except Exception:  # noqa: BLE001 - the engine may be what broke; tell the rest
+                log.exception("request %s: could not release it", job.request_id)
+                if job in self._active:
+                    self._active.remove(job)
+                job.closed = True
+                job.sink(FailedEvent(error))
+        with contextlib.suppress(Exception):
+            self._publish_load()
+
+    def _loop(self) -> None:
         while True:
             admitted = self._wait_for_work()
             if admitted is None:
                 break
+            self._admitting = admitted
             for job in admitted:
                 self._admit(job)
             self._round()
             self._publish_load()
-        for job in list(self._active):
-            self._fail(job, ShuttingDown("the server stopped"))
-        with self._cond:
-            leftover = list(self._pending)
-            self._pending.clear()
-        for job in leftover:
-            job.sink(FailedEvent(ShuttingDown("the server stopped")))
-        self._publish_load()
+        self._fail_all(ShuttingDown("the server stopped"))
 
     def _wait_for_work(self) -> list[Job] | None:
         """Block until there is work; return the jobs to admit now (None: stop)."""
         with self._cond:
-            while not self._stopping and not self._pending and not self._active:
+            while (not self._stopping and not self._pending and not self._active
+                   and not self._prefilling):  # fmt: skip
                 self._cond.wait()
             if self._stopping:
                 return None
             self._expire_queued(time.monotonic())
             self._deferred = 0
             admitted: list[Job] = []
-            while self._pending and len(self._active) + len(admitted) < self.max_batch:
+            taken = len(self._active) + len(self._prefilling)
+            while self._pending and taken + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
             return admitted
 
@@ -225,7 +281,7 @@ class Scheduler:
             )))  # fmt: skip
 
     def _admit(self, job: Job) -> None:
-        """Tokenize and prefill: the first token comes out of the prefill."""
+        """Tokenize and open the sequence; ``_prefill`` feeds its prompt in chunks."""
         if job.cancelled:
             return
         try:
@@ -235,54 +291,64 @@ class Scheduler:
             if not self._reserve_kv(job, len(ids)):
                 self._defer(job)
                 return
-            job.seq = self.engine.start(ids, job.params)
+            job.seq = self.engine.begin(ids, job.params)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
             self._fail(job, exc)
             return
-        job.ttft_s = time.monotonic() - job.submitted_at
-        self.stats.first_token(job.ttft_s, len(job.seq.prompt))
-        self._active.append(job)
-        self._progress(job, list(job.seq.output))
+        self._prefilling.append(job)
+
+    def _prefill(self) -> None:
+        """Prefill admitted prompts, oldest first, ``prefill_budget`` tokens in all this
+        round: a long prompt then holds the running sequences' next step back by about
+        one chunk's forward, not by its whole prefill. A prompt whose last chunk is in
+        joins the batch with its first token (it comes out of the prefill)."""
+        budget = self.prefill_budget
+        for job in list(self._prefilling):
+            if budget <= 0:
+                break
+            assert job.seq is not None
+            try:
+                budget -= self.engine.prefill(job.seq, budget)
+            except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
+                self._fail(job, exc)
+                continue
+            if job.seq.prefilling:
+                continue
+            self._prefilling.remove(job)
+            job.ttft_s = time.monotonic() - job.submitted_at
+            self.stats.first_token(job.ttft_s, len(job.seq.prompt))
+            self._active.append(job)
+            self._progress(job, list(job.seq.output))
 
     def _round(self) -> None:
         """One draft + verify step for every admitted sequence, in one batched forward."""
         # Cancelled and expired requests go first: their caches are freed before the
         # batch spends a forward on them.
         self._reap()
+        self._prefill()
         jobs = list(self._active)
         if not jobs:
             return
         seqs = [job.seq for job in jobs if job.seq is not None]
-        try:
-            added_all = self.engine.step_many(seqs)
-        except Exception:  # noqa: BLE001 - find the bad sequence, keep the rest going
-            log.exception("batched step of %d sequences failed; retrying one by one", len(jobs))
-            for job in jobs:
-                self._step(job)
-            return
-        for job, added in zip(jobs, added_all, strict=True):
+        # A failed batched step is rolled back whole and retried without the sequence
+        # at fault, which fails alone: the others' outputs are what they would have been.
+        for job, outcome in zip(jobs, self.engine.step_isolated(seqs), strict=True):
             assert job.seq is not None
-            self.stats.step(job.seq.steps[-1], len(added))
-            self._progress(job, added)
+            if isinstance(outcome, Exception):
+                log.error("request %s: engine step failed", job.request_id,
+                          exc_info=outcome.__cause__ or outcome)  # fmt: skip
+                self._fail(job, outcome)
+                continue
+            self.stats.step(job.seq.steps[-1], len(outcome))
+            self._progress(job, outcome)
 
     def _reap(self) -> None:
         now = time.monotonic()
-        for job in list(self._active):
+        for job in [*self._active, *self._prefilling]:
             if job.cancelled:
                 self._fail(job, Cancelled("cancelled by the caller"))
             elif job.expired(now):
                 self._fail(job, DeadlineExceeded("deadline exceeded"))
-
-    def _step(self, job: Job) -> None:
-        assert job.seq is not None
-        try:
-            added = self.engine.step(job.seq)
-        except Exception as exc:  # noqa: BLE001 - one bad sequence must not stop the rest
-            log.exception("request %s: engine step failed", job.request_id)
-            self._fail(job, exc)
-            return
-        self.stats.step(job.seq.steps[-1], len(added))
-        self._progress(job, added)
 
     def _progress(self, job: Job, added: list[int]) -> None:
         seq = job.seq
@@ -302,10 +368,12 @@ class Scheduler:
             if not result.text.startswith(job.emitted_text):
                 log.warning("request %s: streamed text is not a prefix of the final text",
                             job.request_id)  # fmt: skip
+        job.closed = True
         job.sink(DoneEvent(result, added, tail, job.ttft_s))
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)
+        job.closed = True
         job.sink(FailedEvent(error))
 
     def _reserve_kv(self, job: Job, prompt_tokens: int) -> bool:
@@ -341,9 +409,11 @@ class Scheduler:
             self.engine.release(job.seq)
         if job in self._active:
             self._active.remove(job)
+        if job in self._prefilling:
+            self._prefilling.remove(job)
 
     def _publish_load(self) -> None:
-        self.stats.set_load(len(self._pending), len(self._active))
+        self.stats.set_load(len(self._pending), len(self._active) + len(self._prefilling))
 
     # -- tokenizer work (worker thread only: fast tokenizers are not thread-safe) --
 

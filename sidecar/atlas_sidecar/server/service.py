@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from atlas_sidecar.engine import GenerationResult
-from atlas_sidecar.errors import BackendUnavailable, RequestError
+from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
 from atlas_sidecar.proto import atlas_v1_pb2 as pb
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import Limits, ParsedRequest, api_field, parse_generate_request
@@ -329,6 +329,9 @@ def _failure(error: Exception, parsed: ParsedRequest) -> RpcFailure:
         return RpcFailure(grpc.StatusCode.CANCELLED, str(error))
     if isinstance(error, ShuttingDown | BackendUnavailable):
         return RpcFailure(grpc.StatusCode.UNAVAILABLE, str(error))
+    if isinstance(error, StepFailed):  # this request alone; its cause is in the server log
+        log.error("request %s failed: %r", parsed.request_id, error.__cause__)
+        return RpcFailure(grpc.StatusCode.INTERNAL, f"{error}; see the server log")
     log.error("request %s failed: %r", parsed.request_id, error)
     return RpcFailure(grpc.StatusCode.INTERNAL, "internal error; see the server log")
 

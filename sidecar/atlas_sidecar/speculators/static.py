@@ -127,6 +127,18 @@ class StaticSpeculator:
         """Each item's logits after its last token only (all a drafter reads)."""
         return self.runner.forward_many(items, self.vocabulary, last_only=True)
 
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """After a failed step: keep only the cached prefix of ``context`` that every
+        layer really holds (a failed call may have recorded tokens its forward never
+        finished, or started a cache it never recorded), so the next call re-syncs."""
+        cached = self._cached_tokens.get(seq_id)
+        if cached is None:
+            self.runner.release(seq_id)
+            return
+        keep = min(common_prefix_len(cached, context), self.runner.cached_len(seq_id))
+        self.runner.truncate(seq_id, keep)
+        self._cached_tokens[seq_id] = cached[:keep]
+
     def release(self, seq_id: str) -> None:
         self._cached_tokens.pop(seq_id, None)
         self.runner.release(seq_id)

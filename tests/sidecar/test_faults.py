@@ -1,0 +1,130 @@
+"""Serving under faults: the scheduler confines a failed step to the request at fault.
+
+Four requests are admitted into one batch; a fault is injected into one of them at a
+stage of a step (its draft, the batched target forward, its verification). It must
+fail alone with a clear error, and every other request must still get, token for
+token, the target's own greedy output (float32).
+"""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+
+from atlas_sidecar.engine import Engine, Sequence
+from atlas_sidecar.errors import StepFailed
+from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.server.metrics import ServingStats
+from atlas_sidecar.server.requests import PromptInput
+from atlas_sidecar.server.scheduler import DoneEvent, Event, FailedEvent, Job, Scheduler
+from atlas_sidecar.workloads import Prompt, encode
+
+from .conftest import MAX_TOKENS, PROMPTS
+
+STAGES = ("draft", "forward", "accept")
+BAD = 1  # the faulty request's place in the batch
+WAIT_S = 120.0  # only guards against a hang
+
+
+class Fault(RuntimeError):
+    """The injected failure."""
+
+
+def submit_all(scheduler: Scheduler, texts: list[str]) -> list[queue.Queue[Event]]:
+    """Queue every request before the worker starts, so they are admitted together."""
+    sinks: list[queue.Queue[Event]] = []
+    for i, text in enumerate(texts):
+        events: queue.Queue[Event] = queue.Queue()
+        sinks.append(events)
+        prompt = PromptInput("messages", messages=(("user", text),))
+        job = Job(f"req-{i}", prompt, SamplingParams(max_tokens=MAX_TOKENS), events.put)
+        scheduler.submit(job)
+    return sinks
+
+
+def last_event(events: queue.Queue[Event]) -> Event:
+    while True:
+        event = events.get(timeout=WAIT_S)
+        if isinstance(event, DoneEvent | FailedEvent):
+            return event
+
+
+def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prompt: int) -> None:
+    """Fail, at ``stage``, every step that includes the sequence whose prompt is
+    ``bad_prompt`` tokens long, once its prompt is in (the sequences are created inside
+    the worker)."""
+    target = engine.target
+    bad: dict[str, Sequence] = {}
+
+    def armed(seq_ids: set[str]) -> bool:
+        return any(not bad[s].prefilling for s in seq_ids if s in bad)
+
+    begin = engine.begin
+
+    def tracking_begin(ids, params):
+        seq = begin(ids, params)
+        if len(ids) == bad_prompt:
+            bad[seq.seq_id] = seq
+        return seq
+
+    monkeypatch.setattr(engine, "begin", tracking_begin)
+    if stage == "draft":
+        drafter = engine.policy.speculator  # type: ignore[union-attr]
+        propose = drafter.propose
+
+        def faulty_propose(requests):
+            drafts = propose(requests)
+            if armed({r.seq_id for r in requests}):
+                raise Fault("drafter")
+            return drafts
+
+        monkeypatch.setattr(drafter, "propose", faulty_propose)
+    elif stage == "forward":
+        forward_many = target.forward_many
+
+        def faulty_forward(items, *args, **kwargs):
+            fail = armed({item.seq_id for item in items})  # a step's forward, not a prefill's
+            out = forward_many(items, *args, **kwargs)
+            if fail:
+                raise Fault("forward")
+            return out
+
+        monkeypatch.setattr(target, "forward_many", faulty_forward)
+    else:
+        accept_path = engine._accept_path
+
+        def faulty_accept(seq, draft, logits):
+            if armed({seq.seq_id}):
+                raise Fault("accept")
+            return accept_path(seq, draft, logits)
+
+        monkeypatch.setattr(engine, "_accept_path", faulty_accept)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_scheduler_fails_the_faulty_request_alone_and_the_rest_stay_exact(
+    served, reference, monkeypatch, stage
+):
+    texts = PROMPTS[:4]
+    engine = served.engine
+    scheduler = Scheduler(engine, ServingStats())
+    tokenizer = engine.tokenizer
+    lengths = [len(encode(tokenizer, Prompt("t", "t", (("user", t),)))) for t in texts]
+    assert len(set(lengths)) == len(lengths)  # the fault finds its sequence by length
+    inject(monkeypatch, engine, stage, lengths[BAD])
+    sinks = submit_all(scheduler, texts)
+    scheduler.start()
+    try:
+        outcomes = [last_event(events) for events in sinks]
+    finally:
+        scheduler.close(timeout=WAIT_S)
+    for i, (text, outcome) in enumerate(zip(texts, outcomes, strict=True)):
+        if i == BAD:
+            assert isinstance(outcome, FailedEvent), stage
+            assert isinstance(outcome.error, StepFailed)
+            assert isinstance(outcome.error.__cause__, Fault)
+        else:
+            assert isinstance(outcome, DoneEvent), (stage, i, outcome)
+            assert outcome.result.token_ids == reference[text].token_ids, (stage, i)
+    assert served.idle()
