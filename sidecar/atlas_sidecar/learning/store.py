@@ -13,7 +13,8 @@ disagree about the time and publish order must not depend on clocks; zero paddin
 the lexicographic order of directory listings and object keys equal to publish order
 (ids are still compared by their number, so the millionth version sorts right too).
 
-Only the standard library is needed.
+Only the standard library is needed; ``S3Store`` talks to any client with boto3's
+``put_object``/``get_object``/``list_objects_v2``/``delete_object`` names and shapes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 FORMAT = "atlas-weights/1"
 MANIFEST = "manifest.json"
@@ -588,3 +589,202 @@ class DirectoryStore:
                 _fsync_dir(self.root)
                 shutil.rmtree(grave, ignore_errors=True)
         return doomed
+
+
+# ---------------------------------------------------------------------------------------
+# S3 store
+
+
+class S3Client(Protocol):
+    """The part of boto3's S3 client the store uses (same names, same shapes)."""
+
+    def put_object(self, *, Bucket: str, Key: str, Body: bytes) -> Any: ...  # noqa: N803
+
+    def get_object(self, *, Bucket: str, Key: str) -> Any: ...  # noqa: N803
+
+    def list_objects_v2(self, **kwargs: Any) -> Any: ...
+
+    def delete_object(self, *, Bucket: str, Key: str) -> Any: ...  # noqa: N803
+
+
+def _is_missing(err: Exception) -> bool:
+    """boto3's NoSuchKey (a ClientError with code NoSuchKey/404) without importing boto3."""
+    response = getattr(err, "response", None)
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        return code in ("NoSuchKey", "404", "NotFound")
+    return type(err).__name__ == "NoSuchKey" or isinstance(err, KeyError)
+
+
+class S3Store:
+    """A store in an S3-compatible bucket under ``prefix``.
+
+    Layout: ``<prefix>/v000042/<file>`` for each file, ``<prefix>/v000042/manifest.json``
+    written last, ``<prefix>/latest`` naming the newest, ``<prefix>/.serving/<holder>``.
+    S3 has no rename, so atomicity comes from the order: a version exists only once its
+    manifest object exists, and it is handed out only after every file object matched the
+    manifest. A killed publisher leaves unreferenced file objects under an id without a
+    manifest; the next publisher skips past that id and retention removes them once a later
+    version is complete. Retention deletes a version's manifest first.
+    Ids are allocated by listing, so one publisher per prefix (the trainer Job) is assumed.
+    """
+
+    def __init__(self, bucket: str, prefix: str, client: S3Client) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.client = client
+
+    def _key(self, *parts: str) -> str:
+        return "/".join([self.prefix, *parts]) if self.prefix else "/".join(parts)
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+        except Exception as err:
+            if _is_missing(err):
+                return None
+            raise
+        body: BinaryIO | bytes = response["Body"]
+        return body if isinstance(body, bytes) else body.read()
+
+    def _list(self, prefix: str) -> Iterator[dict[str, Any]]:
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            response = self.client.list_objects_v2(**kwargs)
+            yield from response.get("Contents", []) or []
+            if not response.get("IsTruncated"):
+                return
+            token = response.get("NextContinuationToken")
+
+    def _all_ids(self) -> dict[str, bool]:
+        """Every id with any object under it -> whether its manifest exists."""
+        base = self._key("") if self.prefix else ""
+        found: dict[str, bool] = {}
+        for obj in self._list(base):
+            rest = obj["Key"][len(base) :].split("/")
+            if len(rest) == 2 and version_number(rest[0]) is not None:
+                found[rest[0]] = found.get(rest[0], False) or rest[1] == MANIFEST
+        return found
+
+    def publish(
+        self,
+        files: Mapping[str, FileSource],
+        *,
+        target: TargetIdentity,
+        parent: str | None = None,
+        window: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, float] | None = None,
+    ) -> Manifest:
+        if not files:
+            raise StoreError("a version needs at least one file")
+        for name in files:
+            _check_file_name(name)
+        ids = self._all_ids()  # ids with orphaned files from a killed publisher count too
+        numbers = [version_number(v) or 0 for v in ids]
+        latest = self.latest()
+        if latest is not None:
+            numbers.append(version_number(latest) or 0)
+        version = version_id(max(numbers, default=0) + 1)
+        entries = []
+        for name, source in sorted(files.items()):
+            data = source if isinstance(source, bytes) else Path(source).read_bytes()
+            self.client.put_object(Bucket=self.bucket, Key=self._key(version, name), Body=data)
+            entries.append(FileEntry(name, len(data), hashlib.sha256(data).hexdigest()))
+        manifest = Manifest(
+            version=version,
+            parent=parent if parent is not None else latest,
+            target=target,
+            files=tuple(entries),
+            window=dict(window or {}),
+            metrics={str(k): float(v) for k, v in (metrics or {}).items()},
+            created_at=_now_iso(),
+        )
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._key(version, MANIFEST), Body=manifest.to_json()
+        )
+        self.client.put_object(
+            Bucket=self.bucket, Key=self._key(LATEST), Body=(version + "\n").encode()
+        )
+        return manifest
+
+    def versions(self) -> list[str]:
+        complete = [v for v, has_manifest in self._all_ids().items() if has_manifest]
+        return sorted(complete, key=lambda v: version_number(v) or 0)
+
+    def manifest(self, version: str) -> Manifest:
+        if version_number(version) is None:
+            raise VersionNotFound(f"{version!r} is not a version id")
+        key = self._key(version, MANIFEST)
+        raw = self._get(key)
+        if raw is None:
+            raise VersionNotFound(f"no complete version {version} in s3://{self.bucket}/{key}")
+        manifest = Manifest.from_json(raw, f"s3://{self.bucket}/{key}")
+        if manifest.version != version:
+            raise CorruptVersion(f"s3://{self.bucket}/{key}: names version {manifest.version}")
+        return manifest
+
+    def open_version(self, version: str, target: TargetIdentity | None = None) -> Version:
+        manifest = self.manifest(version)
+        _verify_manifest_target(manifest, target)
+        blobs = {}
+        for entry in manifest.files:
+            data = self._get(self._key(version, entry.name))
+            if data is None:
+                raise CorruptVersion(f"version {version}: file {entry.name!r} is missing")
+            _check_entry(version, entry, len(data), hashlib.sha256(data).hexdigest())
+            blobs[entry.name] = data
+        return Version(manifest, blobs=blobs)
+
+    def latest(self) -> str | None:
+        raw = self._get(self._key(LATEST))
+        text = raw.decode("utf-8", "replace").strip() if raw else ""
+        return text if version_number(text) is not None else None
+
+    def latest_verified(
+        self,
+        target: TargetIdentity | None = None,
+        on_skip: Callable[[str, StoreError], None] | None = None,
+    ) -> Version | None:
+        return _latest_verified(self, target, on_skip)
+
+    def mark_serving(self, version: str | None, holder: str = "default") -> None:
+        if not _HOLDER_RE.match(holder):
+            raise StoreError(f"holder {holder!r} must be letters, digits and ._-")
+        key = self._key(".serving", holder)
+        if version is None:
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+            return
+        if version_number(version) is None:
+            raise StoreError(f"{version!r} is not a version id")
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=(version + "\n").encode())
+
+    def serving(self) -> set[str]:
+        found = set()
+        for obj in self._list(self._key(".serving", "")):
+            raw = self._get(obj["Key"])
+            text = raw.decode("utf-8", "replace").strip() if raw else ""
+            if version_number(text) is not None:
+                found.add(text)
+        return found
+
+    def retain(self, keep: int, max_bytes: int | None = None) -> list[str]:
+        manifests = []
+        for version in self.versions():
+            with contextlib.suppress(CorruptVersion, VersionNotFound):
+                manifests.append(self.manifest(version))
+        doomed = _select_retained(manifests, keep, max_bytes, self.serving())
+        for version in doomed:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(version, MANIFEST))
+            self._delete_under(version)
+        newest = max((version_number(m.version) or 0 for m in manifests), default=0)
+        for version, has_manifest in self._all_ids().items():
+            if not has_manifest and (version_number(version) or 0) < newest:
+                self._delete_under(version)  # a killed publisher's files: a later one finished
+        return doomed
+
+    def _delete_under(self, version: str) -> None:
+        for obj in list(self._list(self._key(version, ""))):
+            self.client.delete_object(Bucket=self.bucket, Key=obj["Key"])
