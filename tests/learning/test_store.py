@@ -254,3 +254,14 @@ def test_retention_keeps_newest_n_and_serving_within_byte_bound(tmp_path: Path) 
     assert store.publish(files(9), target=TARGET).version == "v000007"  # ids never reused
     with pytest.raises(StoreError, match="keep must be at least 1"):
         store.retain(keep=0)
+
+
+def test_retention_keeps_the_version_latest_names_when_the_pointer_lags(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path)
+    ids = [store.publish(files(i), target=TARGET).version for i in range(4)]
+    # a publisher killed after renaming v000004 into place, before moving the pointer
+    (tmp_path / "latest").write_text(ids[2] + "\n")
+    assert store.retain(keep=1) == [ids[1], ids[0]]
+    assert store.versions() == [ids[2], ids[3]]
+    assert store.latest() == ids[2] and store.latest_verified(TARGET).id == ids[3]  # type: ignore[union-attr]
+

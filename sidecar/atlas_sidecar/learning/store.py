@@ -225,9 +225,10 @@ def _now_iso() -> str:
 def _select_retained(
     manifests: list[Manifest], keep: int, max_bytes: int | None, serving: set[str]
 ) -> list[str]:
-    """Ids to delete: keep the newest ``keep`` and every serving one, then drop the oldest
-    non-serving kept ones until the total fits ``max_bytes``. The newest is never dropped:
-    it is what ``latest`` names and what a watcher may be loading right now."""
+    """Ids to delete: keep the newest ``keep`` and every protected one (``serving``: the
+    serving marks and what ``latest`` names), then drop the oldest unprotected kept ones
+    until the total fits ``max_bytes``. The newest is never dropped: a watcher may be
+    loading it right now. So the bound can be exceeded by the protected versions."""
     if keep < 1:
         raise StoreError("keep must be at least 1: the newest version is never deleted")
     newest_first = sorted(manifests, key=lambda m: version_number(m.version) or 0, reverse=True)
@@ -582,7 +583,8 @@ class DirectoryStore:
                     manifests.append(self.manifest(version))
                 except CorruptVersion:
                     continue  # never counted, never protected: left for an operator to look at
-            doomed = _select_retained(manifests, keep, max_bytes, self.serving())
+            protected = self.serving() | {v for v in [self.latest()] if v is not None}
+            doomed = _select_retained(manifests, keep, max_bytes, protected)
             for version in doomed:
                 grave = self.root / f"{TMP_PREFIX}del-{version}-{uuid.uuid4().hex}"
                 os.rename(self.root / version, grave)
@@ -775,7 +777,8 @@ class S3Store:
         for version in self.versions():
             with contextlib.suppress(CorruptVersion, VersionNotFound):
                 manifests.append(self.manifest(version))
-        doomed = _select_retained(manifests, keep, max_bytes, self.serving())
+        protected = self.serving() | {v for v in [self.latest()] if v is not None}
+        doomed = _select_retained(manifests, keep, max_bytes, protected)
         for version in doomed:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(version, MANIFEST))
             self._delete_under(version)
