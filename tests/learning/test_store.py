@@ -265,3 +265,17 @@ def test_retention_keeps_the_version_latest_names_when_the_pointer_lags(tmp_path
     assert store.versions() == [ids[2], ids[3]]
     assert store.latest() == ids[2] and store.latest_verified(TARGET).id == ids[3]  # type: ignore[union-attr]
 
+
+def test_stale_serving_mark_temp_files_are_cleaned_and_never_read(tmp_path: Path) -> None:
+    store = DirectoryStore(tmp_path, stale_after_s=600)
+    store.publish(files(1), target=TARGET)
+    store.mark_serving("v000001", holder="pod-a")
+    torn = tmp_path / ".serving" / f"{TMP_PREFIX}pod-b-dead"
+    torn.write_text("v0000")  # a mark_serving killed mid-write
+    an_hour_ago = time.time() - 3600
+    os.utime(torn, (an_hour_ago, an_hour_ago))
+    assert store.serving() == {"v000001"}
+    store.publish(files(2), target=TARGET)
+    assert not torn.exists()
+    assert store.serving() == {"v000001"}
+

@@ -460,7 +460,9 @@ class DirectoryStore:
         """Remove ``.tmp-*`` leftovers older than the threshold; return their names."""
         limit = self.stale_after_s if stale_after_s is None else stale_after_s
         now, removed = time.time(), []
-        for entry in os.scandir(self.root):
+        marks = self.root / ".serving"
+        entries = [*os.scandir(self.root), *(os.scandir(marks) if marks.is_dir() else [])]
+        for entry in entries:
             if not entry.name.startswith(TMP_PREFIX):
                 continue
             path = Path(entry.path)
