@@ -279,3 +279,41 @@ def test_stale_serving_mark_temp_files_are_cleaned_and_never_read(tmp_path: Path
     assert not torn.exists()
     assert store.serving() == {"v000001"}
 
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys
+    from atlas_sidecar.learning.store import DirectoryStore, TargetIdentity
+    store = DirectoryStore(sys.argv[1])
+    target = TargetIdentity("smollm2-135m-instruct", "main", 576, 49152, "ab12" * 16)
+    sys.stdin.readline()  # start together
+    for i in range(5):
+        data = (sys.argv[2] * 1000 + str(i)).encode()
+        store.publish({"head.safetensors": data}, target=target)
+    """
+)
+
+
+def test_concurrent_publishers_get_distinct_ids_in_one_parent_chain(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "sidecar")}
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(tmp_path), name],
+            env=env,
+            stdin=subprocess.PIPE,
+        )
+        for name in ("a", "b")
+    ]
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.close()
+    assert [child.wait() for child in children] == [0, 0]
+    store = DirectoryStore(tmp_path)
+    ids = store.versions()
+    assert ids == [f"v{n:06d}" for n in range(1, 11)]
+    payloads = {store.open_version(v, TARGET).read("head.safetensors") for v in ids}
+    assert len(payloads) == 10  # nothing overwritten
+    parents = [store.manifest(v).parent for v in ids]
+    assert parents == [None, *ids[:-1]]
+    assert store.latest() == ids[-1]
