@@ -71,6 +71,10 @@ class ApiServer(kmock.KubernetesEmulator):
     async def _handle(self, request: rendering.Request) -> Any:
         resource = request.resource
         if resource is not None and isinstance(request.data, dict):
+            if request.action in (enums.action.CREATE, enums.action.UPDATE) \
+                    and request.subresource is None:
+                _canonicalize_quantities(request.data)
+                _default_containers(request.data)
             if request.action == enums.action.CREATE:
                 if resource.plural in self.fail_creates:
                     raise kmock.KubernetesError(status=503, reason="ServiceUnavailable",
@@ -148,6 +152,72 @@ class ApiServer(kmock.KubernetesEmulator):
         res = kmock.resource(resource)
         return sum(1 for r in self._requests
                    if r.method == enums.method(method) and r.resource == res)
+
+
+# Where a real apiserver stores quantities (it keeps them in canonical form, not as sent).
+QUANTITY_MAPS = {"limits", "requests", "capacity", "allocatable", "hard"}
+QUANTITY_KEYS = {"sizeLimit", "storage"}
+_DECIMAL = [("E", 18), ("P", 15), ("T", 12), ("G", 9), ("M", 6), ("k", 3), ("", 0),
+            ("m", -3), ("u", -6), ("n", -9)]
+_BINARY = [("Ei", 60), ("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)]
+
+
+def canonical_quantity(value: Any) -> Any:
+    """A quantity as the apiserver stores it (resource.Quantity's canonical form): numbers
+    become strings, binary-suffixed values keep the largest exact binary suffix, the rest
+    the largest exact decimal one (1 -> "1", "1024Mi" -> "1Gi", "0.5" -> "500m",
+    "1000" -> "1k"). An unparsable value is left for validation to reject."""
+    from kubernetes.utils import parse_quantity
+
+    try:
+        number = parse_quantity(value)
+    except ValueError:
+        return value
+    text = str(value)
+    if text.endswith("i") and number == number.to_integral_value() and number >= 1024:
+        for suffix, power in _BINARY:
+            if number % (2 ** power) == 0:
+                return f"{int(number) // 2 ** power}{suffix}"
+    if number == 0:
+        return "0"
+    for suffix, power in _DECIMAL:
+        scaled = number.scaleb(-power)
+        if scaled == scaled.to_integral_value():
+            return f"{int(scaled)}{suffix}"
+    return text
+
+
+def _canonicalize_quantities(obj: Any) -> None:
+    if isinstance(obj, list):
+        for item in obj:
+            _canonicalize_quantities(item)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in QUANTITY_MAPS and isinstance(value, dict):
+                for name, quantity in value.items():
+                    if quantity is not None and not isinstance(quantity, dict | list):
+                        value[name] = canonical_quantity(quantity)
+            elif key in QUANTITY_KEYS and value is not None \
+                    and not isinstance(value, dict | list):
+                obj[key] = canonical_quantity(value)
+            else:
+                _canonicalize_quantities(value)
+
+
+def _default_containers(obj: Any) -> None:
+    """Fields the apiserver fills in on every container it stores (a few of them)."""
+    if isinstance(obj, list):
+        for item in obj:
+            _default_containers(item)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for container in value:
+                    if isinstance(container, dict) and container.get("name"):
+                        container.setdefault("terminationMessagePath", "/dev/termination-log")
+                        container.setdefault("terminationMessagePolicy", "File")
+            else:
+                _default_containers(value)
 
 
 def _merged(old: Any, patch: Any) -> Any:

@@ -87,7 +87,7 @@ async def test_create_renders_children_with_specs_and_owner_references(
     assert deployment["spec"]["replicas"] == 2
     sglang, sidecar = pod["containers"]
     assert (sglang["name"], sidecar["name"]) == ("sglang", "sidecar")
-    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == "1"  # stored canonical
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
     assert "--sglang-url" in sidecar["args"] and "http://127.0.0.1:30000" in sidecar["args"]
     assert {"name": "rollout", "configMap": {"name": f"{NAME}-rollout"}} in pod["volumes"]
@@ -318,3 +318,55 @@ async def test_two_replicas_peer_and_only_one_works(apiserver: ApiServer,
         assert apiserver.count_requests("POST", resource) == len(names), resource
     promoted = [e for e in apiserver.live("v1/events") if e.get("reason") == "WeightsPromoted"]
     assert len(promoted) == 1
+
+
+WRITES = ("POST", "PUT", "PATCH")
+
+
+def child_writes(api: ApiServer) -> dict[str, int]:
+    return {resource: sum(api.count_requests(method, resource) for method in WRITES)
+            for resource in CHILDREN}
+
+
+def handled(api: ApiServer, marker: str) -> bool:
+    """Whether kopf finished the update handler for the endpoint as it is now (it stores
+    the configuration it handled, annotations included, once the handler succeeded)."""
+    body = api.get("atlas.ai/v1alpha1/atlasendpoints", NAME) or {}
+    last = (body.get("metadata", {}).get("annotations") or {}).get(
+        "atlas.ai/last-handled-configuration", "")
+    return marker in last
+
+
+async def test_resync_writes_nothing_when_the_rendered_children_did_not_change(
+        apiserver: ApiServer, operator: Any) -> None:
+    # GPUs everywhere (integers in limits) and quantities the apiserver rewrites: it
+    # stores "1" for 1, "1Gi" for "1024Mi", "500m" for "0.5".
+    quantities = {"requests": {"cpu": "0.5", "memory": "1024Mi"},
+                  "limits": {"memory": "2048Mi"}}
+    await send(apiserver, "POST", ENDPOINTS, endpoint(
+        placement={"gpuCount": 2}, serving={"shmSize": "16384Mi", "resources": quantities},
+        sidecar={"gpuCount": 1, "resources": quantities},
+        trainer={"gpuCount": 1, "resources": quantities}))
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    deployment = apiserver.get("apps/v1/deployments", NAME)
+    sglang = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == "2"  # stored canonical
+    assert sglang["resources"]["requests"]["memory"] == "1Gi"
+    await eventually(lambda: handled(apiserver, "Qwen2.5-Coder-1.5B"), message="created")
+
+    # Resync 1 converges; resyncs 2 and 3 (no-op annotation changes: kopf runs the update
+    # handler, a full reconcile, but the rendered children are the same) must not write.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+               {"metadata": {"annotations": {"test.atlas.ai/touch": "resync-1"}}})
+    await eventually(lambda: handled(apiserver, "resync-1"), message="resync 1")
+    before = child_writes(apiserver)
+    for marker in ("resync-2", "resync-3"):
+        await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+                   {"metadata": {"annotations": {"test.atlas.ai/touch": marker}}})
+        await eventually(lambda m=marker: handled(apiserver, m), message=marker)  # type: ignore[misc]
+    assert child_writes(apiserver) == before
+    # The timer resyncs too (every second here): still nothing written.
+    reconciles = apiserver.count_requests("GET", "batch/v1/jobs")
+    await eventually(lambda: apiserver.count_requests("GET", "batch/v1/jobs") >= reconciles + 4,
+                     message="more resyncs")
+    assert child_writes(apiserver) == before

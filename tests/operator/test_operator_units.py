@@ -180,3 +180,18 @@ def test_the_sidecar_reads_the_tokens_and_metrics_address_the_operator_renders(
         "from-the-secret"
     )
     assert commands._read_token(parsed.admin_token_file, commands.ADMIN_TOKEN_ENV) is None
+
+
+def test_is_subset_compares_quantities_by_value_and_ignores_server_defaults() -> None:
+    desired = {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "1024Mi"},
+                             "requests": {"cpu": "0.5"}},
+               "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1024Mi"}}]}
+    live = {"resources": {"limits": {"nvidia.com/gpu": "1", "memory": "1Gi"},
+                          "requests": {"cpu": "500m"}},
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "terminationMessagePath": "/dev/termination-log"}
+    assert kube.is_subset(desired, live)
+    # A different value is still a difference...
+    assert not kube.is_subset({"resources": {"limits": {"nvidia.com/gpu": 2}}}, live)
+    # ...and outside quantity fields, a number and a string differ.
+    assert not kube.is_subset({"replicas": 1}, {"replicas": "1"})
