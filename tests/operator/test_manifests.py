@@ -213,3 +213,6 @@ def test_chart_rbac_is_least_privilege() -> None:
     assert not any(r == "secrets" for _, r, _ in granted)
     assert {(g, r) for g, r, v in granted if v == "delete"} == {("batch", "jobs")}
     assert {v for g, r, v in granted if r == "pods"} == {"list"}
+    # blockOwnerDeletion on the children's ownerReferences needs this where it is enforced.
+    assert ("atlas.ai", "atlasendpoints/finalizers", "update") in granted
+    assert {v for g, r, v in granted if r.endswith("/finalizers")} == {"update"}

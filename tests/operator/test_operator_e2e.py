@@ -288,12 +288,22 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
             for r in apiserver._requests
             if r.resource is not None and r.resource.plural
             and not r.headers.get("User-Agent", "").startswith("kmock")}  # not the test's own
+    # What admission asks beyond the request's own verb: setting blockOwnerDeletion on an
+    # ownerReference needs `update` on the owner's finalizers (OwnerReferencesPermission-
+    # Enforcement; the emulator does not enforce it, so derive it from what was written).
+    for r in apiserver._requests:
+        if r.method.value in ("POST", "PATCH", "PUT") and isinstance(r.data, dict):
+            for ref in (r.data.get("metadata") or {}).get("ownerReferences") or []:
+                if ref.get("blockOwnerDeletion"):
+                    group = ref["apiVersion"].rpartition("/")[0]
+                    used.add((group, f"{ref['kind'].lower()}s/finalizers", "update"))
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}
     assert used - granted == set()
     # The run exercised the interesting verbs, so the check above means something.
     assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
-            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create")} <= used
+            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create"),
+            ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
 
 
 async def test_two_replicas_peer_and_only_one_works(apiserver: ApiServer,
