@@ -66,10 +66,15 @@ class ApiServer(kmock.KubernetesEmulator):
     """
 
     fail_creates: set[str] = attrs.field(factory=set)
+    # Plurals every request to which answers 403 (what RBAC without a grant does).
+    forbidden: set[str] = attrs.field(factory=set)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
 
     async def _handle(self, request: rendering.Request) -> Any:
         resource = request.resource
+        if resource is not None and resource.plural in self.forbidden:
+            raise kmock.KubernetesError(status=403, reason="Forbidden",
+                                        message=f"{resource.plural} is forbidden")
         if resource is not None and isinstance(request.data, dict):
             if request.action in (enums.action.CREATE, enums.action.UPDATE) \
                     and request.subresource is None:
@@ -254,18 +259,21 @@ async def emulated_apiserver(kubeconfig: Path) -> AsyncIterator[ApiServer]:
 
 @contextlib.asynccontextmanager
 async def running_operator(*, standalone: bool = True, priority: int = 0,
-                           peering_name: str = "atlas-operator") -> AsyncIterator[asyncio.Task]:
+                           peering_name: str = "atlas-operator",
+                           namespaces: list[str] | None = None) -> AsyncIterator[asyncio.Task]:
     """The real operator: kopf's runner with our handlers, in this event loop."""
     import kopf
 
     from atlas_operator import handlers
 
     handlers.reset_client()
+    handlers.scan_cluster = not namespaces  # as main.py does for --namespace
     before = asyncio.all_tasks()
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(
         # kopf makes peering mandatory whenever a peering name is given, even standalone.
-        clusterwide=True, standalone=standalone, priority=priority,
+        clusterwide=not namespaces, namespaces=namespaces or (), standalone=standalone,
+        priority=priority,
         peering_name=None if standalone else peering_name,
         stop_flag=stop, ready_flag=ready))
     await asyncio.wait_for(ready.wait(), timeout=15)

@@ -276,6 +276,20 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
             assert response.status < 300
         await eventually(lambda: not apiserver.live("apps/v1/deployments"), message="deleted")
 
+    used = used_permissions(apiserver)
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert used - granted == set()
+    # The run exercised the interesting verbs, so the check above means something.
+    assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
+            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create"),
+            ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
+
+
+def used_permissions(apiserver: ApiServer) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every request the operator made (not the test's own),
+    and the permissions admission asks beyond them."""
+
     def verb(request: Any) -> str:
         if request.method.value == "GET":
             return "watch" if request.params.get("watch") in ("true", "1") else \
@@ -283,26 +297,39 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
         return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[
             request.method.value]
 
-    used = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
-             verb(r))
-            for r in apiserver._requests
+    ours = [r for r in apiserver._requests
             if r.resource is not None and r.resource.plural
-            and not r.headers.get("User-Agent", "").startswith("kmock")}  # not the test's own
+            and not r.headers.get("User-Agent", "").startswith("kmock")]
+    used = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+             verb(r)) for r in ours}
     # What admission asks beyond the request's own verb: setting blockOwnerDeletion on an
     # ownerReference needs `update` on the owner's finalizers (OwnerReferencesPermission-
     # Enforcement; the emulator does not enforce it, so derive it from what was written).
-    for r in apiserver._requests:
+    for r in ours:
         if r.method.value in ("POST", "PATCH", "PUT") and isinstance(r.data, dict):
             for ref in (r.data.get("metadata") or {}).get("ownerReferences") or []:
                 if ref.get("blockOwnerDeletion"):
                     group = ref["apiVersion"].rpartition("/")[0]
                     used.add((group, f"{ref['kind'].lower()}s/finalizers", "update"))
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
+    return used
+
+
+async def test_namespace_scoped_operator_needs_only_the_chart_roles(
+        apiserver: ApiServer) -> None:
+    from test_manifests import NAMESPACED, _template
+
+    roles = [d for d in _template(*NAMESPACED) if d["kind"] == "Role"]  # skips without helm
+    # What a Role cannot grant answers 403, as on a cluster with namespace-scoped RBAC.
+    apiserver.forbidden |= {"customresourcedefinitions", "clusterkopfpeerings"}
+    async with running_operator(namespaces=[NAMESPACE]):
+        await send(apiserver, "POST", ENDPOINTS, endpoint())
+        await eventually(lambda: all_children_exist(apiserver), message="all children")
+        await eventually(lambda: condition(apiserver, "Ready"), message="status")
+    used = used_permissions(apiserver)
+    granted = {(g, r, v) for role in roles for rule in role["rules"]
+               for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert used - granted == set()
-    # The run exercised the interesting verbs, so the check above means something.
-    assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
-            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create"),
+    assert {("atlas.ai", "atlasendpoints", "watch"), ("apps", "deployments", "create"),
             ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
 
 
