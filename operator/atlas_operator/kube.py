@@ -178,12 +178,15 @@ def is_subset(desired: Any, live: Any) -> bool:
     representation. Only the fields we render are compared: extra keys in live dicts are
     fine (the apiserver fills in defaults, controllers add their own); lists must match
     item by item. Quantities (the values of QUANTITY_MAPS, QUANTITY_KEYS) compare as
-    numbers."""
+    numbers. An empty list or map matches an absent key: the apiserver omits empty
+    optional fields (`tolerations: []`, `nodeSelector: {}`) when it serializes."""
     if isinstance(desired, dict):
         if not isinstance(live, dict):
             return False
         for key, value in desired.items():
             if key not in live:
+                if value in ({}, [], None):
+                    continue
                 return False
             if key in QUANTITY_MAPS and isinstance(value, dict):
                 have = live[key]

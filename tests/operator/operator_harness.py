@@ -80,6 +80,8 @@ class ApiServer(kmock.KubernetesEmulator):
                     and request.subresource is None:
                 _canonicalize_quantities(request.data)
                 _default_containers(request.data)
+                if resource.plural in ("deployments", "jobs"):
+                    _omit_empty(request.data.get("spec"))
             if request.action == enums.action.CREATE:
                 if resource.plural in self.fail_creates:
                     raise kmock.KubernetesError(status=503, reason="ServiceUnavailable",
@@ -223,6 +225,19 @@ def _default_containers(obj: Any) -> None:
                         container.setdefault("terminationMessagePolicy", "File")
             else:
                 _default_containers(value)
+
+
+def _omit_empty(obj: Any) -> None:
+    """Drop empty lists and nodeSelector maps, as the apiserver's serialization does
+    (omitempty). Not in a merge patch's nulls: a None value is a deletion, kept."""
+    if isinstance(obj, list):
+        for item in obj:
+            _omit_empty(item)
+    elif isinstance(obj, dict):
+        for key in [k for k, v in obj.items() if v == [] or (k == "nodeSelector" and v == {})]:
+            del obj[key]
+        for value in obj.values():
+            _omit_empty(value)
 
 
 def _merged(old: Any, patch: Any) -> Any:

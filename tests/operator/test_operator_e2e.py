@@ -377,11 +377,13 @@ def handled(api: ApiServer, marker: str) -> bool:
 async def test_resync_writes_nothing_when_the_rendered_children_did_not_change(
         apiserver: ApiServer, operator: Any) -> None:
     # GPUs everywhere (integers in limits) and quantities the apiserver rewrites: it
-    # stores "1" for 1, "1Gi" for "1024Mi", "500m" for "0.5".
+    # stores "1" for 1, "1Gi" for "1024Mi", "500m" for "0.5"; and empty placement lists
+    # and maps, which it omits.
     quantities = {"requests": {"cpu": "0.5", "memory": "1024Mi"},
                   "limits": {"memory": "2048Mi"}}
     await send(apiserver, "POST", ENDPOINTS, endpoint(
-        placement={"gpuCount": 2}, serving={"shmSize": "16384Mi", "resources": quantities},
+        placement={"gpuCount": 2, "nodeSelector": {}, "tolerations": []},
+        serving={"shmSize": "16384Mi", "resources": quantities},
         sidecar={"gpuCount": 1, "resources": quantities},
         trainer={"gpuCount": 1, "resources": quantities}))
     await eventually(lambda: all_children_exist(apiserver), message="all children")
@@ -389,6 +391,7 @@ async def test_resync_writes_nothing_when_the_rendered_children_did_not_change(
     sglang = deployment["spec"]["template"]["spec"]["containers"][0]
     assert sglang["resources"]["limits"]["nvidia.com/gpu"] == "2"  # stored canonical
     assert sglang["resources"]["requests"]["memory"] == "1Gi"
+    assert "tolerations" not in deployment["spec"]["template"]["spec"]
     await eventually(lambda: handled(apiserver, "Qwen2.5-Coder-1.5B"), message="created")
 
     # Resync 1 converges; resyncs 2 and 3 (no-op annotation changes: kopf runs the update

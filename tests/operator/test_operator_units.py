@@ -197,6 +197,12 @@ def test_is_subset_compares_quantities_by_value_and_ignores_server_defaults() ->
     assert not kube.is_subset({"replicas": 1}, {"replicas": "1"})
 
 
+def test_is_subset_takes_empty_optional_fields_as_absent() -> None:
+    # The apiserver drops empty lists and maps (omitempty): they read back as missing.
+    assert kube.is_subset({"tolerations": [], "nodeSelector": {}, "image": "x"}, {"image": "x"})
+    assert not kube.is_subset({"tolerations": [{"key": "k"}]}, {})
+
+
 # --- the `restricted` Pod Security Standard ----------------------------------------------
 # From the published rule list (kubernetes.io/docs/concepts/security/pod-security-standards,
 # the baseline controls plus the restricted ones, as of Kubernetes 1.34).
