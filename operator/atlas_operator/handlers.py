@@ -46,6 +46,10 @@ MAX_WORKERS = int(os.environ.get("ATLAS_MAX_WORKERS", "8"))
 # How long a silent peer still counts as alive: a crashed active replica is replaced after it.
 PEERING_LIFETIME_S = int(os.environ.get("ATLAS_PEERING_LIFETIME", "60"))
 
+# False when the operator watches a fixed list of namespaces (main.py sets it from
+# --namespace): then it reads nothing cluster-scoped (see configure()).
+scan_cluster = True
+
 _kube: Kube | None = None
 _locks: dict[tuple[str, str], threading.Lock] = {}
 _locks_guard = threading.Lock()
@@ -91,6 +95,10 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.lifetime = PEERING_LIFETIME_S
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # Namespace-scoped (rbac.scope=namespace in the chart): no namespace listing and no CRD
+    # watch, which a Role cannot grant; kopf would retry their 403s for about a minute
+    # before falling back to the given namespaces and the startup discovery.
+    settings.scanning.disabled = not scan_cluster
     # Read at startup (not import): how long one API request may take.
     settings.networking.request_timeout = float(os.environ.get("ATLAS_REQUEST_TIMEOUT", "60"))
 

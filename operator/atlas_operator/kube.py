@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from kubernetes.utils import parse_quantity
 
 from atlas_operator import LAST_APPLIED_ANNOTATION, PLURAL
 from atlas_operator.render import Manifest, canonical_json
@@ -154,12 +155,50 @@ def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, A
     return out
 
 
+# Keys whose values are Kubernetes quantities. The apiserver stores a quantity in its
+# canonical string form, whatever was sent: a GPU limit written as 1 reads back as "1",
+# "1024Mi" as "1Gi", "0.5" as "500m". Compared as written, every resync would patch.
+QUANTITY_MAPS = frozenset({"limits", "requests", "capacity", "allocatable", "hard"})
+QUANTITY_KEYS = frozenset({"sizeLimit", "storage"})
+
+
+def same_quantity(desired: Any, live: Any) -> bool:
+    """Whether two quantities are equal in value (1 == "1" == "1000m"); an unparsable one
+    is equal only to itself."""
+    if desired == live:
+        return True
+    try:
+        return bool(parse_quantity(desired) == parse_quantity(live))
+    except ValueError:
+        return False
+
+
 def is_subset(desired: Any, live: Any) -> bool:
-    """Whether `live` already carries everything in `desired`. Extra keys in live dicts are
-    fine (the apiserver adds defaults); lists must match item by item."""
+    """Whether `live` already carries everything in `desired`, compared by value, not by
+    representation. Only the fields we render are compared: extra keys in live dicts are
+    fine (the apiserver fills in defaults, controllers add their own); lists must match
+    item by item. Quantities (the values of QUANTITY_MAPS, QUANTITY_KEYS) compare as
+    numbers. An empty list or map matches an absent key: the apiserver omits empty
+    optional fields (`tolerations: []`, `nodeSelector: {}`) when it serializes."""
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(
-            key in live and is_subset(value, live[key]) for key, value in desired.items())
+        if not isinstance(live, dict):
+            return False
+        for key, value in desired.items():
+            if key not in live:
+                if value in ({}, [], None):
+                    continue
+                return False
+            if key in QUANTITY_MAPS and isinstance(value, dict):
+                have = live[key]
+                if not isinstance(have, dict) or not all(
+                        k in have and same_quantity(v, have[k]) for k, v in value.items()):
+                    return False
+            elif key in QUANTITY_KEYS and not isinstance(value, dict | list):
+                if not same_quantity(value, live[key]):
+                    return False
+            elif not is_subset(value, live[key]):
+                return False
+        return True
     if isinstance(desired, list):
         return isinstance(live, list) and len(desired) == len(live) and all(
             is_subset(d, v) for d, v in zip(desired, live, strict=True))

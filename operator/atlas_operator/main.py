@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import atlas_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from atlas_operator import handlers  # registers the handlers with kopf
+
+    handlers.scan_cluster = not args.namespace
 
     kopf.configure(verbose=args.verbose)
     priority = args.priority if args.priority is not None else 1 + secrets.randbelow(2**30)

@@ -42,6 +42,26 @@ TLS_MOUNT_PATH = "/etc/atlas/tls"
 # for its exec probe (the next free one if the spec's ports take it).
 SIDECAR_HEALTH_PORT = 50052
 SIDECAR_UID = 1000  # the sidecar and trainer images run as this user (docker/*.Dockerfile)
+# SGLang's image runs as root by default; it needs no root at run time. Its Python and
+# packages are world-readable, and everything it writes is redirected to volumes this uid
+# can write: HOME, XDG_CACHE_HOME (Triton, FlashInfer, torch JIT caches) and TMPDIR go to
+# the `sglang-tmp` emptyDir at /tmp, HF_HOME to the data volume (group-writable through
+# fsGroup), /dev/shm is a memory emptyDir. Same uid as the sidecar: both write /data.
+SGLANG_UID = SIDECAR_UID
+
+
+def pod_security_context() -> dict[str, Any]:
+    """The pod-level half of the `restricted` Pod Security Standard, inherited by every
+    container (init containers included): non-root with an explicit non-root uid, the
+    runtime's default seccomp profile. fsGroup makes the volumes writable for that uid."""
+    return {"runAsNonRoot": True, "runAsUser": SIDECAR_UID, "runAsGroup": SIDECAR_UID,
+            "fsGroup": SIDECAR_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security_context(**extra: Any) -> dict[str, Any]:
+    """The container-level half of `restricted` (these fields exist only per container):
+    no privilege escalation, every capability dropped, none added."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, **extra}
 
 
 @dataclass(frozen=True)
@@ -152,11 +172,19 @@ def sglang_container(spec: Spec) -> dict[str, Any]:
         "imagePullPolicy": serving["imagePullPolicy"],
         "command": ["python3", "-m", "sglang.launch_server"],
         "args": sglang_args(spec),
-        "env": [{"name": "HF_HOME", "value": HF_HOME}],
+        # Non-root (see SGLANG_UID): every write goes to a volume.
+        "env": [{"name": "HF_HOME", "value": HF_HOME},
+                {"name": "HOME", "value": "/tmp"},
+                {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+                {"name": "TMPDIR", "value": "/tmp"}],
         "resources": _resources(serving["resources"], placement["gpuResourceName"],
                                 placement["gpuCount"]),
         "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},
-                         {"name": "dshm", "mountPath": "/dev/shm"}],
+                         {"name": "dshm", "mountPath": "/dev/shm"},
+                         {"name": "sglang-tmp", "mountPath": "/tmp"}],
+        # Not readOnlyRootFilesystem: libraries in the image may write next to themselves.
+        "securityContext": container_security_context(runAsNonRoot=True,
+                                                      runAsUser=SGLANG_UID),
         # Loading a large model takes minutes: allow up to 30 min before liveness applies.
         "startupProbe": _sglang_health_probe(spec, period=10, timeout=5, failures=180),
         "readinessProbe": _sglang_health_probe(spec, period=10, timeout=5, failures=3),
@@ -267,9 +295,9 @@ def sidecar_container(spec: Spec) -> dict[str, Any]:
         "startupProbe": _sidecar_probe(spec, period=5, failures=120),
         "readinessProbe": _sidecar_probe(spec, period=5, failures=3),
         "livenessProbe": _sidecar_probe(spec, period=20, failures=3),
-        "securityContext": {"runAsNonRoot": True, "runAsUser": SIDECAR_UID,
-                            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "capabilities": {"drop": ["ALL"]}},
+        "securityContext": container_security_context(runAsNonRoot=True,
+                                                      runAsUser=SIDECAR_UID,
+                                                      readOnlyRootFilesystem=True),
     }
 
 
@@ -296,6 +324,8 @@ def render_deployment(owner: Owner, spec: Spec) -> Manifest:
         {"name": "dshm", "emptyDir": {"medium": "Memory",
                                       "sizeLimit": spec["serving"]["shmSize"]}},
         {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        # SGLang's HOME and JIT caches (Triton, FlashInfer kernels): a few GB at most.
+        {"name": "sglang-tmp", "emptyDir": {"sizeLimit": "16Gi"}},
     ]
     if sidecar.get("tls"):
         volumes.append({"name": "tls", "secret": {"secretName": sidecar["tls"]["secretName"]}})
@@ -323,8 +353,7 @@ def render_deployment(owner: Owner, spec: Spec) -> Manifest:
                     "enableServiceLinks": False,
                     # Lets in-flight generations finish before the pod goes away.
                     "terminationGracePeriodSeconds": 60,
-                    "securityContext": {"fsGroup": SIDECAR_UID,
-                                        "seccompProfile": {"type": "RuntimeDefault"}},
+                    "securityContext": pod_security_context(),
                     "containers": [sglang_container(spec), sidecar_container(spec)],
                     "volumes": volumes,
                 },
@@ -407,9 +436,7 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
         # Never: each retry is a fresh pod; the Job controller backs off exponentially.
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "securityContext": {"fsGroup": SIDECAR_UID, "runAsNonRoot": True,
-                            "runAsUser": SIDECAR_UID,
-                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": pod_security_context(),
         "containers": [{
             "name": "trainer",
             "image": trainer["image"],
@@ -420,8 +447,7 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
                                     trainer["gpuCount"]),
             "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},
                              {"name": "tmp", "mountPath": "/tmp"}],
-            "securityContext": {"allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}},
+            "securityContext": container_security_context(),
         }],
         "volumes": [{"name": "data",
                      "persistentVolumeClaim": {"claimName": data_pvc_name(owner)}},

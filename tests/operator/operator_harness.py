@@ -66,11 +66,22 @@ class ApiServer(kmock.KubernetesEmulator):
     """
 
     fail_creates: set[str] = attrs.field(factory=set)
+    # Plurals every request to which answers 403 (what RBAC without a grant does).
+    forbidden: set[str] = attrs.field(factory=set)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1))
 
     async def _handle(self, request: rendering.Request) -> Any:
         resource = request.resource
+        if resource is not None and resource.plural in self.forbidden:
+            raise kmock.KubernetesError(status=403, reason="Forbidden",
+                                        message=f"{resource.plural} is forbidden")
         if resource is not None and isinstance(request.data, dict):
+            if request.action in (enums.action.CREATE, enums.action.UPDATE) \
+                    and request.subresource is None:
+                _canonicalize_quantities(request.data)
+                _default_containers(request.data)
+                if resource.plural in ("deployments", "jobs"):
+                    _omit_empty(request.data.get("spec"))
             if request.action == enums.action.CREATE:
                 if resource.plural in self.fail_creates:
                     raise kmock.KubernetesError(status=503, reason="ServiceUnavailable",
@@ -150,6 +161,85 @@ class ApiServer(kmock.KubernetesEmulator):
                    if r.method == enums.method(method) and r.resource == res)
 
 
+# Where a real apiserver stores quantities (it keeps them in canonical form, not as sent).
+QUANTITY_MAPS = {"limits", "requests", "capacity", "allocatable", "hard"}
+QUANTITY_KEYS = {"sizeLimit", "storage"}
+_DECIMAL = [("E", 18), ("P", 15), ("T", 12), ("G", 9), ("M", 6), ("k", 3), ("", 0),
+            ("m", -3), ("u", -6), ("n", -9)]
+_BINARY = [("Ei", 60), ("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)]
+
+
+def canonical_quantity(value: Any) -> Any:
+    """A quantity as the apiserver stores it (resource.Quantity's canonical form): numbers
+    become strings, binary-suffixed values keep the largest exact binary suffix, the rest
+    the largest exact decimal one (1 -> "1", "1024Mi" -> "1Gi", "0.5" -> "500m",
+    "1000" -> "1k"). An unparsable value is left for validation to reject."""
+    from kubernetes.utils import parse_quantity
+
+    try:
+        number = parse_quantity(value)
+    except ValueError:
+        return value
+    text = str(value)
+    if text.endswith("i") and number == number.to_integral_value() and number >= 1024:
+        for suffix, power in _BINARY:
+            if number % (2 ** power) == 0:
+                return f"{int(number) // 2 ** power}{suffix}"
+    if number == 0:
+        return "0"
+    for suffix, power in _DECIMAL:
+        scaled = number.scaleb(-power)
+        if scaled == scaled.to_integral_value():
+            return f"{int(scaled)}{suffix}"
+    return text
+
+
+def _canonicalize_quantities(obj: Any) -> None:
+    if isinstance(obj, list):
+        for item in obj:
+            _canonicalize_quantities(item)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in QUANTITY_MAPS and isinstance(value, dict):
+                for name, quantity in value.items():
+                    if quantity is not None and not isinstance(quantity, dict | list):
+                        value[name] = canonical_quantity(quantity)
+            elif key in QUANTITY_KEYS and value is not None \
+                    and not isinstance(value, dict | list):
+                obj[key] = canonical_quantity(value)
+            else:
+                _canonicalize_quantities(value)
+
+
+def _default_containers(obj: Any) -> None:
+    """Fields the apiserver fills in on every container it stores (a few of them)."""
+    if isinstance(obj, list):
+        for item in obj:
+            _default_containers(item)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                for container in value:
+                    if isinstance(container, dict) and container.get("name"):
+                        container.setdefault("terminationMessagePath", "/dev/termination-log")
+                        container.setdefault("terminationMessagePolicy", "File")
+            else:
+                _default_containers(value)
+
+
+def _omit_empty(obj: Any) -> None:
+    """Drop empty lists and nodeSelector maps, as the apiserver's serialization does
+    (omitempty). Not in a merge patch's nulls: a None value is a deletion, kept."""
+    if isinstance(obj, list):
+        for item in obj:
+            _omit_empty(item)
+    elif isinstance(obj, dict):
+        for key in [k for k, v in obj.items() if v == [] or (k == "nodeSelector" and v == {})]:
+            del obj[key]
+        for value in obj.values():
+            _omit_empty(value)
+
+
 def _merged(old: Any, patch: Any) -> Any:
     if not isinstance(old, dict) or not isinstance(patch, dict):
         return patch
@@ -184,18 +274,21 @@ async def emulated_apiserver(kubeconfig: Path) -> AsyncIterator[ApiServer]:
 
 @contextlib.asynccontextmanager
 async def running_operator(*, standalone: bool = True, priority: int = 0,
-                           peering_name: str = "atlas-operator") -> AsyncIterator[asyncio.Task]:
+                           peering_name: str = "atlas-operator",
+                           namespaces: list[str] | None = None) -> AsyncIterator[asyncio.Task]:
     """The real operator: kopf's runner with our handlers, in this event loop."""
     import kopf
 
     from atlas_operator import handlers
 
     handlers.reset_client()
+    handlers.scan_cluster = not namespaces  # as main.py does for --namespace
     before = asyncio.all_tasks()
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(kopf.operator(
         # kopf makes peering mandatory whenever a peering name is given, even standalone.
-        clusterwide=True, standalone=standalone, priority=priority,
+        clusterwide=not namespaces, namespaces=namespaces or (), standalone=standalone,
+        priority=priority,
         peering_name=None if standalone else peering_name,
         stop_flag=stop, ready_flag=ready))
     await asyncio.wait_for(ready.wait(), timeout=15)

@@ -152,8 +152,10 @@ def test_helm_lint_strict_passes() -> None:
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", [[], ["--set", "replicaCount=2"],
-                                    ["--set", "peering.enabled=false,rbac.create=false"]],
-                         ids=["defaults", "two-replicas", "standalone"])
+                                    ["--set", "peering.enabled=false,rbac.create=false"],
+                                    ["--set", "rbac.scope=namespace,peering.enabled=false",
+                                     "--set", "rbac.namespaces={serving,team-b}"]],
+                         ids=["defaults", "two-replicas", "standalone", "namespaced"])
 def test_rendered_chart_passes_kubernetes_validate_strict(version: str, values: list[str],
                                                           tmp_path: Path) -> None:
     rendered = tmp_path / "chart.yaml"
@@ -213,3 +215,56 @@ def test_chart_rbac_is_least_privilege() -> None:
     assert not any(r == "secrets" for _, r, _ in granted)
     assert {(g, r) for g, r, v in granted if v == "delete"} == {("batch", "jobs")}
     assert {v for g, r, v in granted if r == "pods"} == {"list"}
+    # blockOwnerDeletion on the children's ownerReferences needs this where it is enforced.
+    assert ("atlas.ai", "atlasendpoints/finalizers", "update") in granted
+    assert {v for g, r, v in granted if r.endswith("/finalizers")} == {"update"}
+
+
+NAMESPACED = ["--set", "rbac.scope=namespace,peering.enabled=false",
+              "--set", "rbac.namespaces={serving,team-b}"]
+
+
+def test_helm_lint_strict_passes_in_namespace_scope() -> None:
+    result = subprocess.run([helm(), "lint", "--strict", str(CHART), *NAMESPACED],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_namespace_scope_grants_roles_in_the_watched_namespaces_only() -> None:
+    docs = _template(*NAMESPACED)
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"ClusterRole", "ClusterRoleBinding", "ClusterKopfPeering"}
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert set(roles) == set(bindings) == {"serving", "team-b"}
+    # The same rules as the cluster install, less the cluster-scoped resources a Role
+    # cannot grant (CRD discovery, kopf's cluster peering).
+    cluster_scoped = {"apiextensions.k8s.io", "kopf.dev"}
+    expected = [r for r in chart_rules() if not set(r["apiGroups"]) & cluster_scoped]
+    for namespace, role in roles.items():
+        assert role["rules"] == expected, namespace
+        binding = bindings[namespace]
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert [(s["kind"], s["namespace"]) for s in binding["subjects"]] == [
+            ("ServiceAccount", "atlas-system")]
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    from atlas_operator.main import parse_args
+
+    parsed = parse_args(deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert parsed.namespace == ["serving", "team-b"] and parsed.standalone
+
+
+def test_namespace_scope_defaults_to_the_release_namespace() -> None:
+    docs = _template("--set", "rbac.scope=namespace,peering.enabled=false")
+    assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"] == ["atlas-system"]
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ("rbac.scope=namespace", "needs peering.enabled=false"),
+    ("rbac.scope=everywhere", "rbac.scope must be cluster or namespace"),
+])
+def test_chart_refuses_unworkable_rbac_scopes(values: str, message: str) -> None:
+    result = subprocess.run([helm(), "template", "x", str(CHART), "--set", values],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr

@@ -87,7 +87,7 @@ async def test_create_renders_children_with_specs_and_owner_references(
     assert deployment["spec"]["replicas"] == 2
     sglang, sidecar = pod["containers"]
     assert (sglang["name"], sidecar["name"]) == ("sglang", "sidecar")
-    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == "1"  # stored canonical
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-B200"}
     assert "--sglang-url" in sidecar["args"] and "http://127.0.0.1:30000" in sidecar["args"]
     assert {"name": "rollout", "configMap": {"name": f"{NAME}-rollout"}} in pod["volumes"]
@@ -276,6 +276,20 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
             assert response.status < 300
         await eventually(lambda: not apiserver.live("apps/v1/deployments"), message="deleted")
 
+    used = used_permissions(apiserver)
+    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}
+    assert used - granted == set()
+    # The run exercised the interesting verbs, so the check above means something.
+    assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
+            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create"),
+            ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
+
+
+def used_permissions(apiserver: ApiServer) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every request the operator made (not the test's own),
+    and the permissions admission asks beyond them."""
+
     def verb(request: Any) -> str:
         if request.method.value == "GET":
             return "watch" if request.params.get("watch") in ("true", "1") else \
@@ -283,17 +297,40 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
         return {"POST": "create", "PATCH": "patch", "DELETE": "delete", "PUT": "update"}[
             request.method.value]
 
-    used = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
-             verb(r))
-            for r in apiserver._requests
+    ours = [r for r in apiserver._requests
             if r.resource is not None and r.resource.plural
-            and not r.headers.get("User-Agent", "").startswith("kmock")}  # not the test's own
-    granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
-               for r in rule["resources"] for v in rule["verbs"]}
+            and not r.headers.get("User-Agent", "").startswith("kmock")]
+    used = {(r.resource.group, r.resource.plural + (f"/{r.subresource}" if r.subresource else ""),
+             verb(r)) for r in ours}
+    # What admission asks beyond the request's own verb: setting blockOwnerDeletion on an
+    # ownerReference needs `update` on the owner's finalizers (OwnerReferencesPermission-
+    # Enforcement; the emulator does not enforce it, so derive it from what was written).
+    for r in ours:
+        if r.method.value in ("POST", "PATCH", "PUT") and isinstance(r.data, dict):
+            for ref in (r.data.get("metadata") or {}).get("ownerReferences") or []:
+                if ref.get("blockOwnerDeletion"):
+                    group = ref["apiVersion"].rpartition("/")[0]
+                    used.add((group, f"{ref['kind'].lower()}s/finalizers", "update"))
+    return used
+
+
+async def test_namespace_scoped_operator_needs_only_the_chart_roles(
+        apiserver: ApiServer) -> None:
+    from test_manifests import NAMESPACED, _template
+
+    roles = [d for d in _template(*NAMESPACED) if d["kind"] == "Role"]  # skips without helm
+    # What a Role cannot grant answers 403, as on a cluster with namespace-scoped RBAC.
+    apiserver.forbidden |= {"customresourcedefinitions", "clusterkopfpeerings"}
+    async with running_operator(namespaces=[NAMESPACE]):
+        await send(apiserver, "POST", ENDPOINTS, endpoint())
+        await eventually(lambda: all_children_exist(apiserver), message="all children")
+        await eventually(lambda: condition(apiserver, "Ready"), message="status")
+    used = used_permissions(apiserver)
+    granted = {(g, r, v) for role in roles for rule in role["rules"]
+               for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     assert used - granted == set()
-    # The run exercised the interesting verbs, so the check above means something.
-    assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
-            ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create")} <= used
+    assert {("atlas.ai", "atlasendpoints", "watch"), ("apps", "deployments", "create"),
+            ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
 
 
 async def test_two_replicas_peer_and_only_one_works(apiserver: ApiServer,
@@ -318,3 +355,58 @@ async def test_two_replicas_peer_and_only_one_works(apiserver: ApiServer,
         assert apiserver.count_requests("POST", resource) == len(names), resource
     promoted = [e for e in apiserver.live("v1/events") if e.get("reason") == "WeightsPromoted"]
     assert len(promoted) == 1
+
+
+WRITES = ("POST", "PUT", "PATCH")
+
+
+def child_writes(api: ApiServer) -> dict[str, int]:
+    return {resource: sum(api.count_requests(method, resource) for method in WRITES)
+            for resource in CHILDREN}
+
+
+def handled(api: ApiServer, marker: str) -> bool:
+    """Whether kopf finished the update handler for the endpoint as it is now (it stores
+    the configuration it handled, annotations included, once the handler succeeded)."""
+    body = api.get("atlas.ai/v1alpha1/atlasendpoints", NAME) or {}
+    last = (body.get("metadata", {}).get("annotations") or {}).get(
+        "atlas.ai/last-handled-configuration", "")
+    return marker in last
+
+
+async def test_resync_writes_nothing_when_the_rendered_children_did_not_change(
+        apiserver: ApiServer, operator: Any) -> None:
+    # GPUs everywhere (integers in limits) and quantities the apiserver rewrites: it
+    # stores "1" for 1, "1Gi" for "1024Mi", "500m" for "0.5"; and empty placement lists
+    # and maps, which it omits.
+    quantities = {"requests": {"cpu": "0.5", "memory": "1024Mi"},
+                  "limits": {"memory": "2048Mi"}}
+    await send(apiserver, "POST", ENDPOINTS, endpoint(
+        placement={"gpuCount": 2, "nodeSelector": {}, "tolerations": []},
+        serving={"shmSize": "16384Mi", "resources": quantities},
+        sidecar={"gpuCount": 1, "resources": quantities},
+        trainer={"gpuCount": 1, "resources": quantities}))
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    deployment = apiserver.get("apps/v1/deployments", NAME)
+    sglang = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert sglang["resources"]["limits"]["nvidia.com/gpu"] == "2"  # stored canonical
+    assert sglang["resources"]["requests"]["memory"] == "1Gi"
+    assert "tolerations" not in deployment["spec"]["template"]["spec"]
+    await eventually(lambda: handled(apiserver, "Qwen2.5-Coder-1.5B"), message="created")
+
+    # Resync 1 converges; resyncs 2 and 3 (no-op annotation changes: kopf runs the update
+    # handler, a full reconcile, but the rendered children are the same) must not write.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+               {"metadata": {"annotations": {"test.atlas.ai/touch": "resync-1"}}})
+    await eventually(lambda: handled(apiserver, "resync-1"), message="resync 1")
+    before = child_writes(apiserver)
+    for marker in ("resync-2", "resync-3"):
+        await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+                   {"metadata": {"annotations": {"test.atlas.ai/touch": marker}}})
+        await eventually(lambda m=marker: handled(apiserver, m), message=marker)  # type: ignore[misc]
+    assert child_writes(apiserver) == before
+    # The timer resyncs too (every second here): still nothing written.
+    reconciles = apiserver.count_requests("GET", "batch/v1/jobs")
+    await eventually(lambda: apiserver.count_requests("GET", "batch/v1/jobs") >= reconciles + 4,
+                     message="more resyncs")
+    assert child_writes(apiserver) == before

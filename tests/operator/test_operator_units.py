@@ -190,3 +190,158 @@ def test_the_sidecar_reads_the_tokens_and_metrics_address_the_operator_renders(
         "from-the-secret"
     )
     assert commands._read_token(parsed.admin_token_file, commands.ADMIN_TOKEN_ENV) is None
+
+
+def test_is_subset_compares_quantities_by_value_and_ignores_server_defaults() -> None:
+    desired = {"resources": {"limits": {"nvidia.com/gpu": 1, "memory": "1024Mi"},
+                             "requests": {"cpu": "0.5"}},
+               "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1024Mi"}}]}
+    live = {"resources": {"limits": {"nvidia.com/gpu": "1", "memory": "1Gi"},
+                          "requests": {"cpu": "500m"}},
+            "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}],
+            "terminationMessagePath": "/dev/termination-log"}
+    assert kube.is_subset(desired, live)
+    # A different value is still a difference...
+    assert not kube.is_subset({"resources": {"limits": {"nvidia.com/gpu": 2}}}, live)
+    # ...and outside quantity fields, a number and a string differ.
+    assert not kube.is_subset({"replicas": 1}, {"replicas": "1"})
+
+
+def test_is_subset_takes_empty_optional_fields_as_absent() -> None:
+    # The apiserver drops empty lists and maps (omitempty): they read back as missing.
+    assert kube.is_subset({"tolerations": [], "nodeSelector": {}, "image": "x"}, {"image": "x"})
+    assert not kube.is_subset({"tolerations": [{"key": "k"}]}, {})
+
+
+# --- the `restricted` Pod Security Standard ----------------------------------------------
+# From the published rule list (kubernetes.io/docs/concepts/security/pod-security-standards,
+# the baseline controls plus the restricted ones, as of Kubernetes 1.34).
+
+PSS_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                    "persistentVolumeClaim", "projected", "secret"}
+PSS_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range",
+                    "net.ipv4.ip_unprivileged_port_start", "net.ipv4.tcp_syncookies",
+                    "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout",
+                    "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
+PSS_SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t",
+                     "container_engine_t"}
+APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
+
+
+def restricted_violations(template: dict[str, Any]) -> list[str]:
+    """The `restricted` rules a pod template breaks, as 'rule: where' strings (empty: it
+    passes). Pod-level settings count for every container unless a container overrides."""
+    pod = template["spec"]
+    annotations = (template.get("metadata") or {}).get("annotations") or {}
+    pod_sc = pod.get("securityContext") or {}
+    containers = [(c["name"], c) for key in ("initContainers", "containers",
+                                             "ephemeralContainers")
+                  for c in pod.get(key) or []]
+    out: list[str] = []
+
+    def rule(name: str, ok: bool, where: str = "pod") -> None:
+        if not ok:
+            out.append(f"{name}: {where}")
+
+    # Baseline.
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        rule("host namespaces", not pod.get(key), key)
+    rule("HostProcess", not (pod_sc.get("windowsOptions") or {}).get("hostProcess"))
+    for volume in pod.get("volumes") or []:
+        rule("hostPath volumes", "hostPath" not in volume, volume["name"])
+        kinds = set(volume) - {"name"}
+        rule("volume types", kinds <= PSS_VOLUME_TYPES, f"{volume['name']}: {kinds}")
+    for sysctl in pod_sc.get("sysctls") or []:
+        rule("sysctls", sysctl["name"] in PSS_SAFE_SYSCTLS, sysctl["name"])
+    for key, value in annotations.items():
+        if key.startswith(APPARMOR_ANNOTATION):
+            rule("AppArmor", value == "runtime/default" or value.startswith("localhost/"), key)
+
+    def selinux_ok(sc: dict[str, Any]) -> bool:
+        options = sc.get("seLinuxOptions") or {}
+        return options.get("type", "") in PSS_SELINUX_TYPES and not options.get("user") \
+            and not options.get("role")
+
+    def apparmor_ok(sc: dict[str, Any]) -> bool:
+        return (sc.get("appArmorProfile") or {}).get("type", "RuntimeDefault") in (
+            "RuntimeDefault", "Localhost")
+
+    rule("SELinux", selinux_ok(pod_sc))
+    rule("AppArmor", apparmor_ok(pod_sc))
+    pod_seccomp = (pod_sc.get("seccompProfile") or {}).get("type")
+    rule("seccomp", pod_seccomp in (None, "RuntimeDefault", "Localhost"))
+    for name, container in containers:
+        sc = container.get("securityContext") or {}
+        caps = sc.get("capabilities") or {}
+        rule("privileged containers", not sc.get("privileged"), name)
+        rule("HostProcess", not (sc.get("windowsOptions") or {}).get("hostProcess"), name)
+        rule("host ports", not any(p.get("hostPort") for p in container.get("ports") or []),
+             name)
+        rule("SELinux", selinux_ok(sc), name)
+        rule("AppArmor", apparmor_ok(sc), name)
+        rule("/proc mount type", sc.get("procMount", "Default") == "Default", name)
+        # Restricted.
+        rule("privilege escalation", sc.get("allowPrivilegeEscalation") is False, name)
+        rule("running as non-root", sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True,
+             name)
+        uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        rule("running as non-root user", uid is None or uid != 0, name)
+        seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
+        rule("seccomp", seccomp in ("RuntimeDefault", "Localhost"), name)
+        rule("capabilities (drop ALL)", "ALL" in (caps.get("drop") or []), name)
+        rule("capabilities (add only NET_BIND_SERVICE)",
+             set(caps.get("add") or []) <= {"NET_BIND_SERVICE"}, name)
+    uid = pod_sc.get("runAsUser")
+    rule("running as non-root user", uid is None or uid != 0)
+    return out
+
+
+RESTRICTED_EXAMPLES = {
+    "minimal": {},
+    "gpu-tls-adaptive": dict(
+        placement={"gpuCount": 2}, serving={"tensorParallelSize": 2},
+        speculators={"static": {"model": "Qwen/Qwen2.5-Coder-0.5B-Instruct"},
+                     "adaptive": {"enabled": True}},
+        trainer={"enabled": True, "gpuCount": 1},
+        sidecar={"gpuCount": 1, "tls": {"secretName": "tls"}, "auth": {"secretName": "tok"}}),
+}
+
+
+def rendered_pod_templates(overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    endpoint_spec = spec(**overrides)
+    return {"Deployment": render.render_deployment(OWNER, endpoint_spec)["spec"]["template"],
+            "Job": render.render_trainer_job(OWNER, endpoint_spec)["spec"]["template"]}
+
+
+@pytest.mark.parametrize("example", RESTRICTED_EXAMPLES)
+def test_every_rendered_pod_passes_the_restricted_pod_security_standard(example: str) -> None:
+    templates = rendered_pod_templates(RESTRICTED_EXAMPLES[example])
+    for kind, template in templates.items():
+        assert template["spec"]["containers"], kind
+        assert restricted_violations(template) == [], kind
+        # Every container runs with an explicit non-root uid (not just "the image's").
+        pod_uid = template["spec"]["securityContext"].get("runAsUser")
+        for container in template["spec"]["containers"]:
+            uid = (container.get("securityContext") or {}).get("runAsUser", pod_uid)
+            assert isinstance(uid, int) and uid > 0, (kind, container["name"])
+
+
+def test_the_restricted_check_names_each_broken_rule() -> None:
+    # The checker itself, on a pod that breaks one rule of each kind.
+    template = rendered_pod_templates({})["Deployment"]
+    template["spec"] |= {"hostNetwork": True,
+                         "volumes": [{"name": "h", "hostPath": {"path": "/"}}]}
+    template["spec"]["securityContext"] = {"sysctls": [{"name": "kernel.msgmax", "value": "1"}],
+                                           "runAsUser": 0}
+    sglang = template["spec"]["containers"][0]
+    sglang["securityContext"] = {"privileged": True, "capabilities": {"add": ["SYS_ADMIN"]},
+                                 "procMount": "Unmasked",
+                                 "seLinuxOptions": {"type": "spc_t"}}
+    sglang["ports"] = [{"containerPort": 80, "hostPort": 80}]
+    broken = {v.split(":")[0] for v in restricted_violations(template)}
+    assert broken == {"host namespaces", "hostPath volumes", "volume types", "sysctls",
+                      "privileged containers", "host ports", "SELinux", "/proc mount type",
+                      "privilege escalation", "running as non-root",
+                      "running as non-root user", "seccomp", "capabilities (drop ALL)",
+                      "capabilities (add only NET_BIND_SERVICE)"}
