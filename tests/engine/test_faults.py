@@ -19,52 +19,18 @@ from atlas_sidecar.modes import build_engine
 from atlas_sidecar.sampling import SamplingParams
 from atlas_sidecar.workloads import encode
 
+from ..faults import STAGES, Fault, inject
 from .conftest import DISAGREEING_LAYERS
 
-STAGES = ("draft", "forward", "accept")
 BAD = 1  # the faulty sequence's place in the batch: one before it, two after
 
 
-class Fault(RuntimeError):
-    """The injected failure."""
-
-
-def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad: Sequence) -> None:
+def inject_into(
+    monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad: Sequence
+) -> None:
     """Make every step that includes ``bad`` (after its first) fail at ``stage``."""
-
-    def armed(seq_ids: set[str]) -> bool:
-        return bad.seq_id in seq_ids and len(bad.steps) >= 1
-
-    if stage == "draft":
-        drafter = engine.policy.speculator  # type: ignore[union-attr]
-        propose = drafter.propose
-
-        def faulty_propose(requests):
-            drafts = propose(requests)  # the draft caches hold the drafted tokens now
-            if armed({r.seq_id for r in requests}):
-                raise Fault("drafter")
-            return drafts
-
-        monkeypatch.setattr(drafter, "propose", faulty_propose)
-    elif stage == "forward":
-        forward_many = engine.target.forward_many
-
-        def faulty_forward(items, *args, **kwargs):
-            out = forward_many(items, *args, **kwargs)  # every cache grew by its draft
-            if armed({item.seq_id for item in items}):
-                raise Fault("forward")
-            return out
-
-        monkeypatch.setattr(engine.target, "forward_many", faulty_forward)
-    else:
-        accept_path = engine._accept_path
-
-        def faulty_accept(seq, draft, logits):
-            if armed({seq.seq_id}):
-                raise Fault("accept")
-            return accept_path(seq, draft, logits)
-
-        monkeypatch.setattr(engine, "_accept_path", faulty_accept)
+    inject(monkeypatch, engine, stage,
+           lambda seq_ids: bad.seq_id in seq_ids and len(bad.steps) >= 1)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +58,7 @@ def test_a_failed_batched_step_puts_every_sequence_back_as_it_was(
              draft.cached_len(s.seq_id))
             for s in seqs
         ]  # fmt: skip
-        inject(monkeypatch, engine, stage, seqs[BAD])
+        inject_into(monkeypatch, engine, stage, seqs[BAD])
         with pytest.raises(Fault):
             engine.step_many(seqs)
         after = [
@@ -120,7 +86,7 @@ def test_a_fault_in_one_sequence_fails_it_alone_and_the_others_stay_exact(
     prompts, params, expected = batch
     engine = build_engine("static", target, layer_skip(DISAGREEING_LAYERS))
     seqs = [engine.start(ids, sp) for ids, sp in zip(prompts, params, strict=True)]
-    inject(monkeypatch, engine, stage, seqs[BAD])
+    inject_into(monkeypatch, engine, stage, seqs[BAD])
     failed: dict[str, Exception] = {}
     try:
         while live := [s for s in seqs if not s.finished and s.seq_id not in failed]:

@@ -20,15 +20,11 @@ from atlas_sidecar.server.requests import PromptInput
 from atlas_sidecar.server.scheduler import DoneEvent, Event, FailedEvent, Job, Scheduler
 from atlas_sidecar.workloads import Prompt, encode
 
+from ..faults import STAGES, Fault, inject
 from .conftest import MAX_TOKENS, PROMPTS
 
-STAGES = ("draft", "forward", "accept")
 BAD = 1  # the faulty request's place in the batch
 WAIT_S = 120.0  # only guards against a hang
-
-
-class Fault(RuntimeError):
-    """The injected failure."""
 
 
 def submit_all(scheduler: Scheduler, texts: list[str]) -> list[queue.Queue[Event]]:
@@ -50,11 +46,12 @@ def last_event(events: queue.Queue[Event]) -> Event:
             return event
 
 
-def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prompt: int) -> None:
+def inject_into(
+    monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prompt: int
+) -> None:
     """Fail, at ``stage``, every step that includes the sequence whose prompt is
     ``bad_prompt`` tokens long, once its prompt is in (the sequences are created inside
     the worker)."""
-    target = engine.target
     bad: dict[str, Sequence] = {}
 
     def armed(seq_ids: set[str]) -> bool:
@@ -69,37 +66,7 @@ def inject(monkeypatch: pytest.MonkeyPatch, engine: Engine, stage: str, bad_prom
         return seq
 
     monkeypatch.setattr(engine, "begin", tracking_begin)
-    if stage == "draft":
-        drafter = engine.policy.speculator  # type: ignore[union-attr]
-        propose = drafter.propose
-
-        def faulty_propose(requests):
-            drafts = propose(requests)
-            if armed({r.seq_id for r in requests}):
-                raise Fault("drafter")
-            return drafts
-
-        monkeypatch.setattr(drafter, "propose", faulty_propose)
-    elif stage == "forward":
-        forward_many = target.forward_many
-
-        def faulty_forward(items, *args, **kwargs):
-            fail = armed({item.seq_id for item in items})  # a step's forward, not a prefill's
-            out = forward_many(items, *args, **kwargs)
-            if fail:
-                raise Fault("forward")
-            return out
-
-        monkeypatch.setattr(target, "forward_many", faulty_forward)
-    else:
-        accept_path = engine._accept_path
-
-        def faulty_accept(seq, draft, logits):
-            if armed({seq.seq_id}):
-                raise Fault("accept")
-            return accept_path(seq, draft, logits)
-
-        monkeypatch.setattr(engine, "_accept_path", faulty_accept)
+    inject(monkeypatch, engine, stage, armed)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -112,7 +79,7 @@ def test_the_scheduler_fails_the_faulty_request_alone_and_the_rest_stay_exact(
     tokenizer = engine.tokenizer
     lengths = [len(encode(tokenizer, Prompt("t", "t", (("user", t),)))) for t in texts]
     assert len(set(lengths)) == len(lengths)  # the fault finds its sequence by length
-    inject(monkeypatch, engine, stage, lengths[BAD])
+    inject_into(monkeypatch, engine, stage, lengths[BAD])
     sinks = submit_all(scheduler, texts)
     scheduler.start()
     try:
