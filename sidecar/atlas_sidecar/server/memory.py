@@ -33,6 +33,16 @@ def kv_bytes_per_token(target: Any) -> int:
     return int(config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize * 2
 
 
+def batch_peak_bytes(needs: list[int]) -> int:
+    """Peak KV bytes of sequences whose caches need ``needs`` bytes at worst, during a
+    batched step: the caches themselves plus, for two or more, the padded copy the torch
+    backend's batched target forward builds of them (every row padded to the longest
+    cache). One sequence is verified on its own cache, with no copy."""
+    if len(needs) < 2:
+        return sum(needs)
+    return sum(needs) + len(needs) * max(needs)
+
+
 def default_kv_budget(target: Any) -> int:
     """What KV caches may reserve: a share of the device memory free now (0: unknown)."""
     device = getattr(target, "device", None)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from atlas_sidecar.engine import Engine, GenerationResult, Sequence
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.server.memory import format_bytes, kv_bytes_per_token
+from atlas_sidecar.server.memory import batch_peak_bytes, format_bytes, kv_bytes_per_token
 from atlas_sidecar.server.metrics import ServingStats
 from atlas_sidecar.server.requests import PromptInput
 from atlas_sidecar.workloads import Prompt, encode
@@ -377,7 +377,10 @@ class Scheduler:
         job.sink(FailedEvent(error))
 
     def _reserve_kv(self, job: Job, prompt_tokens: int) -> bool:
-        """Reserve the job's worst-case KV bytes; False: not now (it waits, in order)."""
+        """Reserve the job's worst-case KV bytes; False: not now (it waits, in order).
+
+        It is admitted only while the admitted caches at their worst, with the copy a
+        batched step makes of them, fit the budget (``batch_peak_bytes``)."""
         if not self.kv_bytes_per_token:
             return True
         tokens = prompt_tokens + job.params.max_tokens + self.engine.lookahead
@@ -389,7 +392,8 @@ class Scheduler:
                 f"lookahead {self.engine.lookahead} need {format_bytes(need)} of KV cache, "
                 f"more than the server's budget of {format_bytes(self.kv_budget_bytes)}",
             )
-        if self._deferred or self.kv_reserved + need > self.kv_budget_bytes:
+        admitted = [j.kv_bytes for j in (*self._active, *self._prefilling) if j.kv_bytes]
+        if self._deferred or batch_peak_bytes([*admitted, need]) > self.kv_budget_bytes:
             return False
         job.kv_bytes = need
         self.kv_reserved += need
