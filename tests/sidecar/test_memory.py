@@ -60,6 +60,9 @@ def test_kv_budget_admits_by_worst_case_bytes_and_queues_the_rest(
         short.start()
         # A free batch slot, but not the bytes: the short request waits in the queue.
         wait_until(lambda: client.stats().requests_queued == 1, "the short request to queue")
+        for _ in range(3):  # rounds of the long stream, each with an admission pass
+            next(long)
+        assert client.stats().requests_queued == 1
         assert client.stats().requests_active == 1 and not results
         assert server.server.scheduler.kv_reserved == long_need
         # The long one goes (cancelled; its bytes come back): the short one runs, exact.
