@@ -75,7 +75,7 @@ bench: venv peers
 # engine on this target (bench, serve) then starts from it instead of cold.
 warmstart: venv
 	$(BIN)/atlas models pull qwen2.5-coder-1.5b-instruct
-	$(BIN)/python -m atlas_sidecar.speculators.neural_train --max-texts 200 --steps 500
+	$(BIN)/python -m atlas_sidecar.engine.speculators.neural_train --max-texts 200 --steps 500
 
 clean:
 	rm -rf $(VENV) $(TOOLS) build *.egg-info

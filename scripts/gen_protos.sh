@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-exec "$PYTHON" -m atlas_sidecar.proto.generate "$@"
+exec "$PYTHON" -m atlas_sidecar.serving.proto.generate "$@"

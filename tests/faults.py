@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 
-from atlas_sidecar.engine import Engine
+from atlas_sidecar.engine.core import Engine
 
 STAGES = ("draft", "forward", "accept")
 

@@ -77,7 +77,7 @@ def tree_accept(
     ``parents`` [N, K] int: each node's parent node, -1 for the pending token;
     parents precede children. ``num_nodes`` [N] int (<= K). Returns (path [N, K]
     node indices root to leaf then -1, length [N], bonus [N]), int64; the same
-    result as ``atlas_sidecar.sampling.verify_tree_greedy`` per sequence.
+    result as ``atlas_sidecar.engine.sampling.verify_tree_greedy`` per sequence.
     """
     _check_draft(logits, draft_tokens, num_nodes)
     if parents.shape != draft_tokens.shape:

@@ -262,12 +262,12 @@ def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
     """The standard gRPC health service, which turns NOT_SERVING when the sidecar drains
     or its worker dies. kubelet's gRPC probe cannot speak TLS, and a TCP probe would
     pass as long as the port is open: with TLS, an exec probe asks the sidecar's
-    plaintext loopback health port instead (``atlas_sidecar.server.healthcheck``, which
+    plaintext loopback health port instead (``atlas_sidecar.serving.healthcheck``, which
     imports grpc only, not torch)."""
     check: dict[str, Any] = {"grpc": {"port": spec["sidecar"]["port"]}}
     if spec["sidecar"].get("tls"):
         check = {"exec": {"command": [
-            "python", "-m", "atlas_sidecar.server.healthcheck",
+            "python", "-m", "atlas_sidecar.serving.healthcheck",
             "--port", str(sidecar_health_port(spec)), "--timeout", "2"]}}  # fmt: skip
     return {**check, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
 

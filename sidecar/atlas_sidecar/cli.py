@@ -9,16 +9,16 @@ import sys
 from typing import Any
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.int8 import WEIGHT_FORMATS
-from atlas_sidecar.engine import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
+from atlas_sidecar.engine.backends.int8 import WEIGHT_FORMATS
+from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from atlas_sidecar.errors import RequestError
-from atlas_sidecar.server.commands import (
+from atlas_sidecar.serving.commands import (
     add_generate_endpoint_args,
     add_loadtest_parser,
     add_serve_parser,
     generate_remote,
 )
-from atlas_sidecar.workloads import WorkloadError
+from atlas_sidecar.tooling.workloads import WorkloadError
 
 SPECULATORS = ("none", "static", "suffix", "atlas")
 
@@ -33,8 +33,8 @@ def _quiet_libraries() -> None:
 
 
 def _build_engine(args: argparse.Namespace) -> Any:
-    from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.modes import NEEDS_DRAFT, build_engine
+    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.engine.build import NEEDS_DRAFT, build_engine
 
     target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
     draft = None
@@ -59,8 +59,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from atlas_sidecar.sampling import SamplingParams
-    from atlas_sidecar.workloads import encode
+    from atlas_sidecar.engine.sampling import SamplingParams
+    from atlas_sidecar.tooling.workloads import encode
 
     if args.endpoint:
         return generate_remote(args)
@@ -80,7 +80,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         result = engine.generate(prompt_ids, params)
     finally:
-        from atlas_sidecar.modes import close_engine
+        from atlas_sidecar.engine.build import close_engine
 
         close_engine(engine)
     print(result.text)
@@ -90,7 +90,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from atlas_sidecar import bench
+    from atlas_sidecar.tooling import bench
 
     if args.streams < 0:
         raise ValueError("--streams must be >= 0")
@@ -116,10 +116,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """One real prompt: the target alone, with the static speculator, and with ATLAS."""
-    from atlas_sidecar import workloads
-    from atlas_sidecar.backends.torch_backend import CausalLMRunner
-    from atlas_sidecar.modes import build_engine, close_engine
-    from atlas_sidecar.sampling import SamplingParams
+    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.engine.build import build_engine, close_engine
+    from atlas_sidecar.engine.sampling import SamplingParams
+    from atlas_sidecar.tooling import workloads
 
     _quiet_libraries()
     print(f"loading {args.target} and {args.draft} ({args.dtype}, {args.device})...")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 
 SMOL = models.TEST_MODEL
 # The target's first 27 of 30 layers: a real, different model of the same tokenizer

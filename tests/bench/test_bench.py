@@ -8,9 +8,10 @@ import struct
 
 import pytest
 
-from atlas_sidecar import bench, models, peers
+from atlas_sidecar import models
 from atlas_sidecar.cli import main
-from atlas_sidecar.speculators.neural_train import OnlineLearner
+from atlas_sidecar.engine.speculators.neural_train import OnlineLearner
+from atlas_sidecar.tooling import bench, peers
 
 SMOL = models.TEST_MODEL
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from atlas_sidecar import bench, models, peers, workloads
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar import models
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.tooling import bench, peers, workloads
 
 SMOL = models.TEST_MODEL
 TOKENS = 12

@@ -3,7 +3,7 @@ new phase's level (within 10% of, or above, its mean over the later requests).""
 
 from __future__ import annotations
 
-from atlas_sidecar.bench import phase_segments, recovery
+from atlas_sidecar.tooling.bench import phase_segments, recovery
 
 
 def _shifts(values: list[float], phases: list[str]) -> list[int | None]:

@@ -7,8 +7,9 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from atlas_sidecar import models, workloads
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar import models
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.tooling import workloads
 
 SMOL = models.TEST_MODEL
 # A layer-skip drafter (the target's first N of 30 layers): a real, different model

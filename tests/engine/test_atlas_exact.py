@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from atlas_sidecar.controller import CostModel
-from atlas_sidecar.modes import MODES, build_engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.build import MODES, build_engine
+from atlas_sidecar.engine.controller import CostModel
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_sidecar.backends import attention
-from atlas_sidecar.backends.attention import MAX_QUERY, grouped_attention
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.backends import attention
+from atlas_sidecar.engine.backends.attention import MAX_QUERY, grouped_attention
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 
 from .conftest import SMOL
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_sidecar.backends.base import ForwardItem
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.modes import build_engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import Draft
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.build import build_engine
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import Draft
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.tooling.workloads import encode
 
 
 @pytest.mark.parametrize("chunk", [7, 64])

@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from atlas_sidecar.engine import Engine
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.errors import RequestError
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import DraftRequest
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS
 

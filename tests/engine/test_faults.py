@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_sidecar.engine import Engine, Sequence
+from atlas_sidecar.engine.build import build_engine
+from atlas_sidecar.engine.core import Engine, Sequence
+from atlas_sidecar.engine.sampling import SamplingParams
 from atlas_sidecar.errors import StepFailed
-from atlas_sidecar.modes import build_engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.tooling.workloads import encode
 
 from ..faults import STAGES, Fault, inject
 from .conftest import DISAGREEING_LAYERS

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS, DISAGREEING_LAYERS
 

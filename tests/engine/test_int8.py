@@ -6,12 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-from atlas_sidecar.backends.int8 import INT8_MAX_ROWS, Int8Linear, int8_supported, quantize_int8
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.backends.int8 import (
+    INT8_MAX_ROWS,
+    Int8Linear,
+    int8_supported,
+    quantize_int8,
+)
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS, SMOL
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.base import ForwardItem
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.tooling.workloads import encode
 
 pytestmark = pytest.mark.skipif(
     not models.is_pulled(models.DEFAULT_DRAFT),

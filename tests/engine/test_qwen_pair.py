@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.tooling.workloads import encode
 
 pytestmark = [
     pytest.mark.qwen,

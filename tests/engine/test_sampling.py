@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 import torch
 
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams, probs_from_logits, verify_sampled
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams, probs_from_logits, verify_sampled
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import DISAGREEING_LAYERS
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from atlas_sidecar.backends.base import ForwardItem
-from atlas_sidecar.backends.int8 import Int8Linear
-from atlas_sidecar.backends.vocab import DraftVocabulary
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import DraftRequest
-from atlas_sidecar.speculators.static import StaticSpeculator
+from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.backends.int8 import Int8Linear
+from atlas_sidecar.engine.backends.vocab import DraftVocabulary
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
 
 from .conftest import AGREEING_LAYERS
 

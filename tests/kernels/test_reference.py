@@ -16,9 +16,9 @@ from atlas_kernels import (
     tree_attention_mask,
     tree_attention_mask_reference,
 )
-from atlas_sidecar.backends.base import ForwardItem
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.sampling import verify_greedy, verify_tree_greedy
+from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.sampling import verify_greedy, verify_tree_greedy
 
 from .cases import greedy_case, random_parents, tree_case
 

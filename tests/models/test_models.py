@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.torch_backend import CausalLMRunner, parse_dtype
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner, parse_dtype
 
 
 def make_wheel(path: Path, member: str, payload: bytes) -> Path:

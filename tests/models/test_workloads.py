@@ -7,7 +7,7 @@ import zipfile
 
 import pytest
 
-from atlas_sidecar import workloads
+from atlas_sidecar.tooling import workloads
 
 
 def test_real_prompt_sets_load_with_their_phases():

@@ -43,7 +43,7 @@ def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_ref
     # that the same container's args open.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
-        assert command[:3] == ["python", "-m", "atlas_sidecar.server.healthcheck"]
+        assert command[:3] == ["python", "-m", "atlas_sidecar.serving.healthcheck"]
         port = command[command.index("--port") + 1]
         assert container["args"][container["args"].index("--health-port") + 1] == port
     assert "--health-port" not in render.sidecar_args(spec())  # plaintext: kubelet's gRPC probe
@@ -173,7 +173,7 @@ def test_the_sidecar_reads_the_tokens_and_metrics_address_the_operator_renders(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     cli = pytest.importorskip("atlas_sidecar.cli")
-    commands = pytest.importorskip("atlas_sidecar.server.commands")
+    commands = pytest.importorskip("atlas_sidecar.serving.commands")
     container = render.sidecar_container(spec(sidecar={"auth": {"secretName": "tok"}}))
     parsed = cli.build_parser().parse_args(container["args"])
     # Prometheus scrapes the pod IP: the sidecar's loopback default must be overridden.

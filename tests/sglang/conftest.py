@@ -12,9 +12,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from atlas_sidecar import models, workloads
-from atlas_sidecar.backends.sglang import SGLangBackend, target_spec
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar import models
+from atlas_sidecar.engine.backends.sglang import SGLangBackend, target_spec
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.tooling import workloads
 from tests.standins.sglang_server import SGLangStandin
 
 AGREEING_LAYERS = 27  # as tests/engine: a real, different draft model of the same tokenizer

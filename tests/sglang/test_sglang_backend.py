@@ -16,22 +16,22 @@ import grpc
 import pytest
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.base import ForwardItem
-from atlas_sidecar.backends.sglang import (
+from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.backends.sglang import (
     SGLangBackend,
     SGLangError,
     SGLangUnavailable,
     target_spec,
 )
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.client import AtlasClient, AtlasError
-from atlas_sidecar.engine import Engine, Sequence, StopChecker, _sanitize
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.build import build_engine
+from atlas_sidecar.engine.core import Engine, Sequence, StopChecker, _sanitize
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import Draft
 from atlas_sidecar.errors import BackendUnavailable, RequestError
-from atlas_sidecar.modes import build_engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.server.app import ServerConfig, ServerThread
-from atlas_sidecar.speculators.base import Draft
-from atlas_sidecar.workloads import Prompt, encode
+from atlas_sidecar.serving.app import ServerConfig, ServerThread
+from atlas_sidecar.serving.client import AtlasClient, AtlasError
+from atlas_sidecar.tooling.workloads import Prompt, encode
 from tests.standins.sglang_server import SGLangStandin
 
 from .conftest import AGREEING_LAYERS, MAX_TOKENS

@@ -23,13 +23,13 @@ import torch
 from transformers import DynamicCache
 
 from atlas_sidecar import models
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.client import AtlasClient
-from atlas_sidecar.engine import Engine, GenerationResult
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.server.app import ServerConfig, ServerThread
-from atlas_sidecar.speculators.static import StaticSpeculator
-from atlas_sidecar.workloads import Prompt, encode
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.core import Engine, GenerationResult
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.serving.app import ServerConfig, ServerThread
+from atlas_sidecar.serving.client import AtlasClient
+from atlas_sidecar.tooling.workloads import Prompt, encode
 
 LOOKAHEAD = 3
 MAX_TOKENS = 8

@@ -9,7 +9,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from atlas_sidecar.client import (
+from atlas_sidecar.serving.client import (
     NO_RETRY,
     AsyncAtlasClient,
     AtlasClient,
@@ -17,8 +17,8 @@ from atlas_sidecar.client import (
     RetryPolicy,
     build_request,
 )
-from atlas_sidecar.proto import atlas_v1_pb2 as pb
-from atlas_sidecar.proto import atlas_v1_pb2_grpc as pb_grpc
+from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
+from atlas_sidecar.serving.proto import atlas_v1_pb2_grpc as pb_grpc
 
 FAST_RETRY = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
 

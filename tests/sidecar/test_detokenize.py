@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from atlas_sidecar import models
-from atlas_sidecar.detokenize import IncrementalDetokenizer
-from atlas_sidecar.engine import StopChecker
-from atlas_sidecar.sampling import SamplingParams
+from atlas_sidecar.engine.core import StopChecker
+from atlas_sidecar.engine.detokenize import IncrementalDetokenizer
+from atlas_sidecar.engine.sampling import SamplingParams
 
 TEXTS = [
     "日本語のテキストと中文字符，混在 mixed",

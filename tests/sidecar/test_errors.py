@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from atlas_sidecar.proto import atlas_v1_pb2 as pb
-from atlas_sidecar.proto import atlas_v1_pb2_grpc as pb_grpc
+from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
+from atlas_sidecar.serving.proto import atlas_v1_pb2_grpc as pb_grpc
 
 from .conftest import MAX_TOKENS, PROMPTS, chat, serving
 
@@ -26,7 +26,7 @@ def server(served, reference):
 
 
 def _limits():
-    from atlas_sidecar.server.requests import Limits
+    from atlas_sidecar.serving.requests import Limits
 
     # max_tokens may reach past the model's 8192-token context: the engine must refuse.
     return Limits(

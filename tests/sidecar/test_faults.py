@@ -12,13 +12,13 @@ import queue
 
 import pytest
 
-from atlas_sidecar.engine import Engine, Sequence
+from atlas_sidecar.engine.core import Engine, Sequence
+from atlas_sidecar.engine.sampling import SamplingParams
 from atlas_sidecar.errors import StepFailed
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.server.metrics import ServingStats
-from atlas_sidecar.server.requests import PromptInput
-from atlas_sidecar.server.scheduler import DoneEvent, Event, FailedEvent, Job, Scheduler
-from atlas_sidecar.workloads import Prompt, encode
+from atlas_sidecar.serving.metrics import ServingStats
+from atlas_sidecar.serving.requests import PromptInput
+from atlas_sidecar.serving.scheduler import DoneEvent, Event, FailedEvent, Job, Scheduler
+from atlas_sidecar.tooling.workloads import Prompt, encode
 
 from ..faults import STAGES, Fault, inject
 from .conftest import MAX_TOKENS, PROMPTS

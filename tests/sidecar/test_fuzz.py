@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from atlas_sidecar.errors import RequestError
-from atlas_sidecar.proto import atlas_v1_pb2 as pb
-from atlas_sidecar.server.requests import CHAT_ROLES, Limits, parse_generate_request
+from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
+from atlas_sidecar.serving.requests import CHAT_ROLES, Limits, parse_generate_request
 
 from .conftest import serving
 

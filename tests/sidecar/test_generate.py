@@ -11,11 +11,12 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from atlas_sidecar import cli, loadtest
-from atlas_sidecar.client import AsyncAtlasClient, AtlasClient
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.workloads import Prompt, encode
+from atlas_sidecar import cli
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.serving.client import AsyncAtlasClient, AtlasClient
+from atlas_sidecar.tooling import loadtest
+from atlas_sidecar.tooling.workloads import Prompt, encode
 
 from .conftest import LOOKAHEAD, MAX_TOKENS, PROMPTS, chat, serving, wait_until
 

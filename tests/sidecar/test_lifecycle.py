@@ -7,7 +7,7 @@ import threading
 import grpc
 import pytest
 
-from atlas_sidecar.client import NO_RETRY, AtlasClient, AtlasError
+from atlas_sidecar.serving.client import NO_RETRY, AtlasClient, AtlasError
 
 from .conftest import MAX_TOKENS, PROMPTS, chat, live_dynamic_caches, serving, wait_until
 

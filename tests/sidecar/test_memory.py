@@ -10,13 +10,13 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from atlas_sidecar.client import NO_RETRY, AtlasError
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.server.memory import kv_bytes_per_token
-from atlas_sidecar.server.scheduler import Event, FailedEvent, TokensEvent
-from atlas_sidecar.server.streambuf import EventBuffer
-from atlas_sidecar.speculators.suffix import SuffixSpeculator
-from atlas_sidecar.workloads import Prompt, encode
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
+from atlas_sidecar.serving.client import NO_RETRY, AtlasError
+from atlas_sidecar.serving.memory import kv_bytes_per_token
+from atlas_sidecar.serving.scheduler import Event, FailedEvent, TokensEvent
+from atlas_sidecar.serving.streambuf import EventBuffer
+from atlas_sidecar.tooling.workloads import Prompt, encode
 
 from .conftest import LOOKAHEAD, MAX_TOKENS, PROMPTS, chat, serving, wait_until
 

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 import grpc
 import pytest
 
-from atlas_sidecar.client import NO_RETRY, AtlasError, RetryPolicy
-from atlas_sidecar.proto import atlas_v1_pb2 as pb
-from atlas_sidecar.proto import atlas_v1_pb2_grpc as pb_grpc
-from atlas_sidecar.server.app import ServerConfig, ServerThread, grpc_options
+from atlas_sidecar.serving.app import ServerConfig, ServerThread, grpc_options
+from atlas_sidecar.serving.client import NO_RETRY, AtlasError, RetryPolicy
+from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
+from atlas_sidecar.serving.proto import atlas_v1_pb2_grpc as pb_grpc
 
 from .conftest import PROMPTS, serving, wait_until
 

@@ -12,12 +12,12 @@ import math
 import queue
 import threading
 
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.server.metrics import ServingStats
-from atlas_sidecar.server.requests import PromptInput
-from atlas_sidecar.server.scheduler import Cancelled, DoneEvent, FailedEvent, Job, Scheduler
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.serving.metrics import ServingStats
+from atlas_sidecar.serving.requests import PromptInput
+from atlas_sidecar.serving.scheduler import Cancelled, DoneEvent, FailedEvent, Job, Scheduler
+from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import MAX_TOKENS, PROMPTS
 

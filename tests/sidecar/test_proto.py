@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from atlas_sidecar.proto import atlas_v1_pb2 as pb
-from atlas_sidecar.proto import atlas_v1_pb2_grpc as pb_grpc
-from atlas_sidecar.proto import generate
+from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
+from atlas_sidecar.serving.proto import atlas_v1_pb2_grpc as pb_grpc
+from atlas_sidecar.serving.proto import generate
 
 
 def test_checked_in_generated_code_equals_a_fresh_generation():

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from atlas_sidecar.client import NO_RETRY, AtlasError
-from atlas_sidecar.server.app import ServerConfig, TlsConfig, plaintext_token_warning
-from atlas_sidecar.server.auth import bearer_token, tokens_match
+from atlas_sidecar.serving.app import ServerConfig, TlsConfig, plaintext_token_warning
+from atlas_sidecar.serving.auth import bearer_token, tokens_match
+from atlas_sidecar.serving.client import NO_RETRY, AtlasError
 
 from .conftest import PROMPTS, _make_leaf, chat, serving
 

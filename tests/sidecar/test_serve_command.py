@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from atlas_sidecar import cli, models
-from atlas_sidecar.client import AtlasClient
-from atlas_sidecar.server.commands import server_config_from_args
+from atlas_sidecar.serving.client import AtlasClient
+from atlas_sidecar.serving.commands import server_config_from_args
 
 from .conftest import chat
 

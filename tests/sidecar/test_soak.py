@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from atlas_sidecar import loadtest
-from atlas_sidecar.workloads import Prompt
+from atlas_sidecar.tooling import loadtest
+from atlas_sidecar.tooling.workloads import Prompt
 
 from .conftest import PROMPTS, serving
 

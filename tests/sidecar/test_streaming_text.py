@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from atlas_sidecar.server.scheduler import _stop_prefix_len
+from atlas_sidecar.serving.scheduler import _stop_prefix_len
 
 
 def test_a_tail_that_could_grow_into_a_stop_string_is_held_back():

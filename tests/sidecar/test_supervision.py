@@ -24,11 +24,11 @@ import pytest
 from atlas_operator import render
 from atlas_operator.spec import validate_spec
 from atlas_sidecar import cli, models
-from atlas_sidecar.client import NO_RETRY, AtlasClient, AtlasError
-from atlas_sidecar.server import healthcheck
-from atlas_sidecar.server.app import ServerThread, TlsConfig
-from atlas_sidecar.server.commands import server_config_from_args
-from atlas_sidecar.server.scheduler import Scheduler
+from atlas_sidecar.serving import healthcheck
+from atlas_sidecar.serving.app import ServerThread, TlsConfig
+from atlas_sidecar.serving.client import NO_RETRY, AtlasClient, AtlasError
+from atlas_sidecar.serving.commands import server_config_from_args
+from atlas_sidecar.serving.scheduler import Scheduler
 
 from .conftest import PROMPTS, chat, serving, wait_until
 
@@ -84,7 +84,7 @@ def test_a_dead_worker_fails_every_request_unavailable_and_health_turns_not_serv
 DYING_SERVE = textwrap.dedent("""
     import sys
     from atlas_sidecar import cli
-    from atlas_sidecar.server.scheduler import Scheduler
+    from atlas_sidecar.serving.scheduler import Scheduler
 
     def _admit(self, job):
         raise RuntimeError("injected: admission failed outside its own error handling")

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from atlas_sidecar.controller import (
+from atlas_sidecar.engine.controller import (
     DECAY,
     GAIN_PRIOR_TOKENS,
     AcceptanceStats,
@@ -15,8 +15,8 @@ from atlas_sidecar.controller import (
     expected_tokens,
     path_probs,
 )
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import Draft, DraftRequest
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
 
 
 class ScriptedDrafter:

@@ -10,18 +10,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atlas_sidecar import models, workloads
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.engine import Engine
-from atlas_sidecar.modes import build_engine, neural_learners
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import DraftRequest
-from atlas_sidecar.speculators.neural import (
+from atlas_sidecar import models
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.build import build_engine, neural_learners
+from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.speculators.neural import (
     FinishedSequence,
     NeuralSpeculator,
     WeightsError,
 )
-from atlas_sidecar.speculators.neural_train import (
+from atlas_sidecar.engine.speculators.neural_train import (
     OnlineLearner,
     ReplayBuffer,
     TrainConfig,
@@ -33,7 +33,8 @@ from atlas_sidecar.speculators.neural_train import (
     sequence_bytes,
     warm_start_texts,
 )
-from atlas_sidecar.workloads import encode
+from atlas_sidecar.tooling import workloads
+from atlas_sidecar.tooling.workloads import encode
 
 SMALL = TrainConfig(batch_size=64, steps_per_request=2, buffer_tokens=20_000)
 TEXT_TOKENS = 192

@@ -7,9 +7,9 @@ import random
 import tracemalloc
 from collections.abc import Callable
 
-from atlas_sidecar.sampling import SamplingParams
-from atlas_sidecar.speculators.base import DraftRequest
-from atlas_sidecar.speculators.suffix import WORST_BYTES_PER_TOKEN, SuffixSpeculator
+from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.speculators.suffix import WORST_BYTES_PER_TOKEN, SuffixSpeculator
 
 
 def propose(spec: SuffixSpeculator, seq_id: str, context: list[int], lookahead: int = 8):

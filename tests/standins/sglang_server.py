@@ -49,7 +49,7 @@ from typing import Any
 import pydantic
 import torch
 
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 
 STANDIN_VERSION = "0.5.23"  # the SGLang whose wire format and checks this follows
 CACHE_ENTRIES = 16

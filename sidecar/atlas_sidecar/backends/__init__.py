@@ -1,6 +1,0 @@
-"""Target backends: run the target model for prefill and draft verification."""
-
-from atlas_sidecar.backends.base import TargetBackend
-from atlas_sidecar.backends.torch_backend import CausalLMRunner
-
-__all__ = ["CausalLMRunner", "TargetBackend"]

@@ -1,0 +1,1 @@
+"""The decoding engine: target backends, speculators, the controller, verification."""

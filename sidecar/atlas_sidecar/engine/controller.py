@@ -1,0 +1,847 @@
+"""Which speculator drafts, and how far ahead: chosen per step to maximise goodput.
+
+Goodput of a plan = expected tokens gained / expected seconds, where
+- expected tokens = 1 + sum_j P(first j draft tokens all accepted): the target always
+  adds one token of its own;
+- P comes from the drafters' own per-token confidences, calibrated online into
+  acceptance probabilities per speculator and evidence bucket (``AcceptanceStats``),
+  and nudged by the request's own recent acceptance;
+- seconds = measured draft cost + measured verify cost for that many tokens
+  (``CostModel``: profiled at start-up, then learned from every step).
+
+Speculating is only one of the options: when no plan beats one plain target step per
+second, the controller drafts nothing. Nothing here is a user knob: the constants are
+priors that the measurements quickly outweigh.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
+from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest, rollback_drafter
+
+EWMA = 0.2  # weight of a new cost sample
+# Per observation: old acceptance evidence fades, so drift is followed. A cell's
+# estimate rests on about its last 1 / (1 - DECAY) observations: a workload shift
+# (one domain's long suffix matches were right, the next one's are not) turns it
+# around within a few steps of a batch, not after hundreds of rejections.
+DECAY = 0.98
+PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evidence
+# Upper edges of the confidence bins: tenths, and the top tenth split finer, where a
+# draft model's tokens crowd and a long draft's odds hang on 0.97 against 0.995 a token.
+CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97, 0.99, 1.0)
+# _GainCalibration: how many expected draft tokens its prior (gained == expected) is
+# worth, and the most it may raise an estimate that plans keep beating.
+GAIN_PRIOR_TOKENS = 4.0
+MAX_GAIN_SCALE = 1.5
+# A speculator's estimates are scaled, for each request, by how its drafts there did
+# against them: (accepted + prior) / (expected + prior). A free drafter is scored on
+# every step (its shadow), so a new domain where its confident drafts miss turns it off
+# for that request within a few steps, however well the same confidence did before. A
+# model drafter is scored only on the steps it drafts, so one bad draft must not turn it
+# off for good: a larger prior (a request that keeps rejecting it still soon does).
+REQUEST_PRIOR_TOKENS = 2.0
+MODEL_REQUEST_PRIOR_TOKENS = 8.0
+# A model drafter's steps so far, before it drafts: how many of the traffic's steps its
+# request's own are worth (_Steps).
+STEP_PRIOR = 2.0
+
+K = TypeVar("K")
+
+
+class CostCurve:
+    """Seconds of a forward by its size, from measured sizes: interpolated between them,
+    linear beyond them.
+
+    Feeding more tokens never costs less, and a busy machine only ever makes a forward
+    slower, so a size is costed at most as much as any larger measured size (one slow
+    sample of one token must not make every 1-token draft look free)."""
+
+    def __init__(self) -> None:
+        self.points: dict[int, float] = {}
+        # Measured sizes, ascending, and their envelope: rebuilt after an observation
+        # (once a step), read by every plan of the step.
+        self.sizes: list[int] = []
+        self._envelope: dict[int, float] = {}
+
+    def observe(self, size: int, seconds: float) -> None:
+        _ewma(self.points, size, seconds)
+        self.sizes = sorted(self.points)
+        lowest = math.inf
+        for known in reversed(self.sizes):
+            lowest = min(lowest, self.points[known])
+            self._envelope[known] = lowest
+
+    def __call__(self, size: int) -> float:
+        if not self.points:
+            return 1.0  # no measurement yet: every plan is costed the same
+        sizes, envelope = self.sizes, self._envelope
+        if size in envelope:
+            return envelope[size]
+        i = bisect.bisect_left(sizes, size)
+        if i == 0:
+            return envelope[sizes[0]]
+        if i == len(sizes):
+            if len(sizes) == 1:
+                return envelope[sizes[-1]]
+            lo, hi = sizes[-2], sizes[-1]
+        else:
+            lo, hi = sizes[i - 1], sizes[i]
+        slope = (envelope[hi] - envelope[lo]) / (hi - lo)
+        return max(envelope[lo] + slope * (size - lo), 1e-6)
+
+
+class CostModel:
+    """Seconds per target forward by tokens fed and rows, and per drafted token by
+    speculator.
+
+    One sequence: a curve by tokens fed, profiled at start-up and learned from every
+    one-sequence step. A batch of several costs more than one sequence fed as many
+    tokens (each row's cache is gathered, padded and attended on its own), and by an
+    amount that changes with the width: each row count gets a curve of its own, learned
+    from the batched steps run. Where it has no measurement, it follows the one-sequence
+    curve's shape from its nearest measured size; a row count never run takes the
+    batch extra of the nearest one that was, at the same width, scaled by its rows."""
+
+    def __init__(self) -> None:
+        self.single = CostCurve()
+        self.batched: dict[int, CostCurve] = {}
+        self._draft_per_token: dict[str, float] = {}
+
+    def profile(
+        self, target: TargetBackend, sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
+    ) -> None:
+        """Measure the target's forward cost at a few sizes (a short prefix in cache)."""
+        for size, seconds in _time_forwards(target, sizes):
+            self.observe_verify(size, seconds)
+
+    def profile_batched(
+        self,
+        target: TargetBackend,
+        rows: tuple[int, ...] = (4, 8),
+        widths: tuple[int, ...] = (1, 4, 16),
+    ) -> None:
+        """Measure batched forwards of a few row counts and widths: a prior for the
+        batched curves, so that a server's first batches are not costed as one sequence
+        (which makes a wide draft look nearly free at 8 rows)."""
+        for count in rows:
+            for width, seconds in _time_forwards(target, widths, rows=count, prefix=64):
+                self.observe_verify(count * width, seconds, count)
+
+    def profile_drafter(self, speculator: str, model: TargetBackend) -> None:
+        """A draft model's cost per drafted token: one single-token forward.
+
+        Measured up front so that the first plans already see what it costs (a drafter
+        of unknown cost looks free and is picked for everything until measured)."""
+        for _, seconds in _time_forwards(model, (1,)):
+            self.observe_draft(speculator, 1, seconds)
+
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
+        """One forward of ``rows`` sequences, ``tokens_fed`` in all (padding included)."""
+        if rows > 1:
+            self.batched.setdefault(rows, CostCurve()).observe(tokens_fed, seconds)
+        else:
+            self.single.observe(tokens_fed, seconds)
+
+    def observe_draft(self, speculator: str, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            _ewma(self._draft_per_token, speculator, seconds / tokens)
+
+    def verify(self, tokens_fed: int, rows: int = 1) -> float:
+        """Seconds of a forward feeding ``tokens_fed`` tokens in all to ``rows`` sequences."""
+        if rows <= 1:
+            return self.single(tokens_fed)
+        if rows in self.batched:
+            return self._batched(rows, tokens_fed)
+        if not self.batched:
+            return self.single(tokens_fed)
+        near = min(self.batched, key=lambda r: (abs(r - rows), r))
+        width = tokens_fed / rows
+        near_tokens = max(round(width * near), near)
+        extra = self._batched(near, near_tokens) - self.single(near_tokens)
+        return max(self.single(tokens_fed) + extra * (rows - 1) / (near - 1), 1e-6)
+
+    def _batched(self, rows: int, tokens_fed: int) -> float:
+        curve = self.batched[rows]
+        lo, hi = curve.sizes[0], curve.sizes[-1]
+        if lo <= tokens_fed <= hi:
+            return curve(tokens_fed)
+        edge = lo if tokens_fed < lo else hi
+        return max(curve(edge) + self.single(tokens_fed) - self.single(edge), 1e-6)
+
+    def draft_per_token(self, speculator: str) -> float:
+        return self._draft_per_token.get(speculator, 0.0)
+
+    def snapshot(self) -> dict[str, object]:
+        return {
+            "verify_s": {k: round(v, 5) for k, v in sorted(self.single.points.items())},
+            "batched_verify_s": {
+                rows: {k: round(v, 5) for k, v in sorted(curve.points.items())}
+                for rows, curve in sorted(self.batched.items())
+            },
+            "draft_s_per_token": {k: round(v, 6) for k, v in self._draft_per_token.items()},
+        }
+
+
+def _ewma(table: dict[K, float], key: K, sample: float) -> None:
+    old = table.get(key)
+    table[key] = sample if old is None else old + EWMA * (sample - old)
+
+
+def _time_forwards(
+    model: TargetBackend,
+    sizes: tuple[int, ...],
+    rows: int = 1,
+    prefix: int = 16,
+    repeats: int = 2,
+) -> list[tuple[int, float]]:
+    """Seconds of one forward of ``rows`` sequences feeding each size's tokens apiece,
+    after a ``prefix``-token context each (warm-up and a realistic cache): the fastest of
+    ``repeats``."""
+    seq_ids, out = [f"__cost_profile_{r}__" for r in range(rows)], []
+
+    def feed(tokens: int) -> None:
+        if rows == 1:
+            model.forward(seq_ids[0], [0] * tokens)
+        else:
+            model.forward_many([ForwardItem(seq_id, [0] * tokens) for seq_id in seq_ids])
+
+    try:
+        for seq_id in seq_ids:
+            model.start(seq_id)
+        feed(prefix)
+        for size in sizes:
+            samples = []
+            for _ in range(repeats):
+                for seq_id in seq_ids:
+                    model.truncate(seq_id, prefix)
+                started = time.perf_counter()
+                feed(size)
+                samples.append(time.perf_counter() - started)
+            out.append((size, min(samples)))  # noise on a shared machine only adds time
+    finally:
+        for seq_id in seq_ids:
+            model.release(seq_id)
+    return out
+
+
+def _bin(confidence: float) -> int:
+    return min(bisect.bisect_right(CONFIDENCE_EDGES, confidence), len(CONFIDENCE_EDGES) - 1)
+
+
+def _bin_middle(index: int) -> float:
+    low = CONFIDENCE_EDGES[index - 1] if index else 0.0
+    return (low + CONFIDENCE_EDGES[index]) / 2
+
+
+@dataclass
+class _Beta:
+    accepted: float = 0.0
+    rejected: float = 0.0
+
+
+class AcceptanceStats:
+    """P(draft token accepted | speculator bucket, confidence bin), learned online."""
+
+    def __init__(self) -> None:
+        self._cells: dict[tuple[str, int], _Beta] = {}
+
+    def prob(self, bucket: str, confidence: float) -> float:
+        cell = self._cells.get((bucket, _bin(confidence)))
+        prior = _bin_middle(_bin(confidence))  # before any evidence: the confidence's own
+        if cell is None:
+            return prior
+        n = cell.accepted + cell.rejected
+        return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
+
+    def rate(self, bucket: str, prior: float = 0.75) -> float:
+        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft.
+
+        Optimistic by one standard deviation of the estimate: a drafter with little
+        evidence gets tried (else one that looked worse at first is never measured
+        again), and the bonus fades as its evidence grows."""
+        accepted = sum(c.accepted for (b, _), c in self._cells.items() if b == bucket)
+        rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
+        n = accepted + rejected + PRIOR_STRENGTH
+        mean = (accepted + PRIOR_STRENGTH * prior) / n
+        return min(mean + math.sqrt(mean * (1 - mean) / n), 1.0)
+
+    def observe(self, bucket: str, accepted: list[float], rejected: list[float]) -> None:
+        """Confidences of draft tokens the target accepted, and of ones it rejected."""
+        for confidence, outcome in [(c, True) for c in accepted] + [(c, False) for c in rejected]:
+            cell = self._cells.setdefault((bucket, _bin(confidence)), _Beta())
+            cell.accepted *= DECAY
+            cell.rejected *= DECAY
+            if outcome:
+                cell.accepted += 1.0
+            else:
+                cell.rejected += 1.0
+
+    def snapshot(self) -> dict[str, float]:
+        return {
+            f"{bucket}/{b}": round(c.accepted / max(c.accepted + c.rejected, 1e-9), 3)
+            for (bucket, b), c in sorted(self._cells.items())
+        }
+
+
+@dataclass
+class _Steps:
+    """A model drafter's steps: tokens each gained and what each cost (modelled seconds:
+    its drafting and the verify forward), summed with old steps fading.
+
+    Its plan before drafting rests on its pooled acceptance rate, a flat chain; but its
+    early exit makes its drafts long where they are taken and short where they are not,
+    so the rate undersells a drafter whose stretches run long (a draft model on code:
+    6-15 tokens a step) against a cheap one whose tokens are taken as often but whose
+    drafts stay short (the neural head). What its steps gained per second is what it
+    is worth against another model drafter. (Not against the suffix index, whose plan
+    rests on the match at hand: valued at their steps' average, the draft model took
+    steps the index would have made for free: python 5.1x -> 3.6x in the bench.)"""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
+    count: float = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        self.tokens = DECAY * self.tokens + tokens
+        self.seconds = DECAY * self.seconds + seconds
+        self.count = DECAY * self.count + 1.0
+
+    def goodput(self, prior: _Steps | None = None, weight: float = 0.0) -> float | None:
+        """Tokens per second; with ``prior``'s mean step worth ``weight`` steps."""
+        tokens, seconds = self.tokens, self.seconds
+        if prior is not None and prior.count > 0:
+            tokens += weight * prior.tokens / prior.count
+            seconds += weight * prior.seconds / prior.count
+        return tokens / seconds if seconds > 0 else None
+
+
+@dataclass
+class _SequenceMemory:
+    """A request's own acceptance so far, per speculator: its domain, learned live."""
+
+    accepted: dict[str, float] = field(default_factory=dict)
+    # The global estimates summed over the same tokens (what the request would have
+    # accepted were it like the traffic before it).
+    expected: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, _Steps] = field(default_factory=dict)
+
+    def blend(self, name: str, p: float, prior: float) -> float:
+        """``p`` (the global estimate) scaled by the request's accepted / expected, so a
+        speculator's confidences keep their order (a confident token of a drafter doing
+        well here stays likelier than its pooled rate: long confident drafts go on)."""
+        if name not in self.expected:
+            return p
+        ratio = (self.accepted.get(name, 0.0) + prior) / (self.expected[name] + prior)
+        return min(p * min(ratio, MAX_GAIN_SCALE), 0.99)
+
+
+@dataclass
+class _GainCalibration:
+    """Draft tokens a speculator's chosen plans gained, against what they were expected
+    to gain: the plan-level check on the per-token estimates.
+
+    Per-token calibration misses what only shows in whole plans: acceptances along a
+    draft are not independent, and plans are chosen because their estimate is high (the
+    winner's curse). The ratio scales every later plan's expected gain, so a speculator
+    whose plans keep falling short is offered less, and soon not at all where a step's
+    extra tokens are dear (a large batch)."""
+
+    gained: float = 0.0
+    expected: float = 0.0
+
+    def observe(self, gained: int, expected: float) -> None:
+        self.gained = DECAY * self.gained + gained
+        self.expected = DECAY * self.expected + expected
+
+    @property
+    def scale(self) -> float:
+        prior = GAIN_PRIOR_TOKENS
+        return min((self.gained + prior) / (self.expected + prior), MAX_GAIN_SCALE)
+
+
+@dataclass
+class Plan:
+    speculator: str  # "none" or a speculator's name
+    nodes: list[int]  # the draft tokens (tree nodes) to verify
+    expected_tokens: float
+    expected_s: float
+    # Every node the cut considered, likeliest first (``nodes`` are the first
+    # ``lookahead`` of them), and the expected tokens gained with the first n of them.
+    order: list[int] = field(default_factory=list)
+    gains: list[float] = field(default_factory=lambda: [1.0])
+
+    def capped(self, width: int) -> Plan:
+        """The same plan with at most ``width`` nodes (its likeliest ones)."""
+        if self.lookahead <= width:
+            return self
+        if width == 0:
+            return Plan("none", [], 1.0, self.expected_s)
+        nodes = sorted(self.order[:width])
+        return Plan(self.speculator, nodes, self.gains[width], self.expected_s, self.order,
+                    self.gains)  # fmt: skip
+
+    @property
+    def lookahead(self) -> int:
+        return len(self.nodes)
+
+    @property
+    def goodput(self) -> float:
+        return self.expected_tokens / self.expected_s if self.expected_s > 0 else 0.0
+
+
+def expected_tokens(accept_probs: list[float]) -> list[float]:
+    """E[tokens gained] for each lookahead 0..len: 1 + sum of prefix-acceptance products."""
+    out, alive, total = [1.0], 1.0, 1.0
+    for p in accept_probs:
+        alive *= p
+        total += alive
+        out.append(total)
+    return out
+
+
+def path_probs(accept_probs: list[float], parents: list[int]) -> list[float]:
+    """P(a node and all its ancestors are accepted), from each node's own P(accept)."""
+    out: list[float] = []
+    for p, parent in zip(accept_probs, parents, strict=True):
+        out.append(p * (1.0 if parent < 0 else out[parent]))
+    return out
+
+
+class Controller:
+    """Plans each step for each sequence; learns from what the target accepted.
+
+    In a batch of B sequences, a plan of k draft tokens is costed at its share of a
+    forward in which every sequence feeds k + 1 tokens: verify(B * (k + 1)) / B. When
+    the target is compute-bound at that size (large batches), speculating stops paying
+    and the controller drafts nothing.
+    """
+
+    def __init__(
+        self,
+        speculators: list[Drafter],
+        max_lookahead: int,
+        costs: CostModel | None = None,
+        free_drafters: tuple[str, ...] = ("suffix",),
+    ) -> None:
+        self.speculators = {s.name: s for s in speculators}
+        self.max_lookahead = max_lookahead
+        self.costs = costs or CostModel()
+        self.acceptance = AcceptanceStats()
+        # Drafters cheap enough to always ask for a full-length draft, then cut it.
+        self.free_drafters = free_drafters
+        self._memory: dict[str, _SequenceMemory] = {}
+        # A free drafter's whole draft of the last step, per sequence: scored against
+        # what the target then produced, whether or not it was chosen (_score_shadows).
+        self._shadows: dict[str, dict[str, tuple[int, Draft]]] = {}
+        self.choices: dict[str, int] = {}
+        self._gain = {name: _GainCalibration() for name in self.speculators}
+        self._steps = {name: _Steps() for name in self.speculators}
+        # Per sequence: the speculator of its last plan and the draft tokens it expected.
+        self._expected: dict[str, tuple[str, float]] = {}
+
+    @property
+    def name(self) -> str:
+        return "atlas"
+
+    def _accept_prob(
+        self,
+        seq_id: str,
+        name: str,
+        bucket: str,
+        confidence: float | None,
+    ) -> float:
+        """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
+        if confidence is None:
+            p = self.acceptance.rate(bucket)
+        else:
+            p = self.acceptance.prob(bucket, confidence)
+        memory = self._memory.get(seq_id)
+        if memory is None:
+            return p
+        free = name in self.free_drafters
+        return memory.blend(name, p, REQUEST_PRIOR_TOKENS if free else MODEL_REQUEST_PRIOR_TOKENS)
+
+    def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
+        return self.costs.verify(batch_size * tokens_per_seq, batch_size) / batch_size
+
+    def _best_cut(
+        self,
+        name: str,
+        probs: list[float],
+        parents: list[int],
+        cap: int,
+        batch_size: int,
+        drafted: bool = False,
+    ) -> Plan:
+        """The most goodput-efficient subtree: the nodes most likely to be reached.
+        ``drafted``: the nodes exist already (their drafting cost is spent)."""
+        reach = path_probs(probs, parents)
+        # Ancestors are at least as likely as their descendants and come first on ties,
+        # so every top-n set is closed under parents.
+        order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
+        draft_s = 0.0 if drafted else self.costs.draft_per_token(name)
+        scale = self._gain[name].scale
+        gains = [1.0]
+        for node in order:
+            gains.append(gains[-1] + min(reach[node] * scale, 1.0))
+        best = Plan(name, [], 1.0, self._verify_share(1, batch_size), order, gains)
+        for n in range(1, len(order) + 1):
+            seconds = self._verify_share(n + 1, batch_size) + draft_s * n
+            plan = Plan(name, sorted(order[:n]), gains[n], seconds, order, gains)
+            if plan.goodput > best.goodput:
+                best = plan
+        return best
+
+    def _share_width(self, plans: list[Plan], batch: int) -> list[Plan]:
+        """Cap the plans of a batch at one width: its rows are padded to the widest.
+
+        Each plan was costed as if every row fed as many tokens as it does; one long
+        draft makes every row of the forward that wide. Pick the cap that maximises
+        the whole batch's expected tokens per second, and cut longer plans to it."""
+        widest = max((plan.lookahead for plan in plans), default=0)
+        idle = batch - len(plans)  # sequences in the forward that draft nothing
+        best_width, best_rate = widest, 0.0
+        for width in range(widest + 1):
+            tokens = idle + sum(plan.gains[min(plan.lookahead, width)] for plan in plans)
+            draft_s = sum(
+                self.costs.draft_per_token(plan.speculator) * min(plan.lookahead, width)
+                for plan in plans
+                if plan.speculator not in self.free_drafters
+            )
+            rate = tokens / (self.costs.verify(batch * (width + 1), batch) + draft_s)
+            if rate > best_rate:
+                best_width, best_rate = width, rate
+        return [plan.capped(best_width) for plan in plans]
+
+    def draft(self, request: DraftRequest, batch_size: int = 1) -> tuple[str, Draft]:
+        """Choose a speculator and lookahead for one sequence; return (name, its draft)."""
+        return self.draft_many([request], batch_size)[0]
+
+    def draft_many(
+        self, requests: list[DraftRequest], batch_size: int | None = None
+    ) -> list[tuple[str, Draft]]:
+        """Plan every sequence of a batch; each model drafter runs once for all its picks."""
+        batch = batch_size or len(requests)
+        chosen: list[tuple[Plan, Draft]] = []
+        free: dict[str, list[Draft]] = {}
+        for request in requests:
+            self._score_shadows(request)
+        for name in self.free_drafters:
+            if name in self.speculators:
+                free[name] = self._propose(name, [
+                    _with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests
+                ], per_call=True)  # fmt: skip
+                for request, draft in zip(requests, free[name], strict=True):
+                    if draft.tokens:
+                        shadows = self._shadows.setdefault(request.seq_id, {})
+                        shadows[name] = (len(request.context), draft)
+        for i, request in enumerate(requests):
+            cap = min(request.lookahead, self.max_lookahead)
+            best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
+            if cap > 0:
+                options = []
+                for name in self.speculators:
+                    if name in free:
+                        draft = free[name][i]
+                        probs = [
+                            self._accept_prob(request.seq_id, name, draft.bucket or name, c)
+                            for c in draft.confidences
+                        ]
+                        plan = self._best_cut(name, probs, draft.chain_parents(), cap, batch)
+                    else:
+                        # A model drafter pays per token: plan from its typical acceptance.
+                        typical = self._accept_prob(request.seq_id, name, name, None)
+                        chain = list(range(-1, cap - 1))
+                        plan = self._best_cut(name, [typical] * cap, chain, cap, batch)
+                        draft = Draft.empty()
+                    options.append((plan, draft))
+                if batch == 1:
+                    options = self._one_model_drafter(request.seq_id, options)
+                for plan, draft in options:
+                    if plan.goodput > best.goodput and plan.lookahead > 0:
+                        best, best_draft = plan, draft
+            chosen.append((best, best_draft))
+        if batch > 1:
+            plans = self._share_width([plan for plan, _ in chosen], batch)
+            chosen = [(plan, draft) for plan, (_, draft) in zip(plans, chosen, strict=True)]
+        # A free drafter's plan keeps the nodes it chose of its draft (a model drafter's
+        # draft is made to the plan's length below).
+        chosen = [
+            (plan, draft.subset(plan.nodes) if plan.speculator in free else Draft.empty())
+            for plan, draft in chosen
+        ]
+        self._run_model_drafters(requests, chosen, batch)
+        for request, (plan, draft) in zip(requests, chosen, strict=True):
+            if draft.tokens:  # what the estimates expected before this calibration scaled them
+                expected = self._expectation(request.seq_id, plan, draft)
+                self._expected[request.seq_id] = (plan.speculator, expected)
+        return [(self._chose(plan), draft) for plan, draft in chosen]
+
+    def _one_model_drafter(
+        self, seq_id: str, options: list[tuple[Plan, Draft]]
+    ) -> list[tuple[Plan, Draft]]:
+        """For one sequence: the free drafters' plans, and of the model drafters' only
+        that of the one whose steps gained most per second so far (``_Steps``: the
+        request's own, after its first, else the traffic's). Its plan then competes
+        with the free drafters' and with drafting nothing, as before. While a model
+        drafter has no steps yet, all their plans compete (so each gets tried)."""
+        models = [o for o in options if o[0].speculator not in self.free_drafters]
+        if len(models) < 2:
+            return options
+        memory = self._memory.get(seq_id)
+        rates: dict[str, float] = {}
+        for plan, _ in models:
+            name = plan.speculator
+            own = memory.steps.get(name) if memory is not None else None
+            traffic = self._steps[name]
+            rate = own.goodput(traffic, STEP_PRIOR) if own is not None else traffic.goodput()
+            if rate is None:
+                return options
+            rates[name] = rate
+        best = max(rates, key=rates.__getitem__)
+        return [o for o in options if o[0].speculator in self.free_drafters + (best,)]
+
+    def _expectation(self, seq_id: str, plan: Plan, draft: Draft) -> float:
+        """Draft tokens the per-token estimates expect ``draft`` to gain: the plan's
+        own figure for a free drafter's cut; for a model drafter, whose early exit
+        chose the length, the calibrated estimates of the tokens it drafted."""
+        name = plan.speculator
+        if name in self.free_drafters:
+            drafted = min(len(draft.tokens), len(plan.gains) - 1)
+            return (plan.gains[drafted] - 1.0) / self._gain[name].scale
+        probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
+        return sum(path_probs(probs, draft.chain_parents()))
+
+    def _run_model_drafters(
+        self, requests: list[DraftRequest], chosen: list[tuple[Plan, Draft]], batch: int
+    ) -> None:
+        """Draft with each chosen model drafter, all of its sequences in one call."""
+        for name in self.speculators:
+            if name in self.free_drafters:
+                continue
+            picked = [i for i, (plan, _) in enumerate(chosen) if plan.speculator == name]
+            if not picked:
+                continue
+            planned = []
+            for i in picked:
+                # One sequence: the plan's length was chosen before any token was seen;
+                # the early exit may draft past it while the run keeps paying. In a
+                # batch, the shared width (_share_width) is the cap.
+                lookahead = chosen[i][0].lookahead
+                if batch == 1:
+                    lookahead = min(requests[i].lookahead, self.max_lookahead)
+                request = _with_lookahead(requests[i], lookahead)
+                request.keep_going = self._early_exit(request.seq_id, name, batch, lookahead)
+                planned.append(request)
+            for i, draft in zip(picked, self._propose(name, planned), strict=True):
+                draft.bucket = draft.bucket or name
+                if batch == 1 and requests[i].params.greedy and draft.runners_up:
+                    draft = self._add_runners_up(requests[i].seq_id, name, draft)
+                chosen[i] = (chosen[i][0], draft)
+
+    def _add_runners_up(self, seq_id: str, name: str, draft: Draft) -> Draft:
+        """The draft model's chain with the runners-up worth verifying beside it.
+
+        Where the favourite is unsure, the target often picks the drafter's second
+        choice (chat, Qwen2.5-Coder 0.5B for 1.5B: 41% of the favourite's misses): as
+        a sibling it costs one more token in the verify forward and no drafting. Only
+        for one sequence (in a batch every row would be padded to the wider draft)."""
+        tree = draft.with_runners_up()
+        probs = [self._accept_prob(seq_id, name, tree.bucket, c) for c in tree.confidences]
+        cap = len(tree.tokens)
+        plan = self._best_cut(name, probs, tree.chain_parents(), cap, 1, drafted=True)
+        return tree.subset(plan.nodes)
+
+    def _early_exit(
+        self, seq_id: str, name: str, batch: int, cap: int
+    ) -> Callable[[list[float]], bool]:
+        """Stop a model drafter once drafting on, to any length up to ``cap``, no longer
+        pays for itself.
+
+        Each token to come is costed at the last one's calibrated odds: a draft model's
+        confidence comes in stretches (boilerplate, an identifier being spelled out, a
+        sentence's open end), so the last token is the best guess at the next, and each
+        drafted token then shows its own. A run of confident tokens drafts on where the
+        drafter's pooled rate would stop it; an unsure token stops it. (What followed
+        tokens of the last one's confidence before, learned per bin, drafted shorter:
+        drift(3) A/B, rust 2.75x -> 3.03x, chat 1.67x -> 1.78x.) Not only the next
+        token: a forward's cost rises in steps (one token more may cost a step, several
+        more hardly anything), so one more can lose where a few win."""
+
+        probs: list[float] = []  # of the tokens drafted so far (the draft only grows)
+
+        def keep_going(confidences: list[float]) -> bool:
+            probs.extend(
+                self._accept_prob(seq_id, name, name, c) for c in confidences[len(probs) :]
+            )
+            n = len(probs)
+            if n >= cap:
+                return False
+            now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
+            more = probs + [probs[-1]] * (cap - n)
+            ahead = self._best_cut(name, more, list(range(-1, cap - 1)), cap, batch)
+            return ahead.lookahead > n and ahead.goodput >= now.goodput
+
+        return keep_going
+
+    def _propose(
+        self, name: str, requests: list[DraftRequest], per_call: bool = False
+    ) -> list[Draft]:
+        """Run a speculator and learn its cost: per drafted token (as the drafter measured
+        it, if it did), or per call if free."""
+        started = time.perf_counter()
+        drafts = self.speculators[name].propose(requests)
+        seconds = time.perf_counter() - started
+        reported = [d.token_cost_s for d in drafts if d.token_cost_s is not None]
+        if reported:
+            self.costs.observe_draft(name, 1, sum(reported) / len(reported))
+        elif per_call:
+            self.costs.observe_draft(name, 1, seconds / max(len(requests), 1))
+        else:
+            self.costs.observe_draft(name, sum(len(d.tokens) for d in drafts), seconds)
+        return drafts
+
+    def _chose(self, plan: Plan) -> str:
+        key = f"{plan.speculator}:{plan.lookahead}"
+        self.choices[key] = self.choices.get(key, 0) + 1
+        return plan.speculator
+
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
+        """One target forward over ``tokens_fed`` tokens (all ``rows`` sequences of the
+        batch, padding included)."""
+        self.costs.observe_verify(tokens_fed, seconds, rows)
+
+    def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
+        """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
+        expected = self._expected.pop(seq_id, None)
+        if expected is not None and expected[0] == name and draft.tokens:
+            self._gain[name].observe(len(path), expected[1])
+        if name == "none" or not draft.tokens or name in self.free_drafters:
+            return  # free drafters learn from their whole draft instead (_score_shadows)
+        # The step as the cost model prices it (one sequence: drafted chain + verify).
+        seconds = self.costs.draft_per_token(name) * len(draft.main_nodes())
+        seconds += self._verify_share(len(draft.tokens) + 1, 1)
+        self._steps[name].observe(len(path) + 1, seconds)
+        memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        memory.steps.setdefault(name, _Steps()).observe(len(path) + 1, seconds)
+        # Every other child of the root and of the accepted nodes met the target and lost.
+        checked, on_path = {-1, *path}, set(path)
+        rejected = [
+            i for i, parent in enumerate(draft.chain_parents())
+            if parent in checked and i not in on_path
+        ]  # fmt: skip
+        self._learn(seq_id, name, draft, path, rejected)
+
+    def _score_shadows(self, request: DraftRequest) -> None:
+        """Score each free drafter's last draft of this sequence against the tokens the
+        target produced since: evidence on every node those tokens decide, including
+        nodes the plan cut and drafts another speculator was chosen over."""
+        for name, (length, draft) in self._shadows.pop(request.seq_id, {}).items():
+            produced = request.context[length:]
+            children: dict[int, list[int]] = {}
+            for i, parent in enumerate(draft.chain_parents()):
+                children.setdefault(parent, []).append(i)
+            node, path, rejected = -1, [], []
+            for token in produced:
+                kids = children.get(node, [])
+                match = next((k for k in kids if draft.tokens[k] == token), None)
+                rejected += [k for k in kids if k != match]
+                if match is None:
+                    break
+                path.append(match)
+                node = match
+            self._learn(request.seq_id, name, draft, path, rejected)
+
+    def _learn(
+        self,
+        seq_id: str,
+        name: str,
+        draft: Draft,
+        path: list[int],
+        rejected: list[int],
+    ) -> None:
+        """Acceptance evidence: nodes the target took and checked nodes it did not."""
+        memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        bucket = draft.bucket or name
+        memory.expected[name] = memory.expected.get(name, 0.0) + sum(
+            self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
+        )
+        self.acceptance.observe(
+            bucket,
+            accepted=[draft.confidences[i] for i in path],
+            rejected=[draft.confidences[i] for i in rejected],
+        )
+        memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """A step that drafted after ``context`` failed: forget what it planned (its
+        expectation is observed by the step that succeeds) and roll the drafters back.
+
+        What the failed step learned stays: scoring the last step's shadows (their
+        outcome was already known, and the retry does not score them again) and its
+        timings. A failure inside ``observe`` itself leaves the earlier sequences'
+        evidence counted, and counted again on the retry: it only weighs the estimates
+        that pick drafts, which the target verifies, so no output changes."""
+        self._expected.pop(seq_id, None)
+        for speculator in self.speculators.values():
+            rollback_drafter(speculator, seq_id, context)
+
+    def release(self, seq_id: str) -> None:
+        self._memory.pop(seq_id, None)
+        self._expected.pop(seq_id, None)
+        self._shadows.pop(seq_id, None)
+        for speculator in self.speculators.values():
+            speculator.release(seq_id)
+
+
+def _with_lookahead(request: DraftRequest, lookahead: int) -> DraftRequest:
+    return DraftRequest(
+        request.seq_id, request.context, lookahead, request.params, request.generator
+    )
+
+
+class FixedPolicy:
+    """One speculator at a fixed lookahead (or none): the baseline modes."""
+
+    def __init__(self, speculator: Drafter | None, lookahead: int) -> None:
+        self.speculator = speculator
+        self.lookahead = lookahead if speculator is not None else 0
+        self.name = speculator.name if speculator is not None else "none"
+
+    def draft_many(
+        self, requests: list[DraftRequest], batch_size: int | None = None
+    ) -> list[tuple[str, Draft]]:
+        out: list[tuple[str, Draft]] = [("none", Draft.empty()) for _ in requests]
+        picked = [i for i, r in enumerate(requests) if min(r.lookahead, self.lookahead) > 0]
+        if self.speculator is None or not picked:
+            return out
+        planned = [
+            _with_lookahead(requests[i], min(requests[i].lookahead, self.lookahead)) for i in picked
+        ]
+        for i, draft in zip(picked, self.speculator.propose(planned), strict=True):
+            out[i] = (self.name, draft)
+        return out
+
+    def observe(self, *args: object) -> None:
+        pass
+
+    def observe_verify(self, tokens_fed: int, seconds: float, rows: int = 1) -> None:
+        pass
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        if self.speculator is not None:
+            rollback_drafter(self.speculator, seq_id, context)
+
+    def release(self, seq_id: str) -> None:
+        if self.speculator is not None:
+            self.speculator.release(seq_id)
+
+
+DraftPolicy = Controller | FixedPolicy

@@ -1,8 +1,0 @@
-"""The atlas.v1 gRPC API: the .proto and the Python code generated from it.
-
-Users import the messages and stub from here::
-
-    from atlas_sidecar.proto import atlas_v1_pb2 as pb, atlas_v1_pb2_grpc as pb_grpc
-
-(Not imported eagerly: the generator must run before the generated modules exist.)
-"""

@@ -1,0 +1,1 @@
+"""Development tooling: benchmarks, peers, prompt streams, load tests, workloads."""
