@@ -131,14 +131,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     ids = workloads.encode(target.tokenizer, prompt)
     params = SamplingParams(max_tokens=args.max_tokens)
     engines = {m: build_engine(m, target, draft, args.lookahead)
-               for m in ("target_only", "static", "atlas")}  # fmt: skip
-    engines["target_only"].generate(ids, SamplingParams(max_tokens=2))  # warm-up
+               for m in ("none", "static", "atlas")}  # fmt: skip
+    engines["none"].generate(ids, SamplingParams(max_tokens=2))  # warm-up
     try:
         results = {mode: engine.generate(ids, params) for mode, engine in engines.items()}
     finally:
         for engine in engines.values():
             close_engine(engine)
-    base = results["target_only"]
+    base = results["none"]
     print(f"\nprompt: {prompt.prompt_id} ({len(ids)} tokens)\n\n{results['atlas'].text}\n")
     for mode, r in results.items():
         speedup = r.tokens_per_s / base.tokens_per_s
@@ -194,12 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", help="JSONL trace: phase, prompt, optional max_new_tokens")
     p.add_argument("--per-phase", type=int, help="prompts per phase")
     p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--modes", help="comma-separated modes (default: all): ours (target_only, "
+    p.add_argument("--modes", help="comma-separated modes (default: all): ours (none, "
                    "static, suffix, atlas, ...) and the peers hf_assisted, hf_prompt_lookup, "
                    "arctic_suffix")  # fmt: skip
     p.add_argument("--streams", type=int, default=0,
                    help="also decode the prompts N at a time (one target forward for all N) "
-                   "with fresh engines of our modes: throughput vs target_only at N streams")
+                   "with fresh engines of our modes: throughput vs none at N streams")
     p.add_argument("--out", default="bench-out/bench.json", help="JSON output path")
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     _add_model_args(p)

@@ -1,5 +1,5 @@
 """`atlas bench` produces the documented JSON shape, the curve, the plot, and checks
-outputs against target_only."""
+outputs against none."""
 
 from __future__ import annotations
 
@@ -73,9 +73,9 @@ def test_bench_drift_reports_every_mode_phase_and_request(tmp_path, capsys, monk
         assert [(r["to"], r["requests"]) for r in mode["recovery"]] == [
             ("rust", None), ("chat", None),
         ]  # fmt: skip
-    assert result["modes"]["target_only"]["speedup"] == 1.0
-    assert result["modes"]["target_only"]["accept_len"] == 1.0
-    assert [c["speedup"] for c in result["modes"]["target_only"]["curve"]] == [1.0] * 3
+    assert result["modes"]["none"]["speedup"] == 1.0
+    assert result["modes"]["none"]["accept_len"] == 1.0
+    assert [c["speedup"] for c in result["modes"]["none"]["curve"]] == [1.0] * 3
     assert result["modes"]["static"]["accept_len"] > 1.5  # self-drafting agrees
     assert result["modes"]["hf_assisted"]["accept_len"] > 1.5  # so does HF's
     assert result["best_peer"] in peers.PEERS
@@ -101,13 +101,13 @@ def test_bench_takes_a_users_trace_with_phases(tmp_path):
     out, plot = tmp_path / "trace.json", tmp_path / "plots" / "curve.png"
     code = main([
         "bench", "--target", SMOL, "--dtype", "fp32", "--prompts", str(trace),
-        "--modes", "target_only,suffix,hf_prompt_lookup", "--out", str(out), "--plot", str(plot),
+        "--modes", "none,suffix,hf_prompt_lookup", "--out", str(out), "--plot", str(plot),
     ])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
     _check_issue_shape(result)
     assert result["workload"] == str(trace)
-    assert set(result["modes"]) == {"target_only", "suffix", "hf_prompt_lookup"}
+    assert set(result["modes"]) == {"none", "suffix", "hf_prompt_lookup"}
     assert result["phase_starts"] == [{"index": 0, "phase": "sql"}, {"index": 2, "phase": "haiku"}]
     assert result["best_peer"] == "hf_prompt_lookup"
     assert result["atlas_vs_best_peer"] is None  # atlas did not run
@@ -132,9 +132,9 @@ def test_bench_streams_decodes_n_at_a_time_with_fresh_engines(tmp_path, capsys):
     assert code == 0
     streams = json.loads(out.read_text())["streams"]
     assert (streams["streams"], streams["prompts"]) == (2, 4)
-    # target_only is added as the reference; peers decode one at a time, so they are absent.
-    assert set(streams["modes"]) == {"target_only", "suffix"}
-    assert streams["modes"]["target_only"]["speedup"] == 1.0
+    # none is added as the reference; peers decode one at a time, so they are absent.
+    assert set(streams["modes"]) == {"none", "suffix"}
+    assert streams["modes"]["none"]["speedup"] == 1.0
     assert "outputs" not in streams  # token lists are checked, not written out
     for mode in streams["modes"].values():
         assert mode["outputs_match"] is True
@@ -142,7 +142,7 @@ def test_bench_streams_decodes_n_at_a_time_with_fresh_engines(tmp_path, capsys):
         assert mode["tokens_per_s"] > 0
         assert 2 <= mode["target_forwards"] <= 2 * 8  # two batches of two, <= 8 steps each
     forwards = {m: v["target_forwards"] for m, v in streams["modes"].items()}
-    assert forwards["suffix"] <= forwards["target_only"]
+    assert forwards["suffix"] <= forwards["none"]
     assert "2 concurrent streams, 4 prompts" in capsys.readouterr().out
 
 
@@ -160,10 +160,10 @@ def test_plot_draws_hand_made_curves(tmp_path):
     result = {
         "workload": "drift", "target": "t", "dtype": "fp32",
         "phase_starts": [{"index": 0, "phase": "python"}, {"index": 2, "phase": "rust"}],
-        "modes": {"target_only": {"curve": curve([1, 1, 1, 1])},
+        "modes": {"none": {"curve": curve([1, 1, 1, 1])},
                   "suffix": {"curve": curve([3, 4, 1, 2])}},
     }  # fmt: skip
-    result["modes"]["target_only"]["curve"][1]["speedup"] = None  # no reference: a gap
+    result["modes"]["none"]["curve"][1]["speedup"] = None  # no reference: a gap
     path = tmp_path / "curve.png"
     bench.plot(result, path)
     width, height = _png_size(path)

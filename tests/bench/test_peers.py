@@ -83,11 +83,11 @@ def test_missing_arctic_is_skipped_with_the_reason(monkeypatch, tmp_path):
     trace.write_text(json.dumps(row) + "\n")
     config = bench.BenchConfig(
         target=SMOL, draft=SMOL, dtype="fp32", prompts_file=str(trace),
-        modes=("target_only", "arctic_suffix"),
+        modes=("none", "arctic_suffix"),
     )  # fmt: skip
     messages: list[str] = []
     result = bench.run(config, log=messages.append)
-    assert set(result["modes"]) == {"target_only"}
+    assert set(result["modes"]) == {"none"}
     assert "make peers" in result["unavailable"]["arctic_suffix"]
     assert any("skipping peer arctic_suffix" in m for m in messages)
     assert "arctic_suffix: unavailable" in bench.format_table(result)

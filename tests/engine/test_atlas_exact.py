@@ -30,7 +30,7 @@ def test_all_modes_match_target_greedy_across_a_drift(target, layer_skip, real_p
     for prompt in real_prompts[:5] + real_prompts[-5:]:
         ids = encode(target.tokenizer, prompt)
         params = SamplingParams(max_tokens=32)
-        expected = engines["target_only"].generate(ids, params).token_ids
+        expected = engines["none"].generate(ids, params).token_ids
         for mode, engine in engines.items():
             result = engine.generate(ids, params)
             assert result.token_ids == expected, (mode, prompt.prompt_id)

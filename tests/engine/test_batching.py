@@ -138,7 +138,7 @@ def test_sampling_reduces_a_tree_to_its_main_chain(target, real_prompts):
     assert len(result.token_ids) == 8
 
 
-@pytest.mark.parametrize("mode", ["target_only", "static", "suffix", "atlas"])
+@pytest.mark.parametrize("mode", ["none", "static", "suffix", "atlas"])
 def test_batched_steps_give_each_sequence_its_own_greedy_output(
     target, layer_skip, real_prompts, mode
 ):

@@ -15,7 +15,7 @@ from .conftest import AGREEING_LAYERS, DISAGREEING_LAYERS
 MAX_TOKENS = 32
 
 
-def test_target_only_engine_equals_hugging_face_greedy(target, real_prompts):
+def test_none_engine_equals_hugging_face_greedy(target, real_prompts):
     engine = Engine(target, target.tokenizer)
     for prompt in real_prompts[:3] + real_prompts[-3:]:
         ids = encode(target.tokenizer, prompt)

@@ -17,7 +17,7 @@ from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
 ATLAS_MAX_LOOKAHEAD = 32
-MODES = ("target_only", "static", "suffix", "neural", "atlas")
+MODES = ("none", "static", "suffix", "neural", "atlas")
 NEEDS_DRAFT = frozenset({"static", "atlas"})
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def build_engine(
     A target whose hidden states the sidecar cannot read (SGLang's, in another
     process) has no neural speculator: ``atlas`` then picks among suffix and static."""
     tokenizer = target.tokenizer
-    if mode in ("target_only", "none"):
+    if mode == "none":
         return Engine(target, tokenizer)
     if mode == "suffix":
         return Engine(target, tokenizer, SuffixSpeculator(), lookahead=SUFFIX_LOOKAHEAD)

@@ -208,10 +208,7 @@ def build_engine(args: argparse.Namespace) -> Any:
             num_layers=args.draft_num_layers,
             weights=args.draft_weights,
         )
-    return build_mode(
-        "target_only" if args.speculator == "none" else args.speculator,
-        target, draft, args.lookahead,
-    )  # fmt: skip
+    return build_mode(args.speculator, target, draft, args.lookahead)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

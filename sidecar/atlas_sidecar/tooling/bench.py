@@ -1,8 +1,8 @@
 """``atlas bench``: speculative modes and peers side by side on real prompt sets, one run.
 
 Every mode decodes the same prompts with the same target; speedups are ratios to
-``target_only`` measured in the same run (the machine is noisy: never compare across
-runs). Greedy outputs of every mode are checked against ``target_only``'s. Peers
+``none`` (no speculation) measured in the same run (the machine is noisy: never compare across
+runs). Greedy outputs of every mode are checked against ``none``'s. Peers
 (``peers``: Hugging Face assisted generation and prompt lookup, arctic-inference suffix
 decoding) run as extra modes. Per request, the acceptance curve and the speedup show how
 each mode follows the stream's domain shifts; ``recovery`` counts how many requests a
@@ -129,8 +129,8 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 unavailable[mode] = f"failed to warm up: {type(exc).__name__}: {exc}"
                 log(f"skipping peer {mode}: {unavailable[mode]}")
                 del decoders[mode]
-    # target_only first: it is the reference for speedups and output matching.
-    runs = {mode: ModeRun() for mode in sorted(decoders, key=lambda m: m != "target_only")}
+    # none first: it is the reference for speedups and output matching.
+    runs = {mode: ModeRun() for mode in sorted(decoders, key=lambda m: m != "none")}
     for index, (prompt, ids) in enumerate(zip(prompts, encoded, strict=True)):
         params = SamplingParams(max_tokens=prompt.max_new_tokens or config.max_new_tokens)
         for mode in list(runs):
@@ -162,8 +162,8 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 f"so that {config.streams} are live at once")  # fmt: skip
             stream_ids = [workloads.encode(target.tokenizer, p) for p in stream]
         summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log)
-    if "target_only" in runs:
-        reference = [r.token_ids for r in runs["target_only"].results]
+    if "none" in runs:
+        reference = [r.token_ids for r in runs["none"].results]
         for mode, mode_run in runs.items():
             summary["modes"][mode]["divergences"] = divergences(
                 target, encoded, prompts, reference, [r.token_ids for r in mode_run.results]
@@ -208,11 +208,11 @@ def concurrent(
 
     Fresh engines: the ones of the request stream have already learned these prompts'
     outputs. Peers decode one request at a time, so they are not in this table. An
-    output that differs from target_only's at the same number of streams is checked
+    output that differs from none's at the same number of streams is checked
     like the one-stream ones (``divergences``)."""
     ours = [m for m in config.modes if m not in peers.PEERS]
-    if "target_only" not in ours:
-        ours.insert(0, "target_only")  # the reference at the same number of streams
+    if "none" not in ours:
+        ours.insert(0, "none")  # the reference at the same number of streams
     engines = {m: our_modes.build_engine(m, target, draft, config.lookahead) for m in ours}
     try:
         result = run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
@@ -222,7 +222,7 @@ def concurrent(
     outputs = result.pop("outputs")
     for mode, entry in result["modes"].items():
         entry["divergences"] = divergences(
-            target, encoded, prompts, outputs["target_only"], outputs[mode]
+            target, encoded, prompts, outputs["none"], outputs[mode]
         )
     return result
 
@@ -234,7 +234,7 @@ def divergences(
     reference: list[list[int]],
     results: list[list[int]],
 ) -> list[dict[str, Any]]:
-    """Where a mode's greedy output first left target_only's, and the target's top-2 gap there.
+    """Where a mode's greedy output first left none's, and the target's top-2 gap there.
 
     In float32 there must be none; in bf16 a k-token verify forward and a 1-token decode
     round differently, which flips the argmax only where the top two logits nearly tie.
@@ -262,7 +262,7 @@ def divergences(
 def report(
     config: BenchConfig, prompts: list[workloads.Prompt], runs: dict[str, ModeRun]
 ) -> dict[str, Any]:
-    reference = runs.get("target_only")
+    reference = runs.get("none")
     phase_names = list(dict.fromkeys(p.phase for p in prompts))
     out: dict[str, Any] = {
         "workload": config.prompts_file or config.workload,
@@ -479,7 +479,7 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     speedup_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     speedup_ax.axhline(1.0, color="black", linewidth=0.8)
     accept_ax.set_ylabel("accepted tokens / target forward")
-    speedup_ax.set_ylabel("speedup vs target_only")
+    speedup_ax.set_ylabel("speedup vs none (no speculation)")
     speedup_ax.set_xlabel("request index (stream order)")
     accept_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     figure.suptitle(f"atlas bench: {result['workload']}, target {result['target']} "

@@ -4,11 +4,11 @@ What a busy server sees (``server/scheduler.py``): N slots, each step one target
 for every live sequence (``Engine.step_many``), and a finished request's slot taken by
 the next waiting one at once (continuous batching). Each sequence drafts and accepts on
 its own. Speculation competes with batching for the same forward, so the question is
-whether a mode keeps up with plain batched decoding (``target_only`` at the same N),
+whether a mode keeps up with plain batched decoding (mode ``none``, no speculation, at the same N),
 not with one stream.
 
 The modes take their steps in turn (one step of each, then the next), so a noisy
-machine slows all of them alike; ratios are to ``target_only`` in the same run.
+machine slows all of them alike; ratios are to mode ``none`` in the same run.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run_streams(
         for run in runs.values():
             for _, seq in run.live:
                 run.engine.release(seq)
-    base = runs.get("target_only")
+    base = runs.get("none")
     out: dict[str, Any] = {"streams": streams, "prompts": len(prompts), "modes": {}}
     # Every mode's outputs in prompt order, for a caller to check (not for the JSON).
     out["outputs"] = {
@@ -122,6 +122,6 @@ def format_streams(result: dict[str, Any]) -> str:
         lines.append(
             f"  {mode:<12} {m['tokens_per_s']:7.2f} tok/s  {speedup:>6}  "
             f"forwards {m['target_forwards']:4d}  speculated {m['speculated_share']:.0%}  "
-            f"outputs as target_only {match}"
+            f"outputs as none {match}"
         )
     return "\n".join(lines)

@@ -11,7 +11,7 @@ machine): the 0.5B draft model's forward goes from ~34 to ~31 ms, the 1.5B targe
 batched forward of 8 sequences x 4 tokens from ~450 to ~350 ms. Longer queries (a
 prompt's prefill) keep SDPA, which wins there.
 
-The target uses it in every mode (``target_only`` and the peers included), so every
+The target uses it in every mode (``none`` (no speculation) and the peers included), so every
 mode verifies against the same target; tests in float32 check they agree exactly.
 """
 
