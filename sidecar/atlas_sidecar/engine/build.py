@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.engine.controller import Controller, CostModel
+from atlas_sidecar.engine.controller import Controller, ControllerConfig, CostModel
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine
 from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
 from atlas_sidecar.engine.speculators.neural import NeuralSpeculator, load_cached
@@ -38,8 +38,9 @@ class LearningController(Controller):
         max_lookahead: int,
         costs: CostModel,
         neural: NeuralSpeculator,
+        config: ControllerConfig | None = None,
     ) -> None:
-        super().__init__(speculators, max_lookahead, costs)
+        super().__init__(speculators, max_lookahead, costs, config=config)
         self.neural = neural
 
     def draft_many(
@@ -75,8 +76,10 @@ def build_engine(
     target: CausalLMRunner | SGLangBackend,
     draft: CausalLMRunner | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    config: ControllerConfig | None = None,
 ) -> Engine:
-    """An engine for ``mode``; ``draft`` is the static speculator's model runner.
+    """An engine for ``mode``; ``draft`` is the static speculator's model runner;
+    ``config`` switches the ``atlas`` controller's corrections (default: all on).
 
     A target whose hidden states the sidecar cannot read (SGLang's, in another
     process) has no neural speculator: ``atlas`` then picks among suffix and static."""
@@ -86,7 +89,7 @@ def build_engine(
     if mode == "suffix":
         return Engine(target, tokenizer, SuffixSpeculator(), lookahead=SUFFIX_LOOKAHEAD)
     if not isinstance(target, CausalLMRunner):
-        return _remote_target_engine(mode, target, draft, lookahead)
+        return _remote_target_engine(mode, target, draft, lookahead, config)
     if mode == "neural":
         return Engine(target, tokenizer, neural_speculator(target), lookahead=lookahead)
     if mode in NEEDS_DRAFT and draft is None:
@@ -105,13 +108,18 @@ def build_engine(
             ATLAS_MAX_LOOKAHEAD,
             costs,
             neural,
+            config,
         )
         return Engine(target, tokenizer, policy=controller)
     raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
 
 
 def _remote_target_engine(
-    mode: str, target: SGLangBackend, draft: CausalLMRunner | None, lookahead: int
+    mode: str,
+    target: SGLangBackend,
+    draft: CausalLMRunner | None,
+    lookahead: int,
+    config: ControllerConfig | None,
 ) -> Engine:
     if mode not in NEEDS_DRAFT:
         raise ValueError(f"mode {mode!r} needs the target's hidden states, not available here")
@@ -124,7 +132,7 @@ def _remote_target_engine(
     costs.profile_batched(target)
     costs.profile_drafter(StaticSpeculator.name, draft)
     speculators: list[Drafter] = [SuffixSpeculator(), StaticSpeculator(draft)]
-    controller = Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs)
+    controller = Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs, config=config)
     return Engine(target, target.tokenizer, policy=controller)
 
 

@@ -20,7 +20,7 @@ import bisect
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
@@ -53,6 +53,48 @@ MODEL_REQUEST_PRIOR_TOKENS = 8.0
 STEP_PRIOR = 2.0
 
 K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The corrections the planner stacks on the drafters' own confidences, each one
+    switchable so that ``atlas bench --ablate`` can price it (tokens/s with and without,
+    side by side in one run). All on is the shipped controller.
+
+    - ``calibration``: confidences become acceptance probabilities learned per
+      speculator, evidence bucket and confidence bin (off: the confidence itself).
+    - ``optimism``: a drafter's rate before drafting gets a one-standard-deviation
+      bonus that fades with evidence, so a drafter that looked bad early is retried.
+    - ``request_blend``: estimates are scaled by how this request's drafts did
+      against them (its domain, learned live).
+    - ``gain_scaling``: plans' expected gains are scaled by what a speculator's
+      chosen plans really gained (acceptances along a draft are not independent,
+      and plans are picked because their estimate is high).
+    - ``step_goodput``: among model drafters, only the one whose steps gained most
+      tokens per second so far competes for a sequence.
+    - ``early_exit``: a model drafter stops drafting once one more token no longer
+      pays for itself, judged as its confidences arrive.
+    - ``runners_up``: a draft model's second choices are verified as siblings of its
+      chain where the plan says they pay (one sequence, greedy).
+    """
+
+    calibration: bool = True
+    optimism: bool = True
+    request_blend: bool = True
+    gain_scaling: bool = True
+    step_goodput: bool = True
+    early_exit: bool = True
+    runners_up: bool = True
+
+    @classmethod
+    def parts(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def without(self, part: str) -> ControllerConfig:
+        """This configuration with ``part`` switched off."""
+        if part not in self.parts():
+            raise ValueError(f"unknown controller part {part!r}; one of {', '.join(self.parts())}")
+        return replace(self, **{part: False})
 
 
 class CostCurve:
@@ -260,7 +302,7 @@ class AcceptanceStats:
         n = cell.accepted + cell.rejected
         return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
 
-    def rate(self, bucket: str, prior: float = 0.75) -> float:
+    def rate(self, bucket: str, prior: float = 0.75, optimism: bool = True) -> float:
         """P(accepted) for the bucket's tokens at any confidence: for planning before a draft.
 
         Optimistic by one standard deviation of the estimate: a drafter with little
@@ -270,7 +312,8 @@ class AcceptanceStats:
         rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
         n = accepted + rejected + PRIOR_STRENGTH
         mean = (accepted + PRIOR_STRENGTH * prior) / n
-        return min(mean + math.sqrt(mean * (1 - mean) / n), 1.0)
+        bonus = math.sqrt(mean * (1 - mean) / n) if optimism else 0.0
+        return min(mean + bonus, 1.0)
 
     def observe(self, bucket: str, accepted: list[float], rejected: list[float]) -> None:
         """Confidences of draft tokens the target accepted, and of ones it rejected."""
@@ -429,7 +472,9 @@ class Controller:
         max_lookahead: int,
         costs: CostModel | None = None,
         free_drafters: tuple[str, ...] = ("suffix",),
+        config: ControllerConfig | None = None,
     ) -> None:
+        self.config = config or ControllerConfig()
         self.speculators = {s.name: s for s in speculators}
         self.max_lookahead = max_lookahead
         self.costs = costs or CostModel()
@@ -458,12 +503,15 @@ class Controller:
         confidence: float | None,
     ) -> float:
         """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
+        config = self.config
         if confidence is None:
-            p = self.acceptance.rate(bucket)
-        else:
+            p = self.acceptance.rate(bucket, optimism=config.optimism)
+        elif config.calibration:
             p = self.acceptance.prob(bucket, confidence)
+        else:
+            p = min(max(confidence, 0.0), 0.99)
         memory = self._memory.get(seq_id)
-        if memory is None:
+        if memory is None or not config.request_blend:
             return p
         free = name in self.free_drafters
         return memory.blend(name, p, REQUEST_PRIOR_TOKENS if free else MODEL_REQUEST_PRIOR_TOKENS)
@@ -487,7 +535,7 @@ class Controller:
         # so every top-n set is closed under parents.
         order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
         draft_s = 0.0 if drafted else self.costs.draft_per_token(name)
-        scale = self._gain[name].scale
+        scale = self._gain[name].scale if self.config.gain_scaling else 1.0
         gains = [1.0]
         for node in order:
             gains.append(gains[-1] + min(reach[node] * scale, 1.0))
@@ -593,7 +641,7 @@ class Controller:
         with the free drafters' and with drafting nothing, as before. While a model
         drafter has no steps yet, all their plans compete (so each gets tried)."""
         models = [o for o in options if o[0].speculator not in self.free_drafters]
-        if len(models) < 2:
+        if len(models) < 2 or not self.config.step_goodput:
             return options
         memory = self._memory.get(seq_id)
         rates: dict[str, float] = {}
@@ -615,7 +663,8 @@ class Controller:
         name = plan.speculator
         if name in self.free_drafters:
             drafted = min(len(draft.tokens), len(plan.gains) - 1)
-            return (plan.gains[drafted] - 1.0) / self._gain[name].scale
+            scale = self._gain[name].scale if self.config.gain_scaling else 1.0
+            return (plan.gains[drafted] - 1.0) / scale
         probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
         return sum(path_probs(probs, draft.chain_parents()))
 
@@ -638,11 +687,15 @@ class Controller:
                 if batch == 1:
                     lookahead = min(requests[i].lookahead, self.max_lookahead)
                 request = _with_lookahead(requests[i], lookahead)
-                request.keep_going = self._early_exit(request.seq_id, name, batch, lookahead)
+                if self.config.early_exit:
+                    request.keep_going = self._early_exit(request.seq_id, name, batch, lookahead)
+                elif batch == 1:
+                    request = _with_lookahead(request, chosen[i][0].lookahead)
                 planned.append(request)
             for i, draft in zip(picked, self._propose(name, planned), strict=True):
                 draft.bucket = draft.bucket or name
-                if batch == 1 and requests[i].params.greedy and draft.runners_up:
+                runners_up = self.config.runners_up and draft.runners_up
+                if batch == 1 and requests[i].params.greedy and runners_up:
                     draft = self._add_runners_up(requests[i].seq_id, name, draft)
                 chosen[i] = (chosen[i][0], draft)
 
