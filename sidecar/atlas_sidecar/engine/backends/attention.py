@@ -2,14 +2,12 @@
 
 Decoding feeds one token per forward (a draft model's every token, the target's own
 steps) and verification a few. There, PyTorch's CPU SDPA costs far more than the
-problem: 0.2-0.6 ms a layer for one query (its flash kernel with ``enable_gqa``), and
-with a mask (a tree, or sequences padded side by side in a batch) Hugging Face repeats
-the keys per query head first: 1.4-2.5 ms a layer for 4-8 queries. Grouping the query
-heads that share a key/value head into one matrix and doing two small matmuls costs
-0.06-0.5 ms for 1-16 queries (300-800 cached tokens, Qwen2.5-Coder shapes, 2-core dev
-machine): the 0.5B draft model's forward goes from ~34 to ~31 ms, the 1.5B target's
-batched forward of 8 sequences x 4 tokens from ~450 to ~350 ms. Longer queries (a
-prompt's prefill) keep SDPA, which wins there.
+problem, and with a mask (a tree, or sequences padded side by side in a batch) Hugging
+Face repeats the keys per query head first. Grouping the query heads that share a
+key/value head into one matrix and doing two small matmuls is cheaper for up to
+``MAX_QUERY`` queries, in draft and target forwards alike. Longer queries (a prompt's
+prefill) keep SDPA, which wins there. Figures: docs/design-notes.md, "Backends and
+kernels".
 
 The target uses it in every mode (``none`` (no speculation) and the peers included), so every
 mode verifies against the same target; tests in float32 check they agree exactly.
@@ -24,7 +22,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "atlas_grouped"
-MAX_QUERY = 16  # query tokens up to which the grouped matmuls beat SDPA (measured)
+MAX_QUERY = 16  # query tokens up to which the grouped matmuls beat SDPA (design notes)
 
 
 def grouped_attention(

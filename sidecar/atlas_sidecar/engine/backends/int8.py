@@ -2,15 +2,14 @@
 
 A draft model decodes one token per forward, so on a CPU its cost is reading every
 weight once: memory bandwidth. Int8 weights with one scale per output channel halve
-that (Qwen2.5-Coder-0.5B on the 2-core dev machine: 51 -> 24 ms a token, the same
-greedy token on every position checked). Only ever for drafts: the target's weights
-are untouched, and verification keeps the output exactly the target's.
+that, with the same greedy token (figures: docs/design-notes.md, "Backends and
+kernels"). Only ever for drafts: the target's weights are untouched, and verification
+keeps the output exactly the target's.
 
 The int8 kernel only wins while a forward has few rows: a prefill or cache catch-up of
-many tokens is compute-bound, where it is several times slower than the native matmul
-(128 tokens: 1.1 s against 0.19 s). So each layer keeps its native weight as well and
-uses it above ``INT8_MAX_ROWS`` rows: more memory (1.5x the native weights), never a
-slower forward.
+many tokens is compute-bound, where it is several times slower than the native matmul.
+So each layer keeps its native weight as well and uses it above ``INT8_MAX_ROWS`` rows:
+more memory (1.5x the native weights), never a slower forward.
 """
 
 from __future__ import annotations

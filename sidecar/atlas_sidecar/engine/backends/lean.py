@@ -1,14 +1,14 @@
 """A lean decode forward for Qwen2-family draft models on the CPU.
 
-A draft model feeds one token per forward, and on the 2-core dev machine its weights
-take ~15.6 ms a token to read (int8, ``int8.py``) while the Hugging Face forward around
-them takes ~25 ms: the rest is ~1,000 small operations, module calls and mask set-up
-per token. This forward runs the same layers with less of it: the q/k/v projections as
-one int8 matmul and gate/up as another (their int8 rows concatenated, the modules'
-own weights becoming views of them, so no memory is added), the rotary embedding once
-for queries and keys together, and attention per sequence on its own tokens, with no
-padding and no 4D mask (``attention.py``'s grouped matmuls). Several sequences share
-every matmul (their tokens are rows).
+A draft model feeds one token per forward, so reading its weights (int8, ``int8.py``)
+should be the whole cost; on the CPU the Hugging Face forward around them costs more
+than the weights do, in many small operations, module calls and mask set-up per token
+(figures: docs/design-notes.md, "Backends and kernels"). This forward runs the same
+layers with less of it: the q/k/v projections as one int8 matmul and gate/up as another
+(their int8 rows concatenated, the modules' own weights becoming views of them, so no
+memory is added), the rotary embedding once for queries and keys together, and attention
+per sequence on its own tokens, with no padding and no 4D mask (``attention.py``'s
+grouped matmuls). Several sequences share every matmul (their tokens are rows).
 
 Only for drafts, and only for chains of a few tokens (a draft step, a cache catch-up):
 anything else, and every target forward, stays on Hugging Face's forward, so the target

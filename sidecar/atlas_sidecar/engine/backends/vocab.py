@@ -1,8 +1,8 @@
 """A draft model's LM head over the part of the vocabulary that traffic uses.
 
-A small draft model spends a large share of each drafted token in its LM head: on
-Qwen2.5-Coder-0.5B (151,936 rows of 896, int8) it is about a fifth of a token's cost on
-the 2-core dev machine (53 ms a token with it, 44 ms with this head). A draft token only
+A small draft model spends a large share of each drafted token in its LM head (a
+vocabulary of ~150k rows against a hidden size under 1k; figures: docs/design-notes.md,
+"Backends and kernels"). A draft token only
 helps when the target picks it, and the target's picks in practice come from a few tens
 of thousands of tokens: the lowest ids (byte-level BPE merges come roughly in order of
 frequency), the end-of-sequence tokens, and whatever the served prompts and outputs
