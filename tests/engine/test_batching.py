@@ -7,6 +7,7 @@ import torch
 
 from atlas_sidecar.engine.backends.base import ForwardItem
 from atlas_sidecar.engine.build import build_engine
+from atlas_sidecar.engine.capabilities import SpeculatorCapabilities
 from atlas_sidecar.engine.core import Engine
 from atlas_sidecar.engine.sampling import SamplingParams
 from atlas_sidecar.engine.speculators.base import Draft
@@ -90,6 +91,10 @@ class TreeDrafter:
     """Drafts a two-branch tree whose SECOND branch is the target's real continuation."""
 
     name = "tree"
+    capabilities = SpeculatorCapabilities(drafts_trees=True)
+
+    def rollback(self, seq_id, context):
+        pass
 
     def __init__(
         self, continuation: dict[tuple[int, ...], list[int]], default: list[int] | None = None

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from atlas_sidecar.engine.capabilities import STATIC, SUFFIX
 from atlas_sidecar.engine.controller import (
     DECAY,
     GAIN_PRIOR_TOKENS,
@@ -23,6 +24,7 @@ class ScriptedDrafter:
     """Proposes a fixed draft with fixed confidences (free, like the suffix index)."""
 
     name = "suffix"
+    capabilities = SUFFIX
 
     def __init__(
         self, tokens: list[int], confidences: list[float], parents: list[int] | None = None
@@ -32,6 +34,9 @@ class ScriptedDrafter:
     def propose(self, requests):
         return [self.draft.subset(list(range(min(r.lookahead, len(self.draft.tokens)))))
                 for r in requests]  # fmt: skip
+
+    def rollback(self, seq_id, context):
+        pass
 
     def release(self, seq_id):
         pass
@@ -279,12 +284,16 @@ class PerSequenceDrafter:
     """A free drafter with a fixed draft per sequence."""
 
     name = "suffix"
+    capabilities = SUFFIX
 
     def __init__(self, drafts: dict[str, Draft]) -> None:
         self.drafts = drafts
 
     def propose(self, requests):
         return [self.drafts[r.seq_id] for r in requests]
+
+    def rollback(self, seq_id, context):
+        pass
 
     def release(self, seq_id):
         pass
@@ -320,6 +329,7 @@ class ScriptedModelDrafter:
     the controller's early exit says so, and records how far it went."""
 
     name = "static"
+    capabilities = STATIC
 
     def __init__(self, confidences: list[float]) -> None:
         self.confidences = confidences
@@ -337,6 +347,9 @@ class ScriptedModelDrafter:
             self.lengths.append(len(draft.tokens))
             drafts.append(draft)
         return drafts
+
+    def rollback(self, seq_id, context):
+        pass
 
     def release(self, seq_id):
         pass

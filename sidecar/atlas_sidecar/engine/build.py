@@ -6,6 +6,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.capabilities import (
+    CONTROLLER,
+    MODES,
+    NO_SPECULATOR,
+    SPECULATORS,
+    needs_draft_model,
+    usable,
+)
 from atlas_sidecar.engine.controller import Controller, ControllerConfig, CostModel
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine
 from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
@@ -17,8 +25,8 @@ from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
 ATLAS_MAX_LOOKAHEAD = 32
-MODES = ("none", "static", "suffix", "neural", "atlas")
-NEEDS_DRAFT = frozenset({"static", "atlas"})
+# The modes that must have a draft model loaded, from the speculators' capabilities.
+NEEDS_DRAFT = frozenset(mode for mode in MODES if needs_draft_model(mode))
 
 if TYPE_CHECKING:
     from atlas_sidecar.engine.backends.sglang import SGLangBackend
@@ -78,62 +86,60 @@ def build_engine(
     lookahead: int = DEFAULT_LOOKAHEAD,
     config: ControllerConfig | None = None,
 ) -> Engine:
-    """An engine for ``mode``; ``draft`` is the static speculator's model runner;
-    ``config`` switches the ``atlas`` controller's corrections (default: all on).
-
-    A target whose hidden states the sidecar cannot read (SGLang's, in another
-    process) has no neural speculator: ``atlas`` then picks among suffix and static."""
-    tokenizer = target.tokenizer
-    if mode == "none":
-        return Engine(target, tokenizer)
-    if mode == "suffix":
-        return Engine(target, tokenizer, SuffixSpeculator(), lookahead=SUFFIX_LOOKAHEAD)
-    if not isinstance(target, CausalLMRunner):
-        return _remote_target_engine(mode, target, draft, lookahead, config)
-    if mode == "neural":
-        return Engine(target, tokenizer, neural_speculator(target), lookahead=lookahead)
-    if mode in NEEDS_DRAFT and draft is None:
+    """An engine for ``mode``: ``none``, one speculator of ``SPECULATORS``, or ``atlas``
+    (the controller over every speculator the target and the loaded models allow).
+    ``draft`` is the draft model's runner; ``config`` switches the controller's
+    corrections (default: all on)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if needs_draft_model(mode) and draft is None:
         raise ValueError(f"mode {mode!r} needs a draft model")
-    assert draft is not None
-    if mode == "static":
-        return Engine(target, tokenizer, StaticSpeculator(draft), lookahead=lookahead)
-    if mode == "atlas":
-        neural = neural_speculator(target)
-        costs = CostModel()
-        costs.profile(target)
-        costs.profile_batched(target)
-        costs.profile_drafter(StaticSpeculator.name, draft)
-        controller = LearningController(
-            [SuffixSpeculator(), StaticSpeculator(draft), neural],
-            ATLAS_MAX_LOOKAHEAD,
-            costs,
-            neural,
-            config,
-        )
-        return Engine(target, tokenizer, policy=controller)
-    raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    if mode == NO_SPECULATOR:
+        return Engine(target, target.tokenizer)
+    if mode != CONTROLLER:
+        if not usable(mode, target.capabilities, draft is not None):
+            raise ValueError(f"mode {mode!r} needs the target's hidden states, not available here")
+        speculator = _speculator(mode, target, draft)
+        reach = SUFFIX_LOOKAHEAD if speculator.capabilities.free else lookahead
+        return Engine(target, target.tokenizer, speculator, lookahead=reach)
+    names = [n for n in SPECULATORS if usable(n, target.capabilities, draft is not None)]
+    speculators = [_speculator(name, target, draft) for name in names]
+    return Engine(target, target.tokenizer, policy=_controller(target, draft, speculators, config))
 
 
-def _remote_target_engine(
-    mode: str,
-    target: SGLangBackend,
+def _speculator(
+    name: str, target: CausalLMRunner | SGLangBackend, draft: CausalLMRunner | None
+) -> Drafter:
+    if name == "suffix":
+        return SuffixSpeculator()
+    if name == "static":
+        assert draft is not None
+        return StaticSpeculator(draft)
+    assert name == "neural" and isinstance(target, CausalLMRunner)
+    return neural_speculator(target)
+
+
+def _controller(
+    target: CausalLMRunner | SGLangBackend,
     draft: CausalLMRunner | None,
-    lookahead: int,
+    speculators: list[Drafter],
     config: ControllerConfig | None,
-) -> Engine:
-    if mode not in NEEDS_DRAFT:
-        raise ValueError(f"mode {mode!r} needs the target's hidden states, not available here")
-    if draft is None:
-        raise ValueError(f"mode {mode!r} needs a draft model")
-    if mode == "static":
-        return Engine(target, target.tokenizer, StaticSpeculator(draft), lookahead=lookahead)
+) -> Controller:
+    """The controller over ``speculators``, its costs profiled on the loaded models (a
+    drafter of unknown cost would look free and be picked for everything at first)."""
     costs = CostModel()
     costs.profile(target)
     costs.profile_batched(target)
-    costs.profile_drafter(StaticSpeculator.name, draft)
-    speculators: list[Drafter] = [SuffixSpeculator(), StaticSpeculator(draft)]
-    controller = Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs, config=config)
-    return Engine(target, target.tokenizer, policy=controller)
+    for speculator in speculators:
+        if speculator.capabilities.needs_draft_model:
+            assert draft is not None
+            costs.profile_drafter(speculator.name, draft)
+    neural = [s for s in speculators if isinstance(s, NeuralSpeculator)]
+    if neural:
+        return LearningController(
+            speculators, ATLAS_MAX_LOOKAHEAD, costs, neural[0], config
+        )
+    return Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs, config=config)
 
 
 def neural_learners(engine: Engine) -> list[OnlineLearner]:
@@ -141,12 +147,9 @@ def neural_learners(engine: Engine) -> list[OnlineLearner]:
 
     A benchmark that wants the learning a server does in its idle time between requests
     calls ``wait_idle()`` on each after a request, and reports their ``stats()``."""
-    policy = engine.policy
-    drafters = list(getattr(policy, "speculators", {}).values())
-    drafters.append(getattr(policy, "speculator", None))
     return [
         d.learner
-        for d in drafters
+        for d in engine.policy.drafters()
         if isinstance(d, NeuralSpeculator) and isinstance(d.learner, OnlineLearner)
     ]
 

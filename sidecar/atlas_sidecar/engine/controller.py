@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
-from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest, rollback_drafter
+from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
 
 EWMA = 0.2  # weight of a new cost sample
 # Per observation: old acceptance evidence fades, so drift is followed. A cell's
@@ -471,7 +471,6 @@ class Controller:
         speculators: list[Drafter],
         max_lookahead: int,
         costs: CostModel | None = None,
-        free_drafters: tuple[str, ...] = ("suffix",),
         config: ControllerConfig | None = None,
     ) -> None:
         self.config = config or ControllerConfig()
@@ -480,7 +479,7 @@ class Controller:
         self.costs = costs or CostModel()
         self.acceptance = AcceptanceStats()
         # Drafters cheap enough to always ask for a full-length draft, then cut it.
-        self.free_drafters = free_drafters
+        self.free_drafters = tuple(s.name for s in speculators if s.capabilities.free)
         self._memory: dict[str, _SequenceMemory] = {}
         # A free drafter's whole draft of the last step, per sequence: scored against
         # what the target then produced, whether or not it was chosen (_score_shadows).
@@ -844,7 +843,10 @@ class Controller:
         that pick drafts, which the target verifies, so no output changes."""
         self._expected.pop(seq_id, None)
         for speculator in self.speculators.values():
-            rollback_drafter(speculator, seq_id, context)
+            speculator.rollback(seq_id, context)
+
+    def drafters(self) -> list[Drafter]:
+        return list(self.speculators.values())
 
     def release(self, seq_id: str) -> None:
         self._memory.pop(seq_id, None)
@@ -882,6 +884,9 @@ class FixedPolicy:
             out[i] = (self.name, draft)
         return out
 
+    def drafters(self) -> list[Drafter]:
+        return [self.speculator] if self.speculator is not None else []
+
     def observe(self, *args: object) -> None:
         pass
 
@@ -890,7 +895,7 @@ class FixedPolicy:
 
     def rollback(self, seq_id: str, context: list[int]) -> None:
         if self.speculator is not None:
-            rollback_drafter(self.speculator, seq_id, context)
+            self.speculator.rollback(seq_id, context)
 
     def release(self, seq_id: str) -> None:
         if self.speculator is not None:

@@ -285,7 +285,7 @@ class Engine:
                 f"{len(prompt_ids)} tokens exceed the context of {self.target.max_context}",
             )
         params.validate(max_new_tokens=room)
-        if not params.greedy and not getattr(self.target, "exact_logits", True):
+        if not params.greedy and not self.target.capabilities.exact_logits:
             raise RequestError(
                 "temperature",
                 "this target backend verifies greedy decoding only (temperature 0): "
@@ -473,7 +473,7 @@ class Engine:
             ):
                 drafts[i] = (name, _sanitize(
                     draft, seqs[i], self.target.vocab_size,
-                    getattr(self.target, "supports_trees", True),
+                    self.target.capabilities.verifies_trees,
                 ))  # fmt: skip
         return drafts
 
@@ -518,7 +518,7 @@ def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
 def _sanitize(draft: Draft, seq: Sequence, vocab: int, trees: bool = True) -> Draft:
     """A draft the target can verify: tokens of its vocabulary, within the room left,
     and a chain when sampling (multi-branch rejection sampling is not done here) or when
-    the target cannot verify trees (``supports_trees = False``, e.g. SGLang)."""
+    the target cannot verify trees (``capabilities.verifies_trees``: not SGLang)."""
     if not seq.params.greedy or not trees:
         draft = draft.main_chain()
     room = seq.params.max_tokens - len(seq.output) - 1

@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from atlas_sidecar.engine.capabilities import TargetCapabilities
+
 
 @dataclass
 class ForwardItem:
@@ -31,6 +33,7 @@ class TargetBackend(Protocol):
     ``truncate`` rolls the cache back to a length, dropping rejected draft tokens.
     """
 
+    capabilities: TargetCapabilities
     vocab_size: int
     max_context: int
     eos_token_ids: frozenset[int]

@@ -19,10 +19,11 @@ rest. Its ``meta_info.input_top_logprobs`` then has n entries: entry 0 is None, 
 greedy verification needs.
 
 The rows returned are not logits: each holds the chosen token's logprob and -inf
-elsewhere, so only the argmax is meaningful (``exact_logits = False``). The engine
+elsewhere, so only the argmax is meaningful (``capabilities.exact_logits`` is False). The engine
 therefore refuses sampled requests on this backend rather than sample from a wrong
-distribution, and reduces tree drafts to their main chain (``supports_trees = False``):
-SGLang's /generate verifies one token path per request, not a tree.
+distribution, and reduces tree drafts to their main chain
+(``capabilities.verifies_trees`` is False): SGLang's /generate verifies one token
+path per request, not a tree.
 
 Faults: every call has a timeout and idempotent calls (all of them: a greedy
 one-token generate on a given prefix answers the same) are retried a bounded number of
@@ -49,6 +50,7 @@ from urllib.parse import urlsplit
 import torch
 
 from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.capabilities import TargetCapabilities
 from atlas_sidecar.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -116,8 +118,11 @@ def target_spec(ref: str) -> TargetSpec:
 class SGLangBackend:
     """A ``TargetBackend`` over SGLang's native HTTP API, for greedy chains."""
 
-    supports_trees = False  # SGLang verifies one token path per request
-    exact_logits = False  # rows carry the target's argmax only: greedy requests only
+    # SGLang verifies one token path per request, its rows carry the target's argmax
+    # only (greedy requests only), and its hidden states live in another process.
+    capabilities = TargetCapabilities(
+        verifies_trees=False, exact_logits=False, exposes_features=False
+    )
 
     def __init__(
         self,
@@ -226,7 +231,7 @@ class SGLangBackend:
             return []
         for item in items:
             if item.parents is not None:
-                raise ValueError("the SGLang backend verifies chains only (supports_trees)")
+                raise ValueError("the SGLang backend verifies chains only")
             if item.seq_id in self._poisoned:
                 raise SGLangUnavailable(f"sequence {item.seq_id}: an earlier SGLang call failed")
             if not item.tokens:
@@ -262,7 +267,7 @@ class SGLangBackend:
         del tokens[length:]
 
     def keep(self, seq_id: str, prefix: int, path: list[int]) -> None:
-        raise NotImplementedError("the SGLang backend verifies chains only (supports_trees)")
+        raise NotImplementedError("the SGLang backend verifies chains only")
 
     def cached_len(self, seq_id: str) -> int:
         return len(self._tokens[seq_id])

@@ -19,6 +19,7 @@ from atlas_sidecar.engine.backends import lean
 from atlas_sidecar.engine.backends.attention import use_grouped_attention
 from atlas_sidecar.engine.backends.base import ForwardItem
 from atlas_sidecar.engine.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
+from atlas_sidecar.engine.capabilities import TargetCapabilities
 
 DEFAULT_MAX_SEQUENCES = 256
 # An LM head: final hidden states [..., hidden] -> logits [..., vocab].
@@ -87,6 +88,8 @@ class CausalLMRunner:
     tokens. With ``record_hidden``, the final hidden state of every cached token is
     kept too (what a neural drafter learns from).
     """
+
+    capabilities = TargetCapabilities()  # in-process: trees, full logits, hidden states
 
     def __init__(
         self,

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from atlas_sidecar.engine.capabilities import SpeculatorCapabilities
 from atlas_sidecar.engine.sampling import SamplingParams
 
 
@@ -111,23 +112,18 @@ class Draft:
 
 class Drafter(Protocol):
     name: str
+    capabilities: SpeculatorCapabilities
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]: ...
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """Undo a failed step: keep no state for ``seq_id`` past ``context`` (the
+        sequence's accepted tokens as the step began), so the step can be retried as if
+        it had never run. A drafter whose state only follows the accepted context (the
+        suffix index; the neural head, which reads the target's own rolled-back hidden
+        states) has nothing to undo."""
+        ...
 
     def release(self, seq_id: str) -> None:
         """Forget a finished sequence's state."""
         ...
-
-
-def rollback_drafter(drafter: Drafter, seq_id: str, context: list[int]) -> None:
-    """Undo a failed step: the drafter keeps no state for ``seq_id`` past ``context``
-    (the sequence's accepted tokens, as the step began), and any state it holds is
-    consistent again, so the step can be retried as if it had never run.
-
-    A drafter that keeps per-sequence state beyond the accepted tokens (a draft model's
-    KV cache of drafted tokens) defines ``rollback(seq_id, context)``; one whose state
-    only ever follows the accepted context (the suffix index, the neural head, which
-    reads the target's own rolled-back hidden states) needs none."""
-    hook = getattr(drafter, "rollback", None)
-    if hook is not None:
-        hook(seq_id, context)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.capabilities import NEURAL
 from atlas_sidecar.engine.sampling import probs_from_logits
 from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
 from atlas_sidecar.models import atlas_home
@@ -171,6 +172,7 @@ def default_weights_path(identity: TargetIdentity) -> Path:
 
 class NeuralSpeculator:
     name = "neural"
+    capabilities = NEURAL
 
     def __init__(
         self,
@@ -343,6 +345,10 @@ class NeuralSpeculator:
                 q = torch.zeros(len(rows), self.target.vocab_size, dtype=torch.float32)
                 q[:, weights.vocab] = torch.stack(rows).cpu()
                 drafts[i].probs = q
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """Nothing to undo: drafts read the target's hidden states, which the engine
+        rolls back itself."""
 
     def release(self, seq_id: str) -> None:
         """Forget the sequence; hand its tokens and the target's features to the learner.

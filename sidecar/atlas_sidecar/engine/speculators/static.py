@@ -14,6 +14,7 @@ import torch
 from atlas_sidecar.engine.backends.base import ForwardItem
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.backends.vocab import DraftVocabulary
+from atlas_sidecar.engine.capabilities import STATIC
 from atlas_sidecar.engine.sampling import probs_from_logits
 from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
 
@@ -31,6 +32,7 @@ STEADY_SYNC_TOKENS = 33  # a step's accepted tokens (lookahead 32) plus the targ
 
 class StaticSpeculator:
     name = "static"
+    capabilities = STATIC
 
     def __init__(self, runner: CausalLMRunner) -> None:
         self.runner = runner

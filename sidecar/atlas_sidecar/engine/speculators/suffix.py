@@ -24,6 +24,7 @@ from array import array
 from collections import Counter, deque
 from dataclasses import dataclass
 
+from atlas_sidecar.engine.capabilities import SUFFIX
 from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
 
 MAX_NGRAM = 8
@@ -185,6 +186,7 @@ class _Local:
 
 class SuffixSpeculator:
     name = "suffix"
+    capabilities = SUFFIX
 
     def __init__(
         self,
@@ -204,6 +206,9 @@ class SuffixSpeculator:
 
     def propose(self, requests: list[DraftRequest]) -> list[Draft]:
         return [self._propose_one(r) for r in requests]
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        """Nothing to undo: the index only ever holds accepted tokens."""
 
     def release(self, seq_id: str) -> None:
         """The request ended: its tokens become global evidence for the ones after it."""
