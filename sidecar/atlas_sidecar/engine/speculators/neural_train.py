@@ -553,12 +553,12 @@ def warm_start_texts(
     answers: without them the head sees almost no chat replies)."""
     texts: list[list[int]] = []
     for key, language in (("humaneval", "Python"), ("humaneval-rust", "Rust")):
-        for row in workloads._read_jsonl(workloads.SOURCES[key])[skip:]:
-            (_, user), = workloads._code_prompt(language, row["prompt"])  # fmt: skip
+        for row in workloads.read_jsonl(workloads.SOURCES[key])[skip:]:
+            (_, user), = workloads.code_prompt(language, row["prompt"])  # fmt: skip
             code = row["prompt"].rstrip() + "\n" + row["canonical_solution"]
             reply = f"```{language.lower()}\n{code.strip()}\n```"
             texts.append(_assistant_text(tokenizer, user, reply))
-    for row in workloads._read_jsonl(workloads.SOURCES["mtbench"])[skip:]:
+    for row in workloads.read_jsonl(workloads.SOURCES["mtbench"])[skip:]:
         references = row.get("reference") or []
         for i, turn in enumerate(row["turns"]):
             reply = references[i] if i < len(references) else ""
