@@ -106,7 +106,7 @@ def test_plans_that_keep_gaining_less_than_expected_are_discounted_to_what_they_
     controller = Controller([ScriptedDrafter([7] * 8, [0.9] * 8)], 16, costs(0.001))
     name, draft = controller.draft(request())
     assert name == "suffix" and len(draft.tokens) == 8
-    expected = controller._expected["s"][1]  # about 5 of the 8 tokens, say the estimates
+    expected = controller.sequences["s"].planned[1]  # about 5 of the 8 tokens, say the estimates
     for _ in range(300):
         controller.observe("s", name, draft, path=[0])  # the target takes one every time
         name, draft = controller.draft(request())
@@ -115,7 +115,7 @@ def test_plans_that_keep_gaining_less_than_expected_are_discounted_to_what_they_
     n = sum(DECAY**k for k in range(300))
     settled = (n + GAIN_PRIOR_TOKENS) / (n * expected + GAIN_PRIOR_TOKENS)
     assert controller._gain["suffix"].scale == pytest.approx(settled)
-    assert controller._expected["s"][1] == pytest.approx(expected)
+    assert controller.sequences["s"].planned[1] == pytest.approx(expected)
 
 
 def test_confident_draft_is_taken_in_full_when_verification_is_cheap():
@@ -236,7 +236,7 @@ def test_a_shadow_is_scored_only_as_far_as_the_target_has_gone():
     cell = controller.acceptance._cells[("suffix", 9)]
     assert (cell.accepted, cell.rejected) == (1.0, 0.0)
     controller.release("s")
-    assert controller._shadows == {}
+    assert controller.sequences == {}
 
 
 class SleepyModel:
@@ -342,7 +342,7 @@ class ScriptedModelDrafter:
             for confidence in self.confidences[: r.lookahead]:
                 draft.tokens.append(7)
                 draft.confidences.append(confidence)
-                if r.keep_going is not None and not r.keep_going(draft.confidences):
+                if r.stop is not None and not r.stop.keep_going(draft.confidences):
                     break
             self.lengths.append(len(draft.tokens))
             drafts.append(draft)

@@ -19,12 +19,12 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
 from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.engine.stoprule import Calibration, StopRule
 
 EWMA = 0.2  # weight of a new cost sample
 # Per observation: old acceptance evidence fades, so drift is followed. A cell's
@@ -366,23 +366,36 @@ class _Steps:
 
 
 @dataclass
-class _SequenceMemory:
-    """A request's own acceptance so far, per speculator: its domain, learned live."""
+class SequenceState:
+    """All the controller keeps for one sequence in flight, released as one.
+
+    Its own acceptance so far per speculator (its domain, learned live), its model
+    drafters' steps, the expectation of its last plan, and each free drafter's last
+    whole draft (its shadow, scored against what the target produced next)."""
 
     accepted: dict[str, float] = field(default_factory=dict)
     # The global estimates summed over the same tokens (what the request would have
     # accepted were it like the traffic before it).
     expected: dict[str, float] = field(default_factory=dict)
     steps: dict[str, _Steps] = field(default_factory=dict)
+    # The speculator of the last plan and the draft tokens it expected to gain.
+    planned: tuple[str, float] | None = None
+    # Per free drafter: (context length when drafted, its whole draft).
+    shadows: dict[str, tuple[int, Draft]] = field(default_factory=dict)
 
     def blend(self, name: str, p: float, prior: float) -> float:
         """``p`` (the global estimate) scaled by the request's accepted / expected, so a
         speculator's confidences keep their order (a confident token of a drafter doing
         well here stays likelier than its pooled rate: long confident drafts go on)."""
+        ratio = self.ratio(name, prior)
+        return p if ratio is None else min(p * ratio, 0.99)
+
+    def ratio(self, name: str, prior: float) -> float | None:
+        """Accepted / expected for ``name``'s drafts here (capped), None before any."""
         if name not in self.expected:
-            return p
+            return None
         ratio = (self.accepted.get(name, 0.0) + prior) / (self.expected[name] + prior)
-        return min(p * min(ratio, MAX_GAIN_SCALE), 0.99)
+        return min(ratio, MAX_GAIN_SCALE)
 
 
 @dataclass
@@ -480,19 +493,17 @@ class Controller:
         self.acceptance = AcceptanceStats()
         # Drafters cheap enough to always ask for a full-length draft, then cut it.
         self.free_drafters = tuple(s.name for s in speculators if s.capabilities.free)
-        self._memory: dict[str, _SequenceMemory] = {}
-        # A free drafter's whole draft of the last step, per sequence: scored against
-        # what the target then produced, whether or not it was chosen (_score_shadows).
-        self._shadows: dict[str, dict[str, tuple[int, Draft]]] = {}
+        self.sequences: dict[str, SequenceState] = {}
         self.choices: dict[str, int] = {}
         self._gain = {name: _GainCalibration() for name in self.speculators}
         self._steps = {name: _Steps() for name in self.speculators}
-        # Per sequence: the speculator of its last plan and the draft tokens it expected.
-        self._expected: dict[str, tuple[str, float]] = {}
 
     @property
     def name(self) -> str:
         return "atlas"
+
+    def _state(self, seq_id: str) -> SequenceState:
+        return self.sequences.setdefault(seq_id, SequenceState())
 
     def _accept_prob(
         self,
@@ -509,7 +520,7 @@ class Controller:
             p = self.acceptance.prob(bucket, confidence)
         else:
             p = min(max(confidence, 0.0), 0.99)
-        memory = self._memory.get(seq_id)
+        memory = self.sequences.get(seq_id)
         if memory is None or not config.request_blend:
             return p
         free = name in self.free_drafters
@@ -574,62 +585,106 @@ class Controller:
     def draft_many(
         self, requests: list[DraftRequest], batch_size: int | None = None
     ) -> list[tuple[str, Draft]]:
-        """Plan every sequence of a batch; each model drafter runs once for all its picks."""
+        """Plan every sequence of a batch, then draft: each chosen model drafter runs
+        once for all its sequences. Returns (speculator, draft) per sequence."""
         batch = batch_size or len(requests)
-        chosen: list[tuple[Plan, Draft]] = []
-        free: dict[str, list[Draft]] = {}
         for request in requests:
             self._score_shadows(request)
-        for name in self.free_drafters:
-            if name in self.speculators:
-                free[name] = self._propose(name, [
-                    _with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests
-                ], per_call=True)  # fmt: skip
-                for request, draft in zip(requests, free[name], strict=True):
-                    if draft.tokens:
-                        shadows = self._shadows.setdefault(request.seq_id, {})
-                        shadows[name] = (len(request.context), draft)
-        for i, request in enumerate(requests):
-            cap = min(request.lookahead, self.max_lookahead)
-            best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
-            if cap > 0:
-                options = []
-                for name in self.speculators:
-                    if name in free:
-                        draft = free[name][i]
-                        probs = [
-                            self._accept_prob(request.seq_id, name, draft.bucket or name, c)
-                            for c in draft.confidences
-                        ]
-                        plan = self._best_cut(name, probs, draft.chain_parents(), cap, batch)
-                    else:
-                        # A model drafter pays per token: plan from its typical acceptance.
-                        typical = self._accept_prob(request.seq_id, name, name, None)
-                        chain = list(range(-1, cap - 1))
-                        plan = self._best_cut(name, [typical] * cap, chain, cap, batch)
-                        draft = Draft.empty()
-                    options.append((plan, draft))
-                if batch == 1:
-                    options = self._one_model_drafter(request.seq_id, options)
-                for plan, draft in options:
-                    if plan.goodput > best.goodput and plan.lookahead > 0:
-                        best, best_draft = plan, draft
-            chosen.append((best, best_draft))
-        if batch > 1:
-            plans = self._share_width([plan for plan, _ in chosen], batch)
-            chosen = [(plan, draft) for plan, (_, draft) in zip(plans, chosen, strict=True)]
-        # A free drafter's plan keeps the nodes it chose of its draft (a model drafter's
-        # draft is made to the plan's length below).
+        free = self._free_drafts(requests)
         chosen = [
-            (plan, draft.subset(plan.nodes) if plan.speculator in free else Draft.empty())
-            for plan, draft in chosen
+            self._choose(request, {name: drafts[i] for name, drafts in free.items()}, batch)
+            for i, request in enumerate(requests)
         ]
-        self._run_model_drafters(requests, chosen, batch)
-        for request, (plan, draft) in zip(requests, chosen, strict=True):
+        plans = [plan for plan, _ in chosen]
+        if batch > 1:
+            plans = self._share_width(plans, batch)
+        drafts = self._drafts(requests, plans, [draft for _, draft in chosen], batch)
+        for request, plan, draft in zip(requests, plans, drafts, strict=True):
             if draft.tokens:  # what the estimates expected before this calibration scaled them
                 expected = self._expectation(request.seq_id, plan, draft)
-                self._expected[request.seq_id] = (plan.speculator, expected)
-        return [(self._chose(plan), draft) for plan, draft in chosen]
+                self._state(request.seq_id).planned = (plan.speculator, expected)
+        return [(self._chose(plan), draft) for plan, draft in zip(plans, drafts, strict=True)]
+
+    def _free_drafts(self, requests: list[DraftRequest]) -> dict[str, list[Draft]]:
+        """Each free drafter's full-length draft for every sequence, each kept as that
+        drafter's shadow (scored next step whether or not it is chosen)."""
+        free: dict[str, list[Draft]] = {}
+        for name in self.free_drafters:
+            asked = [_with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests]
+            free[name] = self._propose(name, asked, per_call=True)
+            for request, draft in zip(requests, free[name], strict=True):
+                if draft.tokens:
+                    self._state(request.seq_id).shadows[name] = (len(request.context), draft)
+        return free
+
+    def _choose(
+        self, request: DraftRequest, free: dict[str, Draft], batch: int
+    ) -> tuple[Plan, Draft]:
+        """One sequence's best plan, drafting nothing included (with a free drafter's
+        plan, the draft it cuts from)."""
+        best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
+        cap = min(request.lookahead, self.max_lookahead)
+        if cap <= 0:
+            return best, best_draft
+        options = [
+            self._option(request, name, free.get(name), cap, batch) for name in self.speculators
+        ]
+        if batch == 1:
+            options = self._one_model_drafter(request.seq_id, options)
+        for plan, draft in options:
+            if plan.goodput > best.goodput and plan.lookahead > 0:
+                best, best_draft = plan, draft
+        return best, best_draft
+
+    def _option(
+        self, request: DraftRequest, name: str, draft: Draft | None, cap: int, batch: int
+    ) -> tuple[Plan, Draft]:
+        """Speculator ``name``'s best plan: the best cut of a free drafter's ``draft``;
+        for a model drafter, which pays per token, a chain at its typical acceptance."""
+        if draft is not None:
+            bucket = draft.bucket or name
+            probs = [self._accept_prob(request.seq_id, name, bucket, c) for c in draft.confidences]
+            return self._best_cut(name, probs, draft.chain_parents(), cap, batch), draft
+        typical = self._accept_prob(request.seq_id, name, name, None)
+        chain = list(range(-1, cap - 1))
+        return self._best_cut(name, [typical] * cap, chain, cap, batch), Draft.empty()
+
+    def _drafts(
+        self, requests: list[DraftRequest], plans: list[Plan], cut_from: list[Draft], batch: int
+    ) -> list[Draft]:
+        """The draft each plan names: a free drafter's the nodes it chose of its draft;
+        a model drafter's made now, all of its sequences in one call."""
+        drafts = [
+            draft.subset(plan.nodes) if plan.speculator in self.free_drafters else Draft.empty()
+            for plan, draft in zip(plans, cut_from, strict=True)
+        ]
+        for name in self.speculators:
+            picked = [i for i, plan in enumerate(plans) if plan.speculator == name]
+            if name in self.free_drafters or not picked:
+                continue
+            asked = [self._model_request(requests[i], plans[i], batch) for i in picked]
+            for i, draft in zip(picked, self._propose(name, asked), strict=True):
+                drafts[i] = self._maybe_runners_up(requests[i], name, draft, batch)
+        return drafts
+
+    def _model_request(self, request: DraftRequest, plan: Plan, batch: int) -> DraftRequest:
+        """What a model drafter is asked for. One sequence: the plan's length was chosen
+        before any token was seen, so the stop rule may draft past it while the run
+        keeps paying. In a batch the shared width (``_share_width``) is the cap."""
+        if not self.config.early_exit:
+            return _with_lookahead(request, plan.lookahead)
+        cap = min(request.lookahead, self.max_lookahead) if batch == 1 else plan.lookahead
+        stop = self._stop_rule(request.seq_id, plan.speculator, batch, cap)
+        return _with_lookahead(request, cap, stop)
+
+    def _maybe_runners_up(
+        self, request: DraftRequest, name: str, draft: Draft, batch: int
+    ) -> Draft:
+        """A model draft with its runners-up where they pay: one greedy sequence only
+        (in a batch every row would be padded to the wider draft)."""
+        if batch == 1 and request.params.greedy and self.config.runners_up and draft.runners_up:
+            return self._add_runners_up(request.seq_id, name, draft)
+        return draft
 
     def _one_model_drafter(
         self, seq_id: str, options: list[tuple[Plan, Draft]]
@@ -642,7 +697,7 @@ class Controller:
         models = [o for o in options if o[0].speculator not in self.free_drafters]
         if len(models) < 2 or not self.config.step_goodput:
             return options
-        memory = self._memory.get(seq_id)
+        memory = self.sequences.get(seq_id)
         rates: dict[str, float] = {}
         for plan, _ in models:
             name = plan.speculator
@@ -667,37 +722,6 @@ class Controller:
         probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
         return sum(path_probs(probs, draft.chain_parents()))
 
-    def _run_model_drafters(
-        self, requests: list[DraftRequest], chosen: list[tuple[Plan, Draft]], batch: int
-    ) -> None:
-        """Draft with each chosen model drafter, all of its sequences in one call."""
-        for name in self.speculators:
-            if name in self.free_drafters:
-                continue
-            picked = [i for i, (plan, _) in enumerate(chosen) if plan.speculator == name]
-            if not picked:
-                continue
-            planned = []
-            for i in picked:
-                # One sequence: the plan's length was chosen before any token was seen;
-                # the early exit may draft past it while the run keeps paying. In a
-                # batch, the shared width (_share_width) is the cap.
-                lookahead = chosen[i][0].lookahead
-                if batch == 1:
-                    lookahead = min(requests[i].lookahead, self.max_lookahead)
-                request = _with_lookahead(requests[i], lookahead)
-                if self.config.early_exit:
-                    request.keep_going = self._early_exit(request.seq_id, name, batch, lookahead)
-                elif batch == 1:
-                    request = _with_lookahead(request, chosen[i][0].lookahead)
-                planned.append(request)
-            for i, draft in zip(picked, self._propose(name, planned), strict=True):
-                draft.bucket = draft.bucket or name
-                runners_up = self.config.runners_up and draft.runners_up
-                if batch == 1 and requests[i].params.greedy and runners_up:
-                    draft = self._add_runners_up(requests[i].seq_id, name, draft)
-                chosen[i] = (chosen[i][0], draft)
-
     def _add_runners_up(self, seq_id: str, name: str, draft: Draft) -> Draft:
         """The draft model's chain with the runners-up worth verifying beside it.
 
@@ -706,42 +730,33 @@ class Controller:
         a sibling it costs one more token in the verify forward and no drafting. Only
         for one sequence (in a batch every row would be padded to the wider draft)."""
         tree = draft.with_runners_up()
-        probs = [self._accept_prob(seq_id, name, tree.bucket, c) for c in tree.confidences]
+        bucket = tree.bucket or name
+        probs = [self._accept_prob(seq_id, name, bucket, c) for c in tree.confidences]
         cap = len(tree.tokens)
         plan = self._best_cut(name, probs, tree.chain_parents(), cap, 1, drafted=True)
         return tree.subset(plan.nodes)
 
-    def _early_exit(
-        self, seq_id: str, name: str, batch: int, cap: int
-    ) -> Callable[[list[float]], bool]:
-        """Stop a model drafter once drafting on, to any length up to ``cap``, no longer
-        pays for itself.
-
-        Each token to come is costed at the last one's calibrated odds: a draft model's
-        confidence comes in stretches (boilerplate, an identifier being spelled out, a
-        sentence's open end), so the last token is the best guess at the next, and each
-        drafted token then shows its own. A run of confident tokens drafts on where the
-        drafter's pooled rate would stop it; an unsure token stops it. (What followed
-        tokens of the last one's confidence before, learned per bin, drafted shorter:
-        drift(3) A/B, rust 2.75x -> 3.03x, chat 1.67x -> 1.78x.) Not only the next
-        token: a forward's cost rises in steps (one token more may cost a step, several
-        more hardly anything), so one more can lose where a few win."""
-
-        probs: list[float] = []  # of the tokens drafted so far (the draft only grows)
-
-        def keep_going(confidences: list[float]) -> bool:
-            probs.extend(
-                self._accept_prob(seq_id, name, name, c) for c in confidences[len(probs) :]
+    def _stop_rule(self, seq_id: str, name: str, batch: int, cap: int) -> StopRule:
+        """The plan's rule for when model drafter ``name`` stops (see ``StopRule``),
+        with this sequence's calibration and the verify costs of every length to
+        ``cap`` fixed now."""
+        config = self.config
+        bins = None
+        if config.calibration:
+            bins = tuple(
+                self.acceptance.prob(name, _bin_middle(b)) for b in range(len(CONFIDENCE_EDGES))
             )
-            n = len(probs)
-            if n >= cap:
-                return False
-            now = self._best_cut(name, probs, list(range(-1, n - 1)), n, batch)
-            more = probs + [probs[-1]] * (cap - n)
-            ahead = self._best_cut(name, more, list(range(-1, cap - 1)), cap, batch)
-            return ahead.lookahead > n and ahead.goodput >= now.goodput
-
-        return keep_going
+        memory = self.sequences.get(seq_id)
+        blend = None
+        if config.request_blend and memory is not None:
+            blend = memory.ratio(name, MODEL_REQUEST_PRIOR_TOKENS)
+        return StopRule(
+            Calibration(CONFIDENCE_EDGES, bins, blend),
+            cap,
+            tuple(self._verify_share(n + 1, batch) for n in range(cap + 1)),
+            self.costs.draft_per_token(name),
+            self._gain[name].scale if config.gain_scaling else 1.0,
+        )
 
     def _propose(
         self, name: str, requests: list[DraftRequest], per_call: bool = False
@@ -772,7 +787,8 @@ class Controller:
 
     def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
-        expected = self._expected.pop(seq_id, None)
+        state = self._state(seq_id)
+        expected, state.planned = state.planned, None
         if expected is not None and expected[0] == name and draft.tokens:
             self._gain[name].observe(len(path), expected[1])
         if name == "none" or not draft.tokens or name in self.free_drafters:
@@ -781,8 +797,7 @@ class Controller:
         seconds = self.costs.draft_per_token(name) * len(draft.main_nodes())
         seconds += self._verify_share(len(draft.tokens) + 1, 1)
         self._steps[name].observe(len(path) + 1, seconds)
-        memory = self._memory.setdefault(seq_id, _SequenceMemory())
-        memory.steps.setdefault(name, _Steps()).observe(len(path) + 1, seconds)
+        state.steps.setdefault(name, _Steps()).observe(len(path) + 1, seconds)
         # Every other child of the root and of the accepted nodes met the target and lost.
         checked, on_path = {-1, *path}, set(path)
         rejected = [
@@ -795,7 +810,11 @@ class Controller:
         """Score each free drafter's last draft of this sequence against the tokens the
         target produced since: evidence on every node those tokens decide, including
         nodes the plan cut and drafts another speculator was chosen over."""
-        for name, (length, draft) in self._shadows.pop(request.seq_id, {}).items():
+        state = self.sequences.get(request.seq_id)
+        if state is None:
+            return
+        shadows, state.shadows = state.shadows, {}
+        for name, (length, draft) in shadows.items():
             produced = request.context[length:]
             children: dict[int, list[int]] = {}
             for i, parent in enumerate(draft.chain_parents()):
@@ -820,7 +839,7 @@ class Controller:
         rejected: list[int],
     ) -> None:
         """Acceptance evidence: nodes the target took and checked nodes it did not."""
-        memory = self._memory.setdefault(seq_id, _SequenceMemory())
+        memory = self._state(seq_id)
         bucket = draft.bucket or name
         memory.expected[name] = memory.expected.get(name, 0.0) + sum(
             self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
@@ -841,7 +860,9 @@ class Controller:
         timings. A failure inside ``observe`` itself leaves the earlier sequences'
         evidence counted, and counted again on the retry: it only weighs the estimates
         that pick drafts, which the target verifies, so no output changes."""
-        self._expected.pop(seq_id, None)
+        state = self.sequences.get(seq_id)
+        if state is not None:
+            state.planned = None
         for speculator in self.speculators.values():
             speculator.rollback(seq_id, context)
 
@@ -849,16 +870,16 @@ class Controller:
         return list(self.speculators.values())
 
     def release(self, seq_id: str) -> None:
-        self._memory.pop(seq_id, None)
-        self._expected.pop(seq_id, None)
-        self._shadows.pop(seq_id, None)
+        self.sequences.pop(seq_id, None)
         for speculator in self.speculators.values():
             speculator.release(seq_id)
 
 
-def _with_lookahead(request: DraftRequest, lookahead: int) -> DraftRequest:
+def _with_lookahead(
+    request: DraftRequest, lookahead: int, stop: StopRule | None = None
+) -> DraftRequest:
     return DraftRequest(
-        request.seq_id, request.context, lookahead, request.params, request.generator
+        request.seq_id, request.context, lookahead, request.params, request.generator, stop
     )
 
 

@@ -7,7 +7,6 @@ returns draft tokens with a confidence per token.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,6 +14,7 @@ import torch
 
 from atlas_sidecar.engine.capabilities import SpeculatorCapabilities
 from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.stoprule import StopRule
 
 
 @dataclass
@@ -24,9 +24,10 @@ class DraftRequest:
     lookahead: int  # how many tokens to propose (may return fewer)
     params: SamplingParams
     generator: torch.Generator | None = None
-    # For drafters that pay per token: called with the confidences so far after each
-    # drafted token; False stops the draft early (the controller's goodput test).
-    keep_going: Callable[[list[float]], bool] | None = None
+    # For drafters that pay per token: asked with the confidences so far after each
+    # drafted token; stop once it says no (the plan's goodput test). None: draft on
+    # to ``lookahead``.
+    stop: StopRule | None = None
 
 
 @dataclass

@@ -331,8 +331,8 @@ class NeuralSpeculator:
                 draft.tokens.append(chosen[row])
                 draft.confidences.append(confidences[row])
                 done = len(draft.tokens) >= request.lookahead or chosen[row] in eos
-                if not done and request.keep_going is not None:
-                    done = not request.keep_going(draft.confidences)
+                if not done and request.stop is not None:
+                    done = not request.stop.keep_going(draft.confidences)
                 if not done:
                     keep.append(row)
             active = [active[row] for row in keep]

@@ -57,7 +57,7 @@ class StaticSpeculator:
             for request, row in zip(live, logits, strict=True):
                 draft = drafts[request.seq_id]
                 draft.add(row, request)
-                stop_early = request.keep_going is not None and not request.keep_going(
+                stop_early = request.stop is not None and not request.stop.keep_going(
                     draft.confidences
                 )
                 if len(draft.tokens) < request.lookahead and not stop_early:
