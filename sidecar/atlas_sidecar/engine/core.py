@@ -102,6 +102,14 @@ class GenerationResult:
         }
 
 
+@dataclass(frozen=True)
+class StopMark:
+    tokens: int
+    text: str
+    cut_at_stop_string: bool
+    finish_reason: str | None
+
+
 class StopChecker:
     """Finds where output ends: EOS, a stop string, or max_tokens.
 
@@ -140,10 +148,18 @@ class StopChecker:
             self.finish_reason = "length"
         return self.finish_reason is not None
 
-    def rewind(self) -> None:
-        """After a rolled-back step: the text is decoded afresh from the kept tokens (a
-        retried step may add other tokens of the same count, which a detokenizer that
-        only compares lengths and the last token would take for the ones it saw)."""
+    def mark(self) -> StopMark:
+        """Where the output stands, for ``restore`` after a failed step."""
+        return StopMark(len(self.tokens), self.text, self.cut_at_stop_string, self.finish_reason)
+
+    def restore(self, mark: StopMark) -> None:
+        """Back to ``mark``: tokens since are dropped, and the text is then decoded
+        afresh (a retried step may add other tokens of the same count, which a
+        detokenizer that only compares lengths and the last token would take for the
+        ones it saw)."""
+        del self.tokens[mark.tokens :]
+        self.text, self.cut_at_stop_string = mark.text, mark.cut_at_stop_string
+        self.finish_reason = mark.finish_reason
         self._detokenizer = IncrementalDetokenizer(self.tokenizer)
 
     def decode(self) -> str:
@@ -194,28 +210,21 @@ class Sequence:
 
 @dataclass
 class _Mark:
-    """What a failed step must put back in a sequence, saved before the step: lengths
-    of what only grows (output, stats), the stop checker's fields, the sampling RNG."""
+    """What a failed step must put back in a sequence, saved before the step: the
+    length of its stats, its stop checker's mark, its sampling RNG state."""
 
     steps: int
-    stop: dict[str, Any]
-    stop_lists: dict[str, int]
+    stop: StopMark
     rng: torch.Tensor | None
 
     @classmethod
     def of(cls, seq: Sequence) -> _Mark:
-        fields = dict(vars(seq.stop))
-        lists = {k: len(v) for k, v in fields.items() if isinstance(v, list)}
         rng = seq.generator.get_state() if seq.generator is not None else None
-        return cls(len(seq.steps), fields, lists, rng)
+        return cls(len(seq.steps), seq.stop.mark(), rng)
 
     def restore(self, seq: Sequence) -> None:
         del seq.steps[self.steps :]
-        for name, length in self.stop_lists.items():
-            del self.stop[name][length:]  # the same list objects: appended to, not replaced
-        vars(seq.stop).clear()
-        vars(seq.stop).update(self.stop)
-        seq.stop.rewind()
+        seq.stop.restore(self.stop)
         if seq.generator is not None and self.rng is not None:
             seq.generator.set_state(self.rng)
 
@@ -408,52 +417,71 @@ class Engine:
         t0 = time.perf_counter()
         drafts = self._draft(seqs)
         t1 = time.perf_counter()
+        width, outcomes = self._verify(seqs, [draft for _, draft in drafts])
+        t2 = time.perf_counter()
+        share = len(seqs)
+        added_all = [
+            self._commit(seq, name, draft, path, bonus, (t1 - t0) / share, (t2 - t1) / share)
+            for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True)
+        ]
+        # The policy learns last: a step that fails before here taught it nothing.
+        # A batched forward pads every row to the widest: that is the size it cost.
+        self.policy.observe_verify(width * len(seqs), t2 - t1, len(seqs))
+        for seq, (name, draft), (path, _) in zip(seqs, drafts, outcomes, strict=True):
+            self.policy.observe(seq.seq_id, name, draft, path)
+        return added_all
+
+    def _verify(
+        self, seqs: list[Sequence], drafts: list[Draft]
+    ) -> tuple[int, list[tuple[list[int], int]]]:
+        """One target forward over every sequence's [pending token] + draft; each
+        accepts its path and its cache keeps just the verified prefix (prompt + output,
+        its pending token included, + the accepted nodes). Returns the forward's width
+        (the longest row) and, per sequence, (accepted nodes, the target's own token)."""
         items = [
             ForwardItem(
                 seq.seq_id,
                 [seq.output[-1], *draft.tokens],
                 [-1, *(p + 1 for p in draft.chain_parents())] if draft.is_tree else None,
             )
-            for seq, (_, draft) in zip(seqs, drafts, strict=True)
+            for seq, draft in zip(seqs, drafts, strict=True)
         ]
-        all_logits = self.target.forward_many(items)
         outcomes = []
-        for seq, (_, draft), logits in zip(seqs, drafts, all_logits, strict=True):
+        for seq, draft, logits in zip(seqs, drafts, self.target.forward_many(items), strict=True):
             path, bonus = self._accept_path(seq, draft, logits)
-            # Keep the verified prefix: prompt + output (its pending token) + accepted drafts.
             prefix = len(seq.prompt) + len(seq.output) - 1
             if draft.is_tree:
                 self.target.keep(seq.seq_id, prefix, [0, *(i + 1 for i in path)])
             else:
                 self.target.truncate(seq.seq_id, prefix + 1 + len(path))
             outcomes.append((path, bonus))
-        t2 = time.perf_counter()
-        share = len(seqs)
-        added_all: list[list[int]] = []
-        for seq, (name, draft), (path, bonus) in zip(seqs, drafts, outcomes, strict=True):
-            accepted_tokens = [draft.tokens[i] for i in path]
-            seq.steps.append(
-                StepStats(
-                    speculator=name if draft.tokens else "none",
-                    drafted=len(draft.tokens),
-                    accepted=len(path),
-                    draft_s=(t1 - t0) / share,
-                    verify_s=(t2 - t1) / share,
-                )
-            )
-            added: list[int] = []
-            for token in [*accepted_tokens, bonus]:
-                added.append(token)
-                if seq.stop.add(token):
-                    break
-            added_all.append(added)
-        # The policy learns last: a step that fails before here taught it nothing.
-        # A batched forward pads every row to the widest: that is the size it cost.
-        width = max(len(item.tokens) for item in items)
-        self.policy.observe_verify(width * len(items), t2 - t1, len(items))
-        for seq, (name, draft), (path, _) in zip(seqs, drafts, outcomes, strict=True):
-            self.policy.observe(seq.seq_id, name, draft, path)
-        return added_all
+        return max(len(item.tokens) for item in items), outcomes
+
+    def _commit(
+        self,
+        seq: Sequence,
+        name: str,
+        draft: Draft,
+        path: list[int],
+        bonus: int,
+        draft_s: float,
+        verify_s: float,
+    ) -> list[int]:
+        """Record the step and add its accepted tokens and the target's own to the
+        output, up to where the output ends; return the tokens added."""
+        seq.steps.append(StepStats(
+            speculator=name if draft.tokens else "none",
+            drafted=len(draft.tokens),
+            accepted=len(path),
+            draft_s=draft_s,
+            verify_s=verify_s,
+        ))  # fmt: skip
+        added: list[int] = []
+        for token in [*(draft.tokens[i] for i in path), bonus]:
+            added.append(token)
+            if seq.stop.add(token):
+                break
+        return added
 
     def _draft(self, seqs: list[Sequence]) -> list[tuple[str, Draft]]:
         """Ask the policy for each sequence's draft (none where no room is left)."""
