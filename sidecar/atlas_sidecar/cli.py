@@ -111,7 +111,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         streams=args.streams,
         draft_weights=args.draft_weights,
     )
-    return bench.main(config, args.out, args.plot)
+    if args.ablate is not None:
+        from atlas_sidecar.tooling import ablate
+
+        return ablate.main(config, ablate.parse_parts(args.ablate),
+                           args.out or "bench-out/ablate.json")  # fmt: skip
+    return bench.main(config, args.out or "bench-out/bench.json", args.plot)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -200,7 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=0,
                    help="also decode the prompts N at a time (one target forward for all N) "
                    "with fresh engines of our modes: throughput vs none at N streams")
-    p.add_argument("--out", default="bench-out/bench.json", help="JSON output path")
+    p.add_argument("--ablate", nargs="?", const="all", metavar="PART[,PART]",
+                   help="instead of the modes: none, the full atlas controller and atlas "
+                   "without each controller part in turn (default all; e.g. "
+                   "calibration,optimism), with each part's worth in tok/s")  # fmt: skip
+    p.add_argument("--out", help="JSON output path (default bench-out/bench.json, or "
+                   "bench-out/ablate.json with --ablate)")  # fmt: skip
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     _add_model_args(p)
     p.set_defaults(func=cmd_bench)

@@ -99,13 +99,8 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; available: {', '.join(known)}")
     prompts = load_prompts(config)
-    log(f"loading target {config.target} ({config.dtype}) and draft {config.draft}")
-    target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
-    draft = None
-    if (our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes):
-        draft = CausalLMRunner.load(
-            config.draft, dtype=config.dtype, device=config.device, weights=config.draft_weights
-        )
+    need_draft = bool((our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes))
+    target, draft = load_models(config, need_draft, log)
     decoders: dict[str, peers.Decoder] = {}
     unavailable: dict[str, str] = {}
     for mode in config.modes:
@@ -118,6 +113,66 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
             unavailable[mode] = str(exc)
             log(f"skipping peer {mode}: {exc}")
     encoded = [workloads.encode(target.tokenizer, p) for p in prompts]
+    runs = decode_interleaved(config, target, prompts, encoded, decoders, unavailable, log)
+    for decoder in decoders.values():
+        if isinstance(decoder, Engine):
+            our_modes.close_engine(decoder)
+    summary = report(config, prompts, runs)
+    summary["unavailable"] = unavailable
+    if config.streams > 0:
+        stream, stream_ids = stream_prompts(config, prompts), encoded
+        if stream is not prompts:
+            log(f"streams: {len(stream)} requests (the same phases, more prompts of each) "
+                f"so that {config.streams} are live at once")  # fmt: skip
+            stream_ids = [workloads.encode(target.tokenizer, p) for p in stream]
+        summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log)
+    add_divergences(summary, target, encoded, prompts, runs)
+    return summary
+
+
+def load_models(
+    config: BenchConfig, need_draft: bool, log: Callable[[str], None]
+) -> tuple[CausalLMRunner, CausalLMRunner | None]:
+    log(f"loading target {config.target} ({config.dtype}) and draft {config.draft}")
+    target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
+    draft = None
+    if need_draft:
+        draft = CausalLMRunner.load(
+            config.draft, dtype=config.dtype, device=config.device, weights=config.draft_weights
+        )
+    return target, draft
+
+
+def add_divergences(
+    summary: dict[str, Any],
+    target: CausalLMRunner,
+    encoded: list[list[int]],
+    prompts: list[workloads.Prompt],
+    runs: dict[str, ModeRun],
+) -> None:
+    """Each mode's ``divergences`` from none's outputs (when none ran)."""
+    if "none" not in runs:
+        return
+    reference = [r.token_ids for r in runs["none"].results]
+    for mode, mode_run in runs.items():
+        summary["modes"][mode]["divergences"] = divergences(
+            target, encoded, prompts, reference, [r.token_ids for r in mode_run.results]
+        )
+
+
+def decode_interleaved(
+    config: BenchConfig,
+    target: CausalLMRunner,
+    prompts: list[workloads.Prompt],
+    encoded: list[list[int]],
+    decoders: dict[str, peers.Decoder],
+    unavailable: dict[str, str],
+    log: Callable[[str], None],
+) -> dict[str, ModeRun]:
+    """Every decoder on every prompt, prompt-major (for each prompt, every decoder in
+    turn), so that slow drift of the machine's speed affects all alike; ``none`` first.
+
+    A peer that fails is dropped and named in ``unavailable``; one of ours raises."""
     # Untimed warm-ups so that no mode pays for first-call allocations (only where a
     # warm-up leaves no trace: not in the speculators that learn from every request).
     Engine(target, target.tokenizer).generate(encoded[0], SamplingParams(max_tokens=2))
@@ -150,25 +205,7 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
                 f"[{index + 1}/{len(prompts)}] {prompt.phase:<7} {mode:<16} "
                 f"{result.tokens_per_s:6.2f} tok/s  accept_len {result.accept_len:5.2f}"
             )
-    for decoder in decoders.values():
-        if isinstance(decoder, Engine):
-            our_modes.close_engine(decoder)
-    summary = report(config, prompts, runs)
-    summary["unavailable"] = unavailable
-    if config.streams > 0:
-        stream, stream_ids = stream_prompts(config, prompts), encoded
-        if stream is not prompts:
-            log(f"streams: {len(stream)} requests (the same phases, more prompts of each) "
-                f"so that {config.streams} are live at once")  # fmt: skip
-            stream_ids = [workloads.encode(target.tokenizer, p) for p in stream]
-        summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log)
-    if "none" in runs:
-        reference = [r.token_ids for r in runs["none"].results]
-        for mode, mode_run in runs.items():
-            summary["modes"][mode]["divergences"] = divergences(
-                target, encoded, prompts, reference, [r.token_ids for r in mode_run.results]
-            )
-    return summary
+    return runs
 
 
 def _learn_between_requests(decoder: peers.Decoder) -> None:
@@ -509,7 +546,11 @@ def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> 
             print(f"wrote {plot_path}")
         except ImportError as exc:
             print(f"no plot: matplotlib is missing ({exc}); pip install '.[bench]'")
-    # Divergences are a failure unless every one is at a near-tie (bf16 rounding).
+    return exit_code(result)
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    """Divergences are a failure unless every one is at a near-tie (bf16 rounding)."""
     tables = [result["modes"], result.get("streams", {}).get("modes", {})]
     found = [d for modes in tables for m in modes.values() for d in m.get("divergences", [])]
     bad = [d for d in found if not d["near_tie"]]
