@@ -14,16 +14,19 @@ from atlas_sidecar.tooling import ablate, bench
 SMOL = models.TEST_MODEL
 
 
-def test_ablate_runs_every_part_and_matches_none(tmp_path, capsys):
+def test_ablate_runs_the_parts_asked_and_matches_none(tmp_path, capsys):
+    # Two parts: every part runs the same path (a fresh engine with one switch off),
+    # and each variant costs a controller build with its cost profiling.
     models.pull(SMOL)
     out = tmp_path / "ablate.json"
     code = cli.main([
-        "bench", "--ablate", "--target", SMOL, "--draft", SMOL, "--dtype", "fp32",
+        "bench", "--ablate", "early_exit,runners_up",
+        "--target", SMOL, "--draft", SMOL, "--dtype", "fp32",
         "--workload", "python", "--per-phase", "1", "--max-new-tokens", "4", "--out", str(out),
     ])  # fmt: skip
     assert code == 0
     result = json.loads(out.read_text())
-    parts = ControllerConfig.parts()
+    parts = ("early_exit", "runners_up")
     assert result["ablated"] == list(parts)
     assert list(result["modes"]) == ["none", "full", *(f"-{p}" for p in parts)]
     for name, entry in result["modes"].items():
