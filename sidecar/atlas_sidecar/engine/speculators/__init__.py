@@ -2,5 +2,6 @@
 
 from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
+from atlas_sidecar.engine.tree import DraftTree
 
-__all__ = ["Draft", "DraftRequest", "Drafter", "StaticSpeculator"]
+__all__ = ["Draft", "DraftRequest", "DraftTree", "Drafter", "StaticSpeculator"]
