@@ -542,7 +542,9 @@ def _assistant_text(tokenizer: Any, user: str, reply: str) -> list[int]:
     return [int(t) for t in tokenizer.encode(user + "\n" + reply)]
 
 
-def warm_start_texts(tokenizer: Any, skip: int = WARM_START_SKIP, chat: int = 0) -> list[list[int]]:
+def warm_start_texts(
+    tokenizer: Any, skip: int = WARM_START_SKIP, chat: int = 0
+) -> list[list[int]]:
     """Real texts in the chat template, none of them among the bench's first prompts.
 
     HumanEval and HumanEval-Rust: the prompt as the bench asks it, the canonical solution
@@ -645,12 +647,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--skip", type=int, default=WARM_START_SKIP)
     parser.add_argument("--chat", type=int, default=200, help="ShareGPT conversations")
-    parser.add_argument(
-        "--max-texts",
-        type=int,
-        default=None,
-        help="at most this many texts, taken evenly across the sources",
-    )
+    parser.add_argument("--max-texts", type=int, default=None,
+                        help="at most this many texts, taken evenly across the sources")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="default: $ATLAS_HOME/drafters/")
     args = parser.parse_args(argv)
