@@ -27,10 +27,7 @@ from atlas_sidecar.engine.detokenize import IncrementalDetokenizer
 from atlas_sidecar.engine.sampling import (
     SamplingParams,
     make_generator,
-    probs_from_logits,
-    verify_greedy,
-    verify_sampled,
-    verify_tree_greedy,
+    verify,
 )
 from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
 from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
@@ -481,12 +478,9 @@ class Engine:
         self, seq: Sequence, draft: Draft, logits: torch.Tensor
     ) -> tuple[list[int], int]:
         """The accepted draft nodes (root to leaf) and the target's own next token."""
-        if draft.is_tree:
-            if not seq.params.greedy:
-                raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
-            return verify_tree_greedy(draft.tokens, draft.chain_parents(), logits)
-        accepted, bonus = self._accept(seq, draft, logits)
-        return list(range(accepted)), bonus
+        if draft.is_tree and not seq.params.greedy:
+            raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
+        return verify(draft, logits, seq.params, seq.generator)
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's caches (speculators, then target); safe to call twice.
@@ -497,22 +491,8 @@ class Engine:
         self.target.release(seq.seq_id)
 
     def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> tuple[int, int]:
-        if seq.params.greedy:
-            return verify_greedy(draft.tokens, logits)
-        target_probs = probs_from_logits(logits, seq.params)
-        draft_probs = draft.probs
-        if draft_probs is not None:
-            draft_probs = _match_vocab(draft_probs[: len(draft.tokens)], target_probs.shape[-1])
-        return verify_sampled(draft.tokens, draft_probs, target_probs, seq.generator)
-
-
-def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Pad or cut a drafter's distributions to the target's vocabulary size."""
-    if probs.shape[-1] == vocab:
-        return probs.to(torch.float32)
-    if probs.shape[-1] > vocab:
-        return probs[..., :vocab].float()
-    return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
+        path, bonus = verify(draft, logits, seq.params, seq.generator)
+        return len(path), bonus
 
 
 def _sanitize(draft: Draft, seq: Sequence, vocab: int, trees: bool = True) -> Draft:
