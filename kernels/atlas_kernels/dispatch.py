@@ -135,8 +135,7 @@ def rejection_sample(
     ``target_probs`` [K+1, V], ``draft_probs`` [K, V] or None (one-hot q),
     ``draft_tokens`` [K]. The generator is drawn from exactly as in
     ``reference.rejection_sample_reference`` (K uniforms, then one multinomial), on
-    either path, so seeded output does not depend on the device; the kernel only
-    finds the first rejection and writes the normalised residual row.
+    any device, so seeded output does not depend on where it runs.
     """
     num_draft = draft_tokens.shape[0]
     if target_probs.dim() != 2 or target_probs.shape[0] != num_draft + 1:
@@ -148,14 +147,7 @@ def rejection_sample(
         raise ValueError(
             f"draft_probs {tuple(draft_probs.shape)} vs target {tuple(target_probs.shape)}"
         )
-    if not _kernel_wanted(target_probs, use_kernel):
-        return reference.rejection_sample_reference(
-            target_probs, draft_probs, draft_tokens, generator
-        )
-    from . import triton_impl
-
-    uniforms = torch.rand(num_draft, generator=generator, device=target_probs.device)
-    accepted, row = triton_impl.rejection_residual(
-        target_probs, draft_probs, draft_tokens.to(target_probs.device), uniforms
-    )
-    return int(accepted), int(torch.multinomial(row, 1, generator=generator).item())
+    if use_kernel:
+        raise NotImplementedError("no Triton rejection-sampling kernel yet")
+    # The reference runs on any device; a Triton kernel for the residual is to come.
+    return reference.rejection_sample_reference(target_probs, draft_probs, draft_tokens, generator)
