@@ -77,7 +77,8 @@ def tree_accept(
     ``parents`` [N, K] int: each node's parent node, -1 for the pending token;
     parents precede children. ``num_nodes`` [N] int (<= K). Returns (path [N, K]
     node indices root to leaf then -1, length [N], bonus [N]), int64; the same
-    result as ``atlas_sidecar.engine.sampling.verify_tree_greedy`` per sequence.
+    result as ``DraftTree.walk``-style greedy verification in
+    ``atlas_sidecar.engine.sampling.verify`` per sequence.
     """
     _check_draft(logits, draft_tokens, num_nodes)
     if parents.shape != draft_tokens.shape:
@@ -119,3 +120,34 @@ def tree_attention_mask(
 
         return triton_impl.tree_attention_mask(parents, num_nodes, past_lens, pad_past)
     return reference.tree_attention_mask_reference(parents, num_nodes, past_lens, pad_past)
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    draft_tokens: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    use_kernel: bool | None = None,
+) -> tuple[int, int]:
+    """Rejection sampling of one draft chain: (accepted draft tokens, next token).
+
+    ``target_probs`` [K+1, V], ``draft_probs`` [K, V] or None (one-hot q),
+    ``draft_tokens`` [K]. The generator is drawn from exactly as in
+    ``reference.rejection_sample_reference`` (K uniforms, then one multinomial), on
+    any device, so seeded output does not depend on where it runs.
+    """
+    num_draft = draft_tokens.shape[0]
+    if target_probs.dim() != 2 or target_probs.shape[0] != num_draft + 1:
+        raise ValueError(
+            f"target_probs must be [K+1, V] for {num_draft} draft tokens; "
+            f"got {tuple(target_probs.shape)}"
+        )
+    if draft_probs is not None and tuple(draft_probs.shape) != (num_draft, target_probs.shape[1]):
+        raise ValueError(
+            f"draft_probs {tuple(draft_probs.shape)} vs target {tuple(target_probs.shape)}"
+        )
+    if use_kernel:
+        raise NotImplementedError("no Triton rejection-sampling kernel yet")
+    # The reference runs on any device; a Triton kernel for the residual is to come.
+    return reference.rejection_sample_reference(target_probs, draft_probs, draft_tokens, generator)

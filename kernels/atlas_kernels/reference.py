@@ -110,3 +110,62 @@ def tree_attention_mask_reference(
     mask[:, 0, :, :pad_past] = sees_past[:, None, :]
     mask[:, 0, :, pad_past:] = seen
     return mask
+
+
+def rejection_residual_reference(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    draft_tokens: torch.Tensor,
+    uniforms: torch.Tensor,
+) -> tuple[int, torch.Tensor]:
+    """Rejection sampling of one draft chain, given its pre-drawn uniforms.
+
+    ``target_probs`` [K+1, V]: p after the pending token, then after each draft
+    token. ``draft_probs`` [K, V]: q each draft token was drawn from; None is a
+    deterministic drafter (q one-hot on its token). ``uniforms`` [K]. Token i is
+    accepted when u_i * q(x_i) < p(x_i) (and q(x_i) > 0); the first rejected
+    position returns (i, norm(max(p - q, 0))) (p itself when that is all zero: p == q
+    and the rejection was impossible in exact arithmetic); if all K are accepted,
+    (K, p's last row). The caller samples the next token from that row.
+
+    One sequence, on the host: the comparisons are made in Python floats on the K
+    gathered probabilities, and only the rejected row is copied, so a [K+1, V]
+    distribution over a large vocabulary is read once, not per position.
+    """
+    num_draft = draft_tokens.shape[0]
+    if num_draft == 0:
+        return 0, target_probs[0]
+    positions = torch.arange(num_draft, device=target_probs.device)
+    tokens = draft_tokens.to(device=target_probs.device, dtype=torch.long)
+    p_tok = target_probs[positions, tokens].tolist()
+    q_tok = [1.0] * num_draft if draft_probs is None else draft_probs[positions, tokens].tolist()
+    for i, (u, p, q) in enumerate(zip(uniforms.tolist(), p_tok, q_tok, strict=True)):
+        if q > 0 and u * q < p:
+            continue
+        row = target_probs[i]
+        if draft_probs is None:
+            residual = row.clone()
+            residual[int(tokens[i])] = 0.0
+        else:
+            residual = (row - draft_probs[i]).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:
+            residual = row
+        return i, residual / residual.sum()
+    return num_draft, target_probs[num_draft]
+
+
+def rejection_sample_reference(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    draft_tokens: torch.Tensor,
+    generator: torch.Generator | None,
+) -> tuple[int, int]:
+    """Speculative (rejection) sampling of one chain: (accepted, next token).
+
+    Draws exactly ``torch.rand(K)`` then one ``torch.multinomial`` from
+    ``generator``, in that order, so a seeded request reproduces; see
+    ``rejection_residual_reference`` for the rule.
+    """
+    uniforms = torch.rand(draft_tokens.shape[0], generator=generator, device=target_probs.device)
+    accepted, row = rejection_residual_reference(target_probs, draft_probs, draft_tokens, uniforms)
+    return accepted, int(torch.multinomial(row, 1, generator=generator).item())

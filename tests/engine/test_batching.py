@@ -10,7 +10,7 @@ from atlas_sidecar.engine.build import build_engine
 from atlas_sidecar.engine.capabilities import SpeculatorCapabilities
 from atlas_sidecar.engine.core import Engine
 from atlas_sidecar.engine.sampling import SamplingParams
-from atlas_sidecar.engine.speculators.base import Draft
+from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.tooling.workloads import encode
 
 from .conftest import AGREEING_LAYERS
@@ -107,10 +107,10 @@ class TreeDrafter:
         for r in requests:
             right = self.continuation.get(tuple(r.context), self.default)[:2]
             if len(right) < 2 or r.lookahead < 4:
-                drafts.append(Draft.empty())
+                drafts.append(DraftTree.empty())
                 continue
             wrong = [(right[0] + 1) % 1000, right[1]]
-            drafts.append(Draft(tokens=[*wrong, *right], confidences=[0.5] * 4,
+            drafts.append(DraftTree(tokens=[*wrong, *right], confidences=[0.5] * 4,
                                 parents=[-1, 0, -1, 2]))  # fmt: skip
         return drafts
 

@@ -27,7 +27,7 @@ from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.build import build_engine
 from atlas_sidecar.engine.core import Engine, Sequence, StopChecker, _sanitize
 from atlas_sidecar.engine.sampling import SamplingParams
-from atlas_sidecar.engine.speculators.base import Draft
+from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.errors import BackendUnavailable, RequestError
 from atlas_sidecar.serving.app import ServerConfig, ServerThread
 from atlas_sidecar.serving.client import AtlasClient, AtlasError
@@ -95,7 +95,7 @@ def test_batched_steps_verify_every_sequence_in_one_call_and_equal_torch(
 
 
 def test_a_backend_without_trees_gets_chains():
-    tree = Draft(tokens=[11, 12, 13], confidences=[0.9, 0.5, 0.8], parents=[-1, -1, 0])
+    tree = DraftTree(tokens=[11, 12, 13], confidences=[0.9, 0.5, 0.8], parents=[-1, -1, 0])
     state = Sequence("s", [1], GREEDY, StopChecker(None, GREEDY, frozenset()), None, 0.0)
     state.stop.tokens.append(5)
     assert _sanitize(tree, state, 100).is_tree

@@ -14,10 +14,10 @@ from atlas_sidecar.engine.controller import (
     Controller,
     CostModel,
     expected_tokens,
-    path_probs,
 )
 from atlas_sidecar.engine.sampling import SamplingParams
-from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.tree import DraftTree, reach
 
 
 class ScriptedDrafter:
@@ -29,7 +29,7 @@ class ScriptedDrafter:
     def __init__(
         self, tokens: list[int], confidences: list[float], parents: list[int] | None = None
     ) -> None:
-        self.draft = Draft(tokens, confidences, bucket="suffix", parents=parents)
+        self.draft = DraftTree(tokens, confidences, bucket="suffix", parents=parents)
 
     def propose(self, requests):
         return [self.draft.subset(list(range(min(r.lookahead, len(self.draft.tokens)))))
@@ -178,7 +178,7 @@ def test_a_new_domains_misses_turn_a_free_drafter_off_however_well_it_did_before
 
 
 def test_path_probability_multiplies_down_the_tree():
-    assert path_probs([0.5, 0.5, 0.2], [-1, 0, -1]) == [0.5, 0.25, 0.2]
+    assert reach([0.5, 0.5, 0.2], [-1, 0, -1]) == [0.5, 0.25, 0.2]
 
 
 def test_tree_cut_keeps_the_likeliest_nodes_and_their_ancestors():
@@ -286,7 +286,7 @@ class PerSequenceDrafter:
     name = "suffix"
     capabilities = SUFFIX
 
-    def __init__(self, drafts: dict[str, Draft]) -> None:
+    def __init__(self, drafts: dict[str, DraftTree]) -> None:
         self.drafts = drafts
 
     def propose(self, requests):
@@ -306,8 +306,8 @@ def test_a_batch_shares_one_width_because_its_rows_are_padded(per_token, cut):
     # (per_token 0.02) the batch is better off with a shorter a. When verifying more
     # tokens is nearly free (a GPU), a keeps its whole draft.
     drafter = PerSequenceDrafter({
-        "a": Draft([7] * 8, [0.95] * 8, bucket="suffix"),
-        "b": Draft([7] * 8, [0.95] + [0.05] * 7, bucket="suffix"),
+        "a": DraftTree([7] * 8, [0.95] * 8, bucket="suffix"),
+        "b": DraftTree([7] * 8, [0.95] + [0.05] * 7, bucket="suffix"),
     })  # fmt: skip
     model = CostModel()
     for n in (1, 2, 4, 8, 16, 32):
@@ -338,7 +338,7 @@ class ScriptedModelDrafter:
     def propose(self, requests):
         drafts = []
         for r in requests:
-            draft = Draft([], [])
+            draft = DraftTree([], [])
             for confidence in self.confidences[: r.lookahead]:
                 draft.tokens.append(7)
                 draft.confidences.append(confidence)
@@ -365,9 +365,9 @@ def test_a_model_draft_runs_on_while_its_run_says_the_next_token_will_be_taken()
     controller = Controller([drafter], 16, costs(0.004))
     controller.costs.observe_draft("static", 1, 0.01)
     for _ in range(10):
-        controller.observe("t", "static", Draft([7] * 13, [0.99] * 12 + [0.2]), list(range(12)))
+        controller.observe("t", "static", DraftTree([7] * 13, [0.99] * 12 + [0.2]), list(range(12)))
         for _ in range(12):
-            controller.observe("t", "static", Draft([7], [0.2]), [])
+            controller.observe("t", "static", DraftTree([7], [0.2]), [])
     controller.release("t")
     planned = controller._best_cut(
         "static", [controller.acceptance.rate("static")] * 16, list(range(-1, 15)), 16, 1
@@ -388,7 +388,7 @@ def test_a_model_draft_runs_on_while_its_tokens_stay_confident():
     controller = Controller([drafter], 16, costs(0.004))
     controller.costs.observe_draft("static", 1, 0.01)
     for _ in range(20):
-        controller.observe("t", "static", Draft([7, 7], [0.99, 0.2]), [0])
+        controller.observe("t", "static", DraftTree([7, 7], [0.99, 0.2]), [0])
     controller.release("t")
     name, draft = controller.draft(request())
     assert name == "static"
@@ -412,16 +412,16 @@ def test_a_model_drafter_is_chosen_by_what_its_steps_gained_not_by_its_pooled_ra
     model.observe_draft("neural", 1, 0.004)
     controller = Controller([static, neural], 16, model)
     for _ in range(10):
-        controller.observe("t", "static", Draft([7] * 10, [0.99] * 9 + [0.2]), list(range(9)))
-        controller.observe("t", "static", Draft([7] * 3, [0.3, 0.2, 0.2]), [])
-        controller.observe("t", "neural", Draft([7] * 2, [0.8, 0.6]), [0])
+        controller.observe("t", "static", DraftTree([7] * 10, [0.99] * 9 + [0.2]), list(range(9)))
+        controller.observe("t", "static", DraftTree([7] * 3, [0.3, 0.2, 0.2]), [])
+        controller.observe("t", "neural", DraftTree([7] * 2, [0.8, 0.6]), [0])
     controller.release("t")
     assert controller.acceptance.rate("static") < 0.8
     name, _ = controller.draft(request())
     assert name == "static"
     # A request where the draft model's steps gain little turns to the neural head.
     for _ in range(3):
-        controller.observe("s", "static", Draft([7] * 4, [0.99] * 4), [])
+        controller.observe("s", "static", DraftTree([7] * 4, [0.99] * 4), [])
     name, _ = controller.draft(request())
     assert name == "neural"
 
@@ -452,7 +452,7 @@ def test_a_model_drafters_confident_tokens_keep_their_odds_in_a_request_that_bea
     # request's raw rate would cut every long draft short); where confident tokens
     # miss too, they are marked down.
     controller = Controller([ScriptedModelDrafter([0.95] * 4)], 16, costs(0.01))
-    draft = Draft([7] * 4, [0.95, 0.95, 0.95, 0.15])
+    draft = DraftTree([7] * 4, [0.95, 0.95, 0.95, 0.15])
     for _ in range(5):
         controller.observe("good", "static", draft, [0, 1, 2])
         controller.observe("bad", "static", draft, [0])
@@ -489,7 +489,7 @@ def test_a_draft_models_unsure_runner_up_is_verified_beside_its_favourite():
 
 
 def test_runners_up_become_siblings_after_the_whole_chain():
-    draft = Draft([5, 6, 7], [0.9, 0.6, 0.8], runners_up=[(1, 0.05), (2, 0.3), (3, 0.0)])
+    draft = DraftTree([5, 6, 7], [0.9, 0.6, 0.8], runners_up=[(1, 0.05), (2, 0.3), (3, 0.0)])
     tree = draft.with_runners_up()
     assert tree.tokens == [5, 6, 7, 1, 2]  # a runner-up the drafter could not pick is left out
     assert tree.parents == [-1, 0, 1, -1, 0]

@@ -16,11 +16,12 @@ from atlas_sidecar.engine.capabilities import (
 )
 from atlas_sidecar.engine.controller import Controller, ControllerConfig, CostModel
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine
-from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
 from atlas_sidecar.engine.speculators.neural import NeuralSpeculator, load_cached
 from atlas_sidecar.engine.speculators.neural_train import OnlineLearner
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
+from atlas_sidecar.engine.tree import DraftTree
 
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
@@ -53,7 +54,7 @@ class LearningController(Controller):
 
     def draft_many(
         self, requests: list[DraftRequest], batch_size: int | None = None
-    ) -> list[tuple[str, Draft]]:
+    ) -> list[tuple[str, DraftTree]]:
         for request in requests:
             self.neural.observe_context(request.seq_id, request.context)
         return super().draft_many(requests, batch_size)

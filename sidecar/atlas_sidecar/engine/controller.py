@@ -23,8 +23,9 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TypeVar
 
 from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
-from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
 from atlas_sidecar.engine.stoprule import Calibration, StopRule
+from atlas_sidecar.engine.tree import DraftTree, reach
 
 EWMA = 0.2  # weight of a new cost sample
 # Per observation: old acceptance evidence fades, so drift is followed. A cell's
@@ -381,7 +382,7 @@ class SequenceState:
     # The speculator of the last plan and the draft tokens it expected to gain.
     planned: tuple[str, float] | None = None
     # Per free drafter: (context length when drafted, its whole draft).
-    shadows: dict[str, tuple[int, Draft]] = field(default_factory=dict)
+    shadows: dict[str, tuple[int, DraftTree]] = field(default_factory=dict)
 
     def blend(self, name: str, p: float, prior: float) -> float:
         """``p`` (the global estimate) scaled by the request's accepted / expected, so a
@@ -462,12 +463,7 @@ def expected_tokens(accept_probs: list[float]) -> list[float]:
     return out
 
 
-def path_probs(accept_probs: list[float], parents: list[int]) -> list[float]:
-    """P(a node and all its ancestors are accepted), from each node's own P(accept)."""
-    out: list[float] = []
-    for p, parent in zip(accept_probs, parents, strict=True):
-        out.append(p * (1.0 if parent < 0 else out[parent]))
-    return out
+
 
 
 class Controller:
@@ -540,15 +536,15 @@ class Controller:
     ) -> Plan:
         """The most goodput-efficient subtree: the nodes most likely to be reached.
         ``drafted``: the nodes exist already (their drafting cost is spent)."""
-        reach = path_probs(probs, parents)
+        reached = reach(probs, parents)
         # Ancestors are at least as likely as their descendants and come first on ties,
         # so every top-n set is closed under parents.
-        order = sorted(range(len(reach)), key=lambda i: (-reach[i], i))[:cap]
+        order = sorted(range(len(reached)), key=lambda i: (-reached[i], i))[:cap]
         draft_s = 0.0 if drafted else self.costs.draft_per_token(name)
         scale = self._gain[name].scale if self.config.gain_scaling else 1.0
         gains = [1.0]
         for node in order:
-            gains.append(gains[-1] + min(reach[node] * scale, 1.0))
+            gains.append(gains[-1] + min(reached[node] * scale, 1.0))
         best = Plan(name, [], 1.0, self._verify_share(1, batch_size), order, gains)
         for n in range(1, len(order) + 1):
             seconds = self._verify_share(n + 1, batch_size) + draft_s * n
@@ -578,13 +574,13 @@ class Controller:
                 best_width, best_rate = width, rate
         return [plan.capped(best_width) for plan in plans]
 
-    def draft(self, request: DraftRequest, batch_size: int = 1) -> tuple[str, Draft]:
+    def draft(self, request: DraftRequest, batch_size: int = 1) -> tuple[str, DraftTree]:
         """Choose a speculator and lookahead for one sequence; return (name, its draft)."""
         return self.draft_many([request], batch_size)[0]
 
     def draft_many(
         self, requests: list[DraftRequest], batch_size: int | None = None
-    ) -> list[tuple[str, Draft]]:
+    ) -> list[tuple[str, DraftTree]]:
         """Plan every sequence of a batch, then draft: each chosen model drafter runs
         once for all its sequences. Returns (speculator, draft) per sequence."""
         batch = batch_size or len(requests)
@@ -605,10 +601,10 @@ class Controller:
                 self._state(request.seq_id).planned = (plan.speculator, expected)
         return [(self._chose(plan), draft) for plan, draft in zip(plans, drafts, strict=True)]
 
-    def _free_drafts(self, requests: list[DraftRequest]) -> dict[str, list[Draft]]:
+    def _free_drafts(self, requests: list[DraftRequest]) -> dict[str, list[DraftTree]]:
         """Each free drafter's full-length draft for every sequence, each kept as that
         drafter's shadow (scored next step whether or not it is chosen)."""
-        free: dict[str, list[Draft]] = {}
+        free: dict[str, list[DraftTree]] = {}
         for name in self.free_drafters:
             asked = [_with_lookahead(r, min(r.lookahead, self.max_lookahead)) for r in requests]
             free[name] = self._propose(name, asked, per_call=True)
@@ -618,11 +614,11 @@ class Controller:
         return free
 
     def _choose(
-        self, request: DraftRequest, free: dict[str, Draft], batch: int
-    ) -> tuple[Plan, Draft]:
+        self, request: DraftRequest, free: dict[str, DraftTree], batch: int
+    ) -> tuple[Plan, DraftTree]:
         """One sequence's best plan, drafting nothing included (with a free drafter's
         plan, the draft it cuts from)."""
-        best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), Draft.empty()
+        best, best_draft = Plan("none", [], 1.0, self._verify_share(1, batch)), DraftTree.empty()
         cap = min(request.lookahead, self.max_lookahead)
         if cap <= 0:
             return best, best_draft
@@ -637,8 +633,8 @@ class Controller:
         return best, best_draft
 
     def _option(
-        self, request: DraftRequest, name: str, draft: Draft | None, cap: int, batch: int
-    ) -> tuple[Plan, Draft]:
+        self, request: DraftRequest, name: str, draft: DraftTree | None, cap: int, batch: int
+    ) -> tuple[Plan, DraftTree]:
         """Speculator ``name``'s best plan: the best cut of a free drafter's ``draft``;
         for a model drafter, which pays per token, a chain at its typical acceptance."""
         if draft is not None:
@@ -647,15 +643,15 @@ class Controller:
             return self._best_cut(name, probs, draft.chain_parents(), cap, batch), draft
         typical = self._accept_prob(request.seq_id, name, name, None)
         chain = list(range(-1, cap - 1))
-        return self._best_cut(name, [typical] * cap, chain, cap, batch), Draft.empty()
+        return self._best_cut(name, [typical] * cap, chain, cap, batch), DraftTree.empty()
 
     def _drafts(
-        self, requests: list[DraftRequest], plans: list[Plan], cut_from: list[Draft], batch: int
-    ) -> list[Draft]:
+        self, requests: list[DraftRequest], plans: list[Plan], cut_from: list[DraftTree], batch: int
+    ) -> list[DraftTree]:
         """The draft each plan names: a free drafter's the nodes it chose of its draft;
         a model drafter's made now, all of its sequences in one call."""
         drafts = [
-            draft.subset(plan.nodes) if plan.speculator in self.free_drafters else Draft.empty()
+            draft.subset(plan.nodes) if plan.speculator in self.free_drafters else DraftTree.empty()
             for plan, draft in zip(plans, cut_from, strict=True)
         ]
         for name in self.speculators:
@@ -678,8 +674,8 @@ class Controller:
         return _with_lookahead(request, cap, stop)
 
     def _maybe_runners_up(
-        self, request: DraftRequest, name: str, draft: Draft, batch: int
-    ) -> Draft:
+        self, request: DraftRequest, name: str, draft: DraftTree, batch: int
+    ) -> DraftTree:
         """A model draft with its runners-up where they pay: one greedy sequence only
         (in a batch every row would be padded to the wider draft)."""
         if batch == 1 and request.params.greedy and self.config.runners_up and draft.runners_up:
@@ -687,8 +683,8 @@ class Controller:
         return draft
 
     def _one_model_drafter(
-        self, seq_id: str, options: list[tuple[Plan, Draft]]
-    ) -> list[tuple[Plan, Draft]]:
+        self, seq_id: str, options: list[tuple[Plan, DraftTree]]
+    ) -> list[tuple[Plan, DraftTree]]:
         """For one sequence: the free drafters' plans, and of the model drafters' only
         that of the one whose steps gained most per second so far (``_Steps``: the
         request's own, after its first, else the traffic's). Its plan then competes
@@ -710,7 +706,7 @@ class Controller:
         best = max(rates, key=rates.__getitem__)
         return [o for o in options if o[0].speculator in self.free_drafters + (best,)]
 
-    def _expectation(self, seq_id: str, plan: Plan, draft: Draft) -> float:
+    def _expectation(self, seq_id: str, plan: Plan, draft: DraftTree) -> float:
         """Draft tokens the per-token estimates expect ``draft`` to gain: the plan's
         own figure for a free drafter's cut; for a model drafter, whose early exit
         chose the length, the calibrated estimates of the tokens it drafted."""
@@ -720,9 +716,9 @@ class Controller:
             scale = self._gain[name].scale if self.config.gain_scaling else 1.0
             return (plan.gains[drafted] - 1.0) / scale
         probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
-        return sum(path_probs(probs, draft.chain_parents()))
+        return sum(draft.reach(probs))
 
-    def _add_runners_up(self, seq_id: str, name: str, draft: Draft) -> Draft:
+    def _add_runners_up(self, seq_id: str, name: str, draft: DraftTree) -> DraftTree:
         """The draft model's chain with the runners-up worth verifying beside it.
 
         Where the favourite is unsure, the target often picks the drafter's second
@@ -760,7 +756,7 @@ class Controller:
 
     def _propose(
         self, name: str, requests: list[DraftRequest], per_call: bool = False
-    ) -> list[Draft]:
+    ) -> list[DraftTree]:
         """Run a speculator and learn its cost: per drafted token (as the drafter measured
         it, if it did), or per call if free."""
         started = time.perf_counter()
@@ -785,7 +781,7 @@ class Controller:
         batch, padding included)."""
         self.costs.observe_verify(tokens_fed, seconds, rows)
 
-    def observe(self, seq_id: str, name: str, draft: Draft, path: list[int]) -> None:
+    def observe(self, seq_id: str, name: str, draft: DraftTree, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
         state = self._state(seq_id)
         expected, state.planned = state.planned, None
@@ -799,11 +795,8 @@ class Controller:
         self._steps[name].observe(len(path) + 1, seconds)
         state.steps.setdefault(name, _Steps()).observe(len(path) + 1, seconds)
         # Every other child of the root and of the accepted nodes met the target and lost.
-        checked, on_path = {-1, *path}, set(path)
-        rejected = [
-            i for i, parent in enumerate(draft.chain_parents())
-            if parent in checked and i not in on_path
-        ]  # fmt: skip
+        children, on_path = draft.children(), set(path)
+        rejected = [c for node in (-1, *path) for c in children.get(node, []) if c not in on_path]
         self._learn(seq_id, name, draft, path, rejected)
 
     def _score_shadows(self, request: DraftRequest) -> None:
@@ -815,26 +808,14 @@ class Controller:
             return
         shadows, state.shadows = state.shadows, {}
         for name, (length, draft) in shadows.items():
-            produced = request.context[length:]
-            children: dict[int, list[int]] = {}
-            for i, parent in enumerate(draft.chain_parents()):
-                children.setdefault(parent, []).append(i)
-            node, path, rejected = -1, [], []
-            for token in produced:
-                kids = children.get(node, [])
-                match = next((k for k in kids if draft.tokens[k] == token), None)
-                rejected += [k for k in kids if k != match]
-                if match is None:
-                    break
-                path.append(match)
-                node = match
+            path, rejected = draft.walk(request.context[length:])
             self._learn(request.seq_id, name, draft, path, rejected)
 
     def _learn(
         self,
         seq_id: str,
         name: str,
-        draft: Draft,
+        draft: DraftTree,
         path: list[int],
         rejected: list[int],
     ) -> None:
@@ -893,8 +874,8 @@ class FixedPolicy:
 
     def draft_many(
         self, requests: list[DraftRequest], batch_size: int | None = None
-    ) -> list[tuple[str, Draft]]:
-        out: list[tuple[str, Draft]] = [("none", Draft.empty()) for _ in requests]
+    ) -> list[tuple[str, DraftTree]]:
+        out: list[tuple[str, DraftTree]] = [("none", DraftTree.empty()) for _ in requests]
         picked = [i for i, r in enumerate(requests) if min(r.lookahead, self.lookahead) > 0]
         if self.speculator is None or not picked:
             return out

@@ -27,12 +27,10 @@ from atlas_sidecar.engine.detokenize import IncrementalDetokenizer
 from atlas_sidecar.engine.sampling import (
     SamplingParams,
     make_generator,
-    probs_from_logits,
-    verify_greedy,
-    verify_sampled,
-    verify_tree_greedy,
+    verify,
 )
-from atlas_sidecar.engine.speculators.base import Draft, Drafter, DraftRequest
+from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
+from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
 
 DEFAULT_LOOKAHEAD = 4
@@ -335,7 +333,8 @@ class Engine:
         end = min(len(seq.prompt), seq.prefilled + max(1, max_tokens))
         try:
             logits = self.target.forward(seq.seq_id, seq.prompt[seq.prefilled : end])[-1:]
-            first = self._accept(seq, Draft.empty(), logits)[1] if end == len(seq.prompt) else None
+            done = end == len(seq.prompt)
+            first = self._accept(seq, DraftTree.empty(), logits)[1] if done else None
         except BaseException:
             self.release(seq)
             raise
@@ -432,7 +431,7 @@ class Engine:
         return added_all
 
     def _verify(
-        self, seqs: list[Sequence], drafts: list[Draft]
+        self, seqs: list[Sequence], drafts: list[DraftTree]
     ) -> tuple[int, list[tuple[list[int], int]]]:
         """One target forward over every sequence's [pending token] + draft; each
         accepts its path and its cache keeps just the verified prefix (prompt + output,
@@ -461,7 +460,7 @@ class Engine:
         self,
         seq: Sequence,
         name: str,
-        draft: Draft,
+        draft: DraftTree,
         path: list[int],
         bonus: int,
         draft_s: float,
@@ -483,9 +482,9 @@ class Engine:
                 break
         return added
 
-    def _draft(self, seqs: list[Sequence]) -> list[tuple[str, Draft]]:
+    def _draft(self, seqs: list[Sequence]) -> list[tuple[str, DraftTree]]:
         """Ask the policy for each sequence's draft (none where no room is left)."""
-        drafts: list[tuple[str, Draft]] = [("none", Draft.empty()) for _ in seqs]
+        drafts: list[tuple[str, DraftTree]] = [("none", DraftTree.empty()) for _ in seqs]
         requests, where = [], []
         for i, seq in enumerate(seqs):
             # The target always adds one token of its own, so draft at most remaining - 1.
@@ -506,15 +505,12 @@ class Engine:
         return drafts
 
     def _accept_path(
-        self, seq: Sequence, draft: Draft, logits: torch.Tensor
+        self, seq: Sequence, draft: DraftTree, logits: torch.Tensor
     ) -> tuple[list[int], int]:
         """The accepted draft nodes (root to leaf) and the target's own next token."""
-        if draft.is_tree:
-            if not seq.params.greedy:
-                raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
-            return verify_tree_greedy(draft.tokens, draft.chain_parents(), logits)
-        accepted, bonus = self._accept(seq, draft, logits)
-        return list(range(accepted)), bonus
+        if draft.is_tree and not seq.params.greedy:
+            raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
+        return verify(draft, logits, seq.params, seq.generator)
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's caches (speculators, then target); safe to call twice.
@@ -524,26 +520,12 @@ class Engine:
         self.policy.release(seq.seq_id)
         self.target.release(seq.seq_id)
 
-    def _accept(self, seq: Sequence, draft: Draft, logits: torch.Tensor) -> tuple[int, int]:
-        if seq.params.greedy:
-            return verify_greedy(draft.tokens, logits)
-        target_probs = probs_from_logits(logits, seq.params)
-        draft_probs = draft.probs
-        if draft_probs is not None:
-            draft_probs = _match_vocab(draft_probs[: len(draft.tokens)], target_probs.shape[-1])
-        return verify_sampled(draft.tokens, draft_probs, target_probs, seq.generator)
+    def _accept(self, seq: Sequence, draft: DraftTree, logits: torch.Tensor) -> tuple[int, int]:
+        path, bonus = verify(draft, logits, seq.params, seq.generator)
+        return len(path), bonus
 
 
-def _match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Pad or cut a drafter's distributions to the target's vocabulary size."""
-    if probs.shape[-1] == vocab:
-        return probs.to(torch.float32)
-    if probs.shape[-1] > vocab:
-        return probs[..., :vocab].float()
-    return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
-
-
-def _sanitize(draft: Draft, seq: Sequence, vocab: int, trees: bool = True) -> Draft:
+def _sanitize(draft: DraftTree, seq: Sequence, vocab: int, trees: bool = True) -> DraftTree:
     """A draft the target can verify: tokens of its vocabulary, within the room left,
     and a chain when sampling (multi-branch rejection sampling is not done here) or when
     the target cannot verify trees (``capabilities.verifies_trees``: not SGLang)."""

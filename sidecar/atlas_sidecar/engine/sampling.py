@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+import atlas_kernels
+from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.errors import RequestError
 
 MAX_STOP_STRINGS = 16
@@ -76,6 +78,9 @@ class SamplingParams:
             raise RequestError("stop", f"stop strings must have 1..{MAX_STOP_CHARS} characters")
 
 
+GREEDY = SamplingParams()
+
+
 def make_generator(params: SamplingParams, device: torch.device | str) -> torch.Generator | None:
     if params.greedy:
         return None
@@ -103,40 +108,69 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     return logits.softmax(dim=-1)
 
 
+def match_vocab(probs: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Pad or cut a drafter's distributions to the target's vocabulary size (float32):
+    a draft model's vocabulary may be padded differently from the target's."""
+    if probs.shape[-1] == vocab:
+        return probs.to(torch.float32)
+    if probs.shape[-1] > vocab:
+        return probs[..., :vocab].float()
+    return torch.nn.functional.pad(probs.float(), (0, vocab - probs.shape[-1]))
+
+
+def verify(
+    draft: DraftTree,
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+) -> tuple[list[int], int]:
+    """Verify a draft against the target's ``logits`` (one row for the pending token,
+    then one per draft node): (accepted node indices root to leaf, the target's next
+    token).
+
+    The one verification entry point; the acceptance rules live in ``atlas_kernels``
+    (Triton on CUDA, the PyTorch reference elsewhere) so they are written once: greedy
+    chains take the longest prefix equal to the target's argmax, greedy trees step to
+    the lowest-indexed child equal to it, sampled chains are rejection-sampled.
+    Sampled trees are refused: multi-branch rejection sampling is not implemented, and
+    the engine reduces them to their main chain first.
+    """
+    logits = logits[: len(draft.tokens) + 1]
+    tokens = torch.tensor(draft.tokens, dtype=torch.long, device=logits.device)
+    if params.greedy:
+        if draft.is_tree:
+            parents = torch.tensor(draft.chain_parents(), dtype=torch.long, device=logits.device)
+            num = torch.tensor([len(draft.tokens)], device=logits.device)
+            path, length, bonus = atlas_kernels.tree_accept(
+                logits[None], tokens[None], parents[None], num
+            )
+            return path[0, : int(length[0])].tolist(), int(bonus[0])
+        num = torch.tensor([len(draft.tokens)], device=logits.device)
+        accepted, bonus = atlas_kernels.greedy_accept(logits[None], tokens[None], num)
+        return list(range(int(accepted[0]))), int(bonus[0])
+    if draft.is_tree:
+        raise ValueError("sampled verification takes a chain; reduce the tree to main_chain()")
+    target_probs = probs_from_logits(logits, params)
+    draft_probs = draft.probs
+    if draft_probs is not None:
+        draft_probs = match_vocab(draft_probs[: len(draft.tokens)], target_probs.shape[-1])
+    accepted, token = atlas_kernels.rejection_sample(target_probs, draft_probs, tokens, generator)
+    return list(range(accepted)), token
+
+
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
-    """Return (number of draft tokens accepted, the target's next token after them)."""
-    target_tokens = target_logits.argmax(dim=-1).tolist()
-    accepted = 0
-    while accepted < len(draft) and draft[accepted] == target_tokens[accepted]:
-        accepted += 1
-    return accepted, target_tokens[accepted]
+    """Return (number of draft tokens accepted, the target's next token after them);
+    a thin wrapper over ``verify`` for callers holding plain token lists."""
+    path, bonus = verify(DraftTree(list(draft), []), target_logits, GREEDY, None)
+    return len(path), bonus
 
 
 def verify_tree_greedy(
     draft: list[int], parents: list[int], target_logits: torch.Tensor
 ) -> tuple[list[int], int]:
-    """Greedy acceptance down a draft tree: the path of nodes the target agrees with.
-
-    ``target_logits`` has one row for the sequence's pending token, then one per draft
-    node. Returns (accepted node indices root to leaf, the target's token after them).
-    """
-    target_tokens = target_logits.argmax(dim=-1).tolist()
-    children: dict[int, list[int]] = {}
-    for i, parent in enumerate(parents):
-        children.setdefault(parent, []).append(i)
-    path: list[int] = []
-    current = -1
-    while True:
-        wanted = target_tokens[current + 1]
-        nxt = next((c for c in children.get(current, []) if draft[c] == wanted), None)
-        if nxt is None:
-            return path, wanted
-        path.append(nxt)
-        current = nxt
-
-
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """Greedy acceptance down a draft tree: (accepted nodes root to leaf, the target's
+    token after them); a thin wrapper over ``verify``."""
+    return verify(DraftTree(list(draft), [], parents=list(parents)), target_logits, GREEDY, None)
 
 
 def verify_sampled(
@@ -145,23 +179,10 @@ def verify_sampled(
     target_probs: torch.Tensor,
     generator: torch.Generator | None,
 ) -> tuple[int, int]:
-    """Rejection-sample the draft against ``target_probs`` ([k+1, V]).
-
-    ``draft_probs`` ([k, V]) is the distribution each draft token was drawn from; None
-    means the drafter is deterministic (q is one-hot on the drafted token).
-    """
-    uniforms = torch.rand(len(draft), generator=generator, device=target_probs.device).tolist()
-    for i, token in enumerate(draft):
-        p = target_probs[i]
-        q_token = 1.0 if draft_probs is None else float(draft_probs[i, token])
-        if q_token > 0 and uniforms[i] * q_token < float(p[token]):
-            continue
-        if draft_probs is None:
-            residual = p.clone()
-            residual[token] = 0.0
-        else:
-            residual = (p - draft_probs[i]).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q: any rejection is impossible in exact math
-            residual = p
-        return i, _sample(residual / residual.sum(), generator)
-    return len(draft), _sample(target_probs[len(draft)], generator)
+    """Rejection-sample the draft against ``target_probs`` ([k+1, V]); ``draft_probs``
+    ([k, V]) or None for a deterministic drafter. A thin wrapper over
+    ``atlas_kernels.rejection_sample`` for callers holding probabilities already."""
+    tokens = torch.tensor(draft, dtype=torch.long, device=target_probs.device)
+    return atlas_kernels.rejection_sample(
+        target_probs[: len(draft) + 1], draft_probs, tokens, generator
+    )

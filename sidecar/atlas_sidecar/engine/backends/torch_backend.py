@@ -20,6 +20,7 @@ from atlas_sidecar.engine.backends.attention import use_grouped_attention
 from atlas_sidecar.engine.backends.base import ForwardItem
 from atlas_sidecar.engine.backends.int8 import WEIGHT_FORMATS, int8_supported, quantize_int8
 from atlas_sidecar.engine.capabilities import TargetCapabilities
+from atlas_sidecar.engine.tree import ancestry, depths
 
 DEFAULT_MAX_SEQUENCES = 256
 # An LM head: final hidden states [..., hidden] -> logits [..., vocab].
@@ -57,26 +58,6 @@ def truncate_layers(model: Any, num_layers: int) -> Any:
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:num_layers]
     return model
-
-
-def tree_depths(parents: list[int]) -> list[int]:
-    """Depth of each tree node (children of the cached prefix have depth 0)."""
-    depths: list[int] = []
-    for i, parent in enumerate(parents):
-        if not -1 <= parent < i:
-            raise ValueError(f"tree parent {parent} of node {i} must precede it")
-        depths.append(0 if parent < 0 else depths[parent] + 1)
-    return depths
-
-
-def tree_ancestry(parents: list[int]) -> torch.Tensor:
-    """[n, n] bool: entry (i, j) is True when node j is node i or one of its ancestors."""
-    n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
 
 
 class CausalLMRunner:
@@ -200,9 +181,9 @@ class CausalLMRunner:
             if item.parents is not None:
                 _check_full_attention([cache])
                 past, n = cache.get_seq_length(), len(item.tokens)
-                positions = (past + torch.tensor([tree_depths(item.parents)])).to(self.device)
+                positions = (past + torch.tensor([depths(item.parents)])).to(self.device)
                 mask = torch.ones(1, 1, n, past + n, dtype=torch.bool)
-                mask[0, 0, :, past:] = tree_ancestry(item.parents)
+                mask[0, 0, :, past:] = ancestry(item.parents)
                 mask = mask.to(self.device)
             hidden = self._run(ids, cache, positions, mask)[0]
             self._append_hidden(item.seq_id, hidden)
@@ -243,10 +224,10 @@ class CausalLMRunner:
             n = widths[r]
             parents = item.parents if item.parents is not None else list(range(-1, n - 1))
             ids[r, :n] = torch.tensor(item.tokens)
-            positions[r, :n] = past[r] + torch.tensor(tree_depths(parents))
+            positions[r, :n] = past[r] + torch.tensor(depths(parents))
             positions[r, n:] = past[r] + torch.arange(n, width)
             mask[r, 0, :, : past[r]] = True
-            mask[r, 0, :n, pad_past : pad_past + n] = tree_ancestry(parents)
+            mask[r, 0, :n, pad_past : pad_past + n] = ancestry(parents)
             # Padding queries see themselves only (a row of all-False would give NaNs).
             idx = torch.arange(n, width)
             mask[r, 0, idx, pad_past + idx] = True

@@ -38,7 +38,8 @@ from torch import nn
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.capabilities import NEURAL
 from atlas_sidecar.engine.sampling import probs_from_logits
-from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.models import atlas_home
 
 DEFAULT_DRAFT_VOCAB = 16_384
@@ -275,11 +276,11 @@ class NeuralSpeculator:
         self._contexts[seq_id] = context
 
     @torch.inference_mode()
-    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         """Draft for every request together: one batched head step per drafted token."""
         t0 = time.perf_counter()
         weights = self._weights  # one snapshot for the whole call
-        drafts = [Draft.empty() for _ in requests]
+        drafts = [DraftTree.empty() for _ in requests]
         live: list[int] = []
         features: list[torch.Tensor] = []
         for i, request in enumerate(requests):
@@ -311,7 +312,7 @@ class NeuralSpeculator:
         weights: HeadWeights,
         requests: list[DraftRequest],
         features: list[torch.Tensor],
-        drafts: list[Draft],
+        drafts: list[DraftTree],
     ) -> None:
         embed = self.target.model.get_input_embeddings()
         device = self.target.device

@@ -16,7 +16,8 @@ from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.backends.vocab import DraftVocabulary
 from atlas_sidecar.engine.capabilities import STATIC
 from atlas_sidecar.engine.sampling import probs_from_logits
-from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.tree import DraftTree
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -45,7 +46,7 @@ class StaticSpeculator:
         self._typical_cost: float | None = None  # recent seconds per drafted token
 
     @torch.inference_mode()
-    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         """Draft for every request together: one batched draft forward per token."""
         live = [r for r in requests if r.lookahead > 0 and r.context]
         drafts = {r.seq_id: _Growing() for r in live}
@@ -83,7 +84,8 @@ class StaticSpeculator:
             old = self._typical_cost
             self._typical_cost = cost if old is None else old + 0.2 * (cost - old)
         return [
-            drafts[r.seq_id].done(cost) if r.seq_id in drafts else Draft.empty() for r in requests
+            drafts[r.seq_id].done(cost) if r.seq_id in drafts else DraftTree.empty()
+            for r in requests
         ]
 
     def _sync(
@@ -168,9 +170,9 @@ class _Growing:
         self.tokens.append(token)
         self.confidences.append(float(probs[token]))
 
-    def done(self, token_cost_s: float | None) -> Draft:
+    def done(self, token_cost_s: float | None) -> DraftTree:
         probs = torch.stack(self.sampled_from) if self.sampled_from else None
-        return Draft(
+        return DraftTree(
             self.tokens,
             self.confidences,
             probs,

@@ -25,7 +25,8 @@ from collections import Counter, deque
 from dataclasses import dataclass
 
 from atlas_sidecar.engine.capabilities import SUFFIX
-from atlas_sidecar.engine.speculators.base import Draft, DraftRequest
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.tree import DraftTree
 
 MAX_NGRAM = 8
 MIN_NGRAM = 1
@@ -204,7 +205,7 @@ class SuffixSpeculator:
 
     # -- the drafter interface ---------------------------------------------------------
 
-    def propose(self, requests: list[DraftRequest]) -> list[Draft]:
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         return [self._propose_one(r) for r in requests]
 
     def rollback(self, seq_id: str, context: list[int]) -> None:
@@ -286,7 +287,7 @@ class SuffixSpeculator:
                 return n, found
         return 0, []
 
-    def _propose_one(self, request: DraftRequest) -> Draft:
+    def _propose_one(self, request: DraftRequest) -> DraftTree:
         """A draft tree grown best-first: the ``lookahead`` likeliest continuations.
 
         Each node's confidence is the share of its parent's evidence that continues
@@ -296,7 +297,7 @@ class SuffixSpeculator:
         """
         local = self._local_index(request.seq_id, request.context)
         if request.lookahead <= 0:
-            return Draft.empty()
+            return DraftTree.empty()
         match_len, candidates = self._candidates(local)
         tokens: list[int] = []
         parents: list[int] = []
@@ -320,7 +321,7 @@ class SuffixSpeculator:
             parents.append(parent)
             confidences.append(confidence)
             branch(len(tokens) - 1, -neg_reach, [(d, n) for d, n in following if n < len(d)])
-        return Draft(
+        return DraftTree(
             tokens=tokens,
             confidences=confidences,
             bucket=f"suffix:{min(match_len, 4)}",
