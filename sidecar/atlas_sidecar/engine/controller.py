@@ -344,9 +344,9 @@ class _Steps:
     so the rate undersells a drafter whose stretches run long (a draft model on code:
     6-15 tokens a step) against a cheap one whose tokens are taken as often but whose
     drafts stay short (the neural head). What its steps gained per second is what it
-    is worth against another model drafter. (Not against the suffix index, whose plan
-    rests on the match at hand: valued at their steps' average, the draft model took
-    steps the index would have made for free: python 5.1x -> 3.6x in the bench.)"""
+    is worth against another model drafter. Not against the suffix index, whose plan
+    rests on the match at hand: valued at its steps' average, the draft model would take
+    steps the index makes for free (docs/design-notes.md, "Controller and planning")."""
 
     tokens: float = 0.0
     seconds: float = 0.0
@@ -722,8 +722,8 @@ class Controller:
         """The draft model's chain with the runners-up worth verifying beside it.
 
         Where the favourite is unsure, the target often picks the drafter's second
-        choice (chat, Qwen2.5-Coder 0.5B for 1.5B: 41% of the favourite's misses): as
-        a sibling it costs one more token in the verify forward and no drafting. Only
+        choice: as a sibling it costs one more token in the verify forward and no
+        drafting (the measured share is in docs/design-notes.md). Only
         for one sequence (in a batch every row would be padded to the wider draft)."""
         tree = draft.with_runners_up()
         bucket = tree.bucket or name
