@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from atlas_sidecar.engine.capabilities import STATIC, SUFFIX
+from atlas_sidecar.engine.capabilities import NEURAL, STATIC, SUFFIX
 from atlas_sidecar.engine.controller import (
     DECAY,
     GAIN_PRIOR_TOKENS,
@@ -34,6 +34,9 @@ class ScriptedDrafter:
     def propose(self, requests):
         return [self.draft.subset(list(range(min(r.lookahead, len(self.draft.tokens)))))
                 for r in requests]  # fmt: skip
+
+    def observe_context(self, seq_id, context):
+        pass
 
     def rollback(self, seq_id, context):
         pass
@@ -292,6 +295,9 @@ class PerSequenceDrafter:
     def propose(self, requests):
         return [self.drafts[r.seq_id] for r in requests]
 
+    def observe_context(self, seq_id, context):
+        pass
+
     def rollback(self, seq_id, context):
         pass
 
@@ -347,6 +353,9 @@ class ScriptedModelDrafter:
             self.lengths.append(len(draft.tokens))
             drafts.append(draft)
         return drafts
+
+    def observe_context(self, seq_id, context):
+        pass
 
     def rollback(self, seq_id, context):
         pass
@@ -494,3 +503,25 @@ def test_runners_up_become_siblings_after_the_whole_chain():
     assert tree.tokens == [5, 6, 7, 1, 2]  # a runner-up the drafter could not pick is left out
     assert tree.parents == [-1, 0, 1, -1, 0]
     assert tree.main_chain().tokens == [5, 6, 7]
+
+
+def test_learning_drafters_see_every_steps_context_also_on_steps_they_do_not_draft():
+    class Learner(ScriptedModelDrafter):
+        name = "neural"
+        capabilities = NEURAL
+
+        def __init__(self):
+            super().__init__([0.01] * 16)
+            self.seen = []
+
+        def observe_context(self, seq_id, context):
+            self.seen.append((seq_id, list(context)))
+
+    learner = Learner()
+    model = costs(0.001)
+    model.observe_draft("neural", 1, 1.0)  # a second a token: never worth it
+    controller = Controller([ScriptedDrafter([7] * 8, [0.99] * 8), learner], 16, model)
+    for step in range(3):
+        name, _ = controller.draft(DraftRequest("s", [1, 2, 3 + step], 16, SamplingParams()))
+        assert name == "suffix"
+    assert learner.seen == [("s", [1, 2, 3]), ("s", [1, 2, 4]), ("s", [1, 2, 5])]

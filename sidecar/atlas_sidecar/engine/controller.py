@@ -489,6 +489,8 @@ class Controller:
         self.acceptance = AcceptanceStats()
         # Drafters cheap enough to always ask for a full-length draft, then cut it.
         self.free_drafters = tuple(s.name for s in speculators if s.capabilities.free)
+        # Shown every step's context, also on steps they do not draft (``observe_context``).
+        self.learners = [s for s in speculators if s.capabilities.learns_online]
         self.sequences: dict[str, SequenceState] = {}
         self.choices: dict[str, int] = {}
         self._gain = {name: _GainCalibration() for name in self.speculators}
@@ -586,6 +588,8 @@ class Controller:
         batch = batch_size or len(requests)
         for request in requests:
             self._score_shadows(request)
+            for drafter in self.learners:
+                drafter.observe_context(request.seq_id, request.context)
         free = self._free_drafts(requests)
         chosen = [
             self._choose(request, {name: drafts[i] for name, drafts in free.items()}, batch)

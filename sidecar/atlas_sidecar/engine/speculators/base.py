@@ -39,6 +39,12 @@ class Drafter(Protocol):
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]: ...
 
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        """The sequence's accepted tokens as a step begins, whether or not this drafter
+        drafts the step. A drafter that ``learns_online`` from the target's features
+        (the neural head) learns from every request this way, not only its own steps;
+        one that learns from what it is asked (the suffix index) ignores it."""
+
     def rollback(self, seq_id: str, context: list[int]) -> None:
         """Undo a failed step: keep no state for ``seq_id`` past ``context`` (the
         sequence's accepted tokens as the step began), so the step can be retried as if

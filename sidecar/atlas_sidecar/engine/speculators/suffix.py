@@ -208,6 +208,10 @@ class SuffixSpeculator:
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         return [self._propose_one(r) for r in requests]
 
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        """Nothing to do: the index reads each context when it is asked to draft, and
+        the controller asks it on every step (it is free)."""
+
     def rollback(self, seq_id: str, context: list[int]) -> None:
         """Nothing to undo: the index only ever holds accepted tokens."""
 
