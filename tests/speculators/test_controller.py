@@ -484,17 +484,20 @@ def test_a_draft_models_unsure_runner_up_is_verified_beside_its_favourite():
     drafter = RunnerUpDrafter([0.99, 0.99, 0.55, 0.99])
     model = costs(0.002)
     model.observe_draft("static", 1, 0.005)
-    controller = Controller([drafter], 4, model)
-    name, draft = controller.draft(request(lookahead=4))
+    controller = Controller([drafter], 4, model)  # chains of 4 at most
+    name, draft = controller.draft(request(lookahead=8))
     assert name == "static"
     # The chain as drafted, then the one runner-up likely enough to pay for its place:
     # 8 beside the unsure third token (a child of the second), the favourites first.
     assert draft.tokens == [7, 7, 7, 7, 8]
     assert draft.parents == [-1, 0, 1, 2, 1]
     assert draft.main_chain().tokens == [7, 7, 7, 7]
-    # Sampling gets the chain alone: rejection sampling verifies chains.
-    sampled = DraftRequest("t", [1, 2, 3], 4, SamplingParams(temperature=0.8))
-    assert not controller.draft(sampled)[1].is_tree
+    # The request bounds the nodes, runners-up included.
+    assert controller.draft(request(lookahead=4))[1].tokens == [7, 7, 7, 7]
+    # Where the request asks for chains (sampling; a target without tree verification),
+    # the chain alone.
+    chains = DraftRequest("t", [1, 2, 3], 8, SamplingParams(temperature=0.8), trees=False)
+    assert not controller.draft(chains)[1].is_tree
 
 
 def test_runners_up_become_siblings_after_the_whole_chain():

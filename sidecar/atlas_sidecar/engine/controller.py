@@ -682,8 +682,8 @@ class Controller:
     ) -> DraftTree:
         """A model draft with its runners-up where they pay: one greedy sequence only
         (in a batch every row would be padded to the wider draft)."""
-        if batch == 1 and request.params.greedy and self.config.runners_up and draft.runners_up:
-            return self._add_runners_up(request.seq_id, name, draft)
+        if batch == 1 and request.trees and self.config.runners_up and draft.runners_up:
+            return self._add_runners_up(request, name, draft)
         return draft
 
     def _one_model_drafter(
@@ -722,7 +722,7 @@ class Controller:
         probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
         return sum(draft.reach(probs))
 
-    def _add_runners_up(self, seq_id: str, name: str, draft: DraftTree) -> DraftTree:
+    def _add_runners_up(self, request: DraftRequest, name: str, draft: DraftTree) -> DraftTree:
         """The draft model's chain with the runners-up worth verifying beside it.
 
         Where the favourite is unsure, the target often picks the drafter's second
@@ -731,8 +731,8 @@ class Controller:
         for one sequence (in a batch every row would be padded to the wider draft)."""
         tree = draft.with_runners_up()
         bucket = tree.bucket or name
-        probs = [self._accept_prob(seq_id, name, bucket, c) for c in tree.confidences]
-        cap = len(tree.tokens)
+        probs = [self._accept_prob(request.seq_id, name, bucket, c) for c in tree.confidences]
+        cap = min(len(tree.tokens), request.lookahead)  # the request's bound on nodes
         plan = self._best_cut(name, probs, tree.chain_parents(), cap, 1, drafted=True)
         return tree.subset(plan.nodes)
 
@@ -863,9 +863,7 @@ class Controller:
 def _with_lookahead(
     request: DraftRequest, lookahead: int, stop: StopRule | None = None
 ) -> DraftRequest:
-    return DraftRequest(
-        request.seq_id, request.context, lookahead, request.params, request.generator, stop
-    )
+    return replace(request, lookahead=lookahead, stop=stop)
 
 
 class FixedPolicy:

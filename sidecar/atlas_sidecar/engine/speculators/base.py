@@ -29,11 +29,18 @@ class DraftRequest:
     # drafted token; stop once it says no (the plan's goodput test). None: draft on
     # to ``lookahead``.
     stop: StopRule | None = None
+    # May the draft branch? False when sampling (rejection sampling takes one path) or
+    # when the target verifies chains only (``TargetCapabilities.verifies_trees``).
+    trees: bool = True
 
 
 
 
 class Drafter(Protocol):
+    """A speculator. Its drafts keep the request's contract: at most ``lookahead``
+    nodes, a chain unless ``trees``, tokens of the target's vocabulary; the engine
+    verifies them as they are (a draft outside the contract is a bug, dropped)."""
+
     name: str
     capabilities: SpeculatorCapabilities
 

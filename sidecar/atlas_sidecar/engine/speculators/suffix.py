@@ -325,9 +325,10 @@ class SuffixSpeculator:
             parents.append(parent)
             confidences.append(confidence)
             branch(len(tokens) - 1, -neg_reach, [(d, n) for d, n in following if n < len(d)])
-        return DraftTree(
+        tree = DraftTree(
             tokens=tokens,
             confidences=confidences,
             bucket=f"suffix:{min(match_len, 4)}",
             parents=parents,
         )
+        return tree if request.trees else tree.main_chain()
