@@ -93,6 +93,9 @@ class TreeDrafter:
     name = "tree"
     capabilities = SpeculatorCapabilities(drafts_trees=True)
 
+    def observe_context(self, seq_id, context):
+        pass
+
     def rollback(self, seq_id, context):
         pass
 

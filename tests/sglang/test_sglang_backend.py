@@ -25,8 +25,11 @@ from atlas_sidecar.engine.backends.sglang import (
 )
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.build import build_engine
-from atlas_sidecar.engine.core import Engine, Sequence, StopChecker, _sanitize
+from atlas_sidecar.engine.controller import FixedPolicy
+from atlas_sidecar.engine.core import Engine, draft_breach
 from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.base import DraftRequest
+from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
 from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.errors import BackendUnavailable, RequestError
 from atlas_sidecar.serving.app import ServerConfig, ServerThread
@@ -94,14 +97,42 @@ def test_batched_steps_verify_every_sequence_in_one_call_and_equal_torch(
     assert backend.calls - calls_before == rounds  # one /generate a step, all sequences
 
 
-def test_a_backend_without_trees_gets_chains():
-    tree = DraftTree(tokens=[11, 12, 13], confidences=[0.9, 0.5, 0.8], parents=[-1, -1, 0])
-    state = Sequence("s", [1], GREEDY, StopChecker(None, GREEDY, frozenset()), None, 0.0)
-    state.stop.tokens.append(5)
-    assert _sanitize(tree, state, 100).is_tree
-    chain = _sanitize(tree, state, 100, trees=False)
-    assert not chain.is_tree
-    assert chain.tokens == [11, 13]  # the main chain: each node's first child
+class _Recording(FixedPolicy):
+    """The suffix index as a fixed policy, keeping every request and draft it made."""
+
+    def __init__(self) -> None:
+        super().__init__(SuffixSpeculator(), 8)
+        self.seen: list[tuple[DraftRequest, DraftTree]] = []
+
+    def draft_many(self, requests, batch_size=None):
+        out = super().draft_many(requests, batch_size)
+        self.seen += [(r, d) for r, (_, d) in zip(requests, out, strict=True)]
+        return out
+
+
+def test_a_backend_without_trees_gets_chains(backend, torch_target, prompts, reference):
+    """The engine asks for chains where the target verifies chains only; the suffix
+    index, whose evidence splits on a repeated prompt, then drafts its main chain."""
+    repeated = prompts[0] + reference[0] + prompts[0]
+    for target, trees in ((torch_target, True), (backend, False)):
+        policy = _Recording()
+        policy.speculator.add_document(prompts[0] + reference[0])
+        policy.speculator.add_document(prompts[0] + reference[0][:3] + [reference[0][0]])
+        Engine(target, target.tokenizer, policy=policy).generate(repeated, GREEDY)
+        assert policy.seen and all(r.trees is trees for r, _ in policy.seen)
+        assert any(d.is_tree for _, d in policy.seen) is trees
+
+
+def test_a_draft_that_breaks_its_contract_is_dropped_not_verified():
+    request = DraftRequest("s", [1, 2], lookahead=2, params=GREEDY, trees=False)
+    tree = DraftTree(tokens=[11, 12], confidences=[0.9, 0.5], parents=[-1, -1])
+    assert draft_breach(tree, request, 100) == "a tree where a chain was asked for"
+    assert draft_breach(tree.main_chain(), request, 100) is None
+    too_long = DraftTree(tokens=[11, 12, 13], confidences=[0.9] * 3)
+    assert draft_breach(too_long, request, 100) == "3 nodes for a lookahead of 2"
+    assert draft_breach(DraftTree(tokens=[11, 100], confidences=[0.9] * 2), request, 100) == (
+        "a token outside the target's vocabulary"
+    )
 
 
 def test_tree_items_are_refused_not_verified_wrong(backend):

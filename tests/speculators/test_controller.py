@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from atlas_sidecar.engine.capabilities import STATIC, SUFFIX
+from atlas_sidecar.engine.capabilities import NEURAL, STATIC, SUFFIX
 from atlas_sidecar.engine.controller import (
     DECAY,
     GAIN_PRIOR_TOKENS,
@@ -34,6 +34,9 @@ class ScriptedDrafter:
     def propose(self, requests):
         return [self.draft.subset(list(range(min(r.lookahead, len(self.draft.tokens)))))
                 for r in requests]  # fmt: skip
+
+    def observe_context(self, seq_id, context):
+        pass
 
     def rollback(self, seq_id, context):
         pass
@@ -292,6 +295,9 @@ class PerSequenceDrafter:
     def propose(self, requests):
         return [self.drafts[r.seq_id] for r in requests]
 
+    def observe_context(self, seq_id, context):
+        pass
+
     def rollback(self, seq_id, context):
         pass
 
@@ -347,6 +353,9 @@ class ScriptedModelDrafter:
             self.lengths.append(len(draft.tokens))
             drafts.append(draft)
         return drafts
+
+    def observe_context(self, seq_id, context):
+        pass
 
     def rollback(self, seq_id, context):
         pass
@@ -475,17 +484,20 @@ def test_a_draft_models_unsure_runner_up_is_verified_beside_its_favourite():
     drafter = RunnerUpDrafter([0.99, 0.99, 0.55, 0.99])
     model = costs(0.002)
     model.observe_draft("static", 1, 0.005)
-    controller = Controller([drafter], 4, model)
-    name, draft = controller.draft(request(lookahead=4))
+    controller = Controller([drafter], 4, model)  # chains of 4 at most
+    name, draft = controller.draft(request(lookahead=8))
     assert name == "static"
     # The chain as drafted, then the one runner-up likely enough to pay for its place:
     # 8 beside the unsure third token (a child of the second), the favourites first.
     assert draft.tokens == [7, 7, 7, 7, 8]
     assert draft.parents == [-1, 0, 1, 2, 1]
     assert draft.main_chain().tokens == [7, 7, 7, 7]
-    # Sampling gets the chain alone: rejection sampling verifies chains.
-    sampled = DraftRequest("t", [1, 2, 3], 4, SamplingParams(temperature=0.8))
-    assert not controller.draft(sampled)[1].is_tree
+    # The request bounds the nodes, runners-up included.
+    assert controller.draft(request(lookahead=4))[1].tokens == [7, 7, 7, 7]
+    # Where the request asks for chains (sampling; a target without tree verification),
+    # the chain alone.
+    chains = DraftRequest("t", [1, 2, 3], 8, SamplingParams(temperature=0.8), trees=False)
+    assert not controller.draft(chains)[1].is_tree
 
 
 def test_runners_up_become_siblings_after_the_whole_chain():
@@ -494,3 +506,25 @@ def test_runners_up_become_siblings_after_the_whole_chain():
     assert tree.tokens == [5, 6, 7, 1, 2]  # a runner-up the drafter could not pick is left out
     assert tree.parents == [-1, 0, 1, -1, 0]
     assert tree.main_chain().tokens == [5, 6, 7]
+
+
+def test_learning_drafters_see_every_steps_context_also_on_steps_they_do_not_draft():
+    class Learner(ScriptedModelDrafter):
+        name = "neural"
+        capabilities = NEURAL
+
+        def __init__(self):
+            super().__init__([0.01] * 16)
+            self.seen = []
+
+        def observe_context(self, seq_id, context):
+            self.seen.append((seq_id, list(context)))
+
+    learner = Learner()
+    model = costs(0.001)
+    model.observe_draft("neural", 1, 1.0)  # a second a token: never worth it
+    controller = Controller([ScriptedDrafter([7] * 8, [0.99] * 8), learner], 16, model)
+    for step in range(3):
+        name, _ = controller.draft(DraftRequest("s", [1, 2, 3 + step], 16, SamplingParams()))
+        assert name == "suffix"
+    assert learner.seen == [("s", [1, 2, 3]), ("s", [1, 2, 4]), ("s", [1, 2, 5])]

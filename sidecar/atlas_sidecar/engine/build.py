@@ -16,12 +16,11 @@ from atlas_sidecar.engine.capabilities import (
 )
 from atlas_sidecar.engine.controller import Controller, ControllerConfig, CostModel
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine
-from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
+from atlas_sidecar.engine.speculators.base import Drafter
 from atlas_sidecar.engine.speculators.neural import NeuralSpeculator, load_cached
 from atlas_sidecar.engine.speculators.neural_train import OnlineLearner
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
-from atlas_sidecar.engine.tree import DraftTree
 
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
@@ -33,31 +32,6 @@ if TYPE_CHECKING:
     from atlas_sidecar.engine.backends.sglang import SGLangBackend
 
 log = logging.getLogger(__name__)
-
-
-class LearningController(Controller):
-    """The controller, also showing every step's context to the neural speculator.
-
-    The controller asks a model drafter only on the steps it picks it for; the neural
-    head must learn from every request (above all from those it is not yet good at)."""
-
-    def __init__(
-        self,
-        speculators: list[Drafter],
-        max_lookahead: int,
-        costs: CostModel,
-        neural: NeuralSpeculator,
-        config: ControllerConfig | None = None,
-    ) -> None:
-        super().__init__(speculators, max_lookahead, costs, config=config)
-        self.neural = neural
-
-    def draft_many(
-        self, requests: list[DraftRequest], batch_size: int | None = None
-    ) -> list[tuple[str, DraftTree]]:
-        for request in requests:
-            self.neural.observe_context(request.seq_id, request.context)
-        return super().draft_many(requests, batch_size)
 
 
 def neural_speculator(target: CausalLMRunner, learn: bool = True) -> NeuralSpeculator:
@@ -135,11 +109,6 @@ def _controller(
         if speculator.capabilities.needs_draft_model:
             assert draft is not None
             costs.profile_drafter(speculator.name, draft)
-    neural = [s for s in speculators if isinstance(s, NeuralSpeculator)]
-    if neural:
-        return LearningController(
-            speculators, ATLAS_MAX_LOOKAHEAD, costs, neural[0], config
-        )
     return Controller(speculators, ATLAS_MAX_LOOKAHEAD, costs, config=config)
 
 

@@ -344,9 +344,9 @@ class _Steps:
     so the rate undersells a drafter whose stretches run long (a draft model on code:
     6-15 tokens a step) against a cheap one whose tokens are taken as often but whose
     drafts stay short (the neural head). What its steps gained per second is what it
-    is worth against another model drafter. (Not against the suffix index, whose plan
-    rests on the match at hand: valued at their steps' average, the draft model took
-    steps the index would have made for free: python 5.1x -> 3.6x in the bench.)"""
+    is worth against another model drafter. Not against the suffix index, whose plan
+    rests on the match at hand: valued at its steps' average, the draft model would take
+    steps the index makes for free (docs/design-notes.md, "Controller and planning")."""
 
     tokens: float = 0.0
     seconds: float = 0.0
@@ -489,6 +489,8 @@ class Controller:
         self.acceptance = AcceptanceStats()
         # Drafters cheap enough to always ask for a full-length draft, then cut it.
         self.free_drafters = tuple(s.name for s in speculators if s.capabilities.free)
+        # Shown every step's context, also on steps they do not draft (``observe_context``).
+        self.learners = [s for s in speculators if s.capabilities.learns_online]
         self.sequences: dict[str, SequenceState] = {}
         self.choices: dict[str, int] = {}
         self._gain = {name: _GainCalibration() for name in self.speculators}
@@ -586,6 +588,8 @@ class Controller:
         batch = batch_size or len(requests)
         for request in requests:
             self._score_shadows(request)
+            for drafter in self.learners:
+                drafter.observe_context(request.seq_id, request.context)
         free = self._free_drafts(requests)
         chosen = [
             self._choose(request, {name: drafts[i] for name, drafts in free.items()}, batch)
@@ -678,8 +682,8 @@ class Controller:
     ) -> DraftTree:
         """A model draft with its runners-up where they pay: one greedy sequence only
         (in a batch every row would be padded to the wider draft)."""
-        if batch == 1 and request.params.greedy and self.config.runners_up and draft.runners_up:
-            return self._add_runners_up(request.seq_id, name, draft)
+        if batch == 1 and request.trees and self.config.runners_up and draft.runners_up:
+            return self._add_runners_up(request, name, draft)
         return draft
 
     def _one_model_drafter(
@@ -718,17 +722,17 @@ class Controller:
         probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
         return sum(draft.reach(probs))
 
-    def _add_runners_up(self, seq_id: str, name: str, draft: DraftTree) -> DraftTree:
+    def _add_runners_up(self, request: DraftRequest, name: str, draft: DraftTree) -> DraftTree:
         """The draft model's chain with the runners-up worth verifying beside it.
 
         Where the favourite is unsure, the target often picks the drafter's second
-        choice (chat, Qwen2.5-Coder 0.5B for 1.5B: 41% of the favourite's misses): as
-        a sibling it costs one more token in the verify forward and no drafting. Only
+        choice: as a sibling it costs one more token in the verify forward and no
+        drafting (the measured share is in docs/design-notes.md). Only
         for one sequence (in a batch every row would be padded to the wider draft)."""
         tree = draft.with_runners_up()
         bucket = tree.bucket or name
-        probs = [self._accept_prob(seq_id, name, bucket, c) for c in tree.confidences]
-        cap = len(tree.tokens)
+        probs = [self._accept_prob(request.seq_id, name, bucket, c) for c in tree.confidences]
+        cap = min(len(tree.tokens), request.lookahead)  # the request's bound on nodes
         plan = self._best_cut(name, probs, tree.chain_parents(), cap, 1, drafted=True)
         return tree.subset(plan.nodes)
 
@@ -859,9 +863,7 @@ class Controller:
 def _with_lookahead(
     request: DraftRequest, lookahead: int, stop: StopRule | None = None
 ) -> DraftRequest:
-    return DraftRequest(
-        request.seq_id, request.context, lookahead, request.params, request.generator, stop
-    )
+    return replace(request, lookahead=lookahead, stop=stop)
 
 
 class FixedPolicy:

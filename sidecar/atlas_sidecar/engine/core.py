@@ -14,6 +14,7 @@ the last output token is pending, fed at the head of the next verify forward.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from atlas_sidecar.engine.sampling import (
 from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
 from atlas_sidecar.engine.tree import DraftTree
 from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LOOKAHEAD = 4
 MAX_LOOKAHEAD = 64
@@ -491,25 +494,32 @@ class Engine:
             lookahead = min(self.lookahead, seq.params.max_tokens - len(seq.output) - 1)
             if lookahead > 0:
                 requests.append(DraftRequest(
-                    seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator
+                    seq.seq_id, seq.prompt + seq.output, lookahead, seq.params, seq.generator,
+                    trees=seq.params.greedy and self.target.capabilities.verifies_trees,
                 ))  # fmt: skip
                 where.append(i)
         if requests:
-            for i, (name, draft) in zip(
-                where, self.policy.draft_many(requests, batch_size=len(seqs)), strict=True
-            ):
-                drafts[i] = (name, _sanitize(
-                    draft, seqs[i], self.target.vocab_size,
-                    self.target.capabilities.verifies_trees,
-                ))  # fmt: skip
+            planned = self.policy.draft_many(requests, batch_size=len(seqs))
+            for i, request, (name, draft) in zip(where, requests, planned, strict=True):
+                drafts[i] = (name, self._kept(name, draft, request))
         return drafts
+
+    def _kept(self, name: str, draft: DraftTree, request: DraftRequest) -> DraftTree:
+        """The draft if it keeps its request's contract, else none: a drafter's bug may
+        cost a step its speculation, never a token (the target verifies nothing it
+        cannot, and a token outside its vocabulary would index out of its logits)."""
+        problem = draft_breach(draft, request, self.target.vocab_size)
+        if problem is None:
+            return draft
+        log.error("speculator %s broke its draft contract (%s): draft dropped", name, problem)
+        return DraftTree.empty()
 
     def _accept_path(
         self, seq: Sequence, draft: DraftTree, logits: torch.Tensor
     ) -> tuple[list[int], int]:
         """The accepted draft nodes (root to leaf) and the target's own next token."""
         if draft.is_tree and not seq.params.greedy:
-            raise AssertionError("sampled drafts are chains (_sanitize reduces trees)")
+            raise AssertionError("sampled drafts are chains (DraftRequest.trees)")
         return verify(draft, logits, seq.params, seq.generator)
 
     def release(self, seq: Sequence) -> None:
@@ -525,18 +535,12 @@ class Engine:
         return len(path), bonus
 
 
-def _sanitize(draft: DraftTree, seq: Sequence, vocab: int, trees: bool = True) -> DraftTree:
-    """A draft the target can verify: tokens of its vocabulary, within the room left,
-    and a chain when sampling (multi-branch rejection sampling is not done here) or when
-    the target cannot verify trees (``capabilities.verifies_trees``: not SGLang)."""
-    if not seq.params.greedy or not trees:
-        draft = draft.main_chain()
-    room = seq.params.max_tokens - len(seq.output) - 1
-    parents = draft.chain_parents()
-    keep: list[int] = []
-    usable = {-1}  # nodes whose whole path is kept
-    for i, token in enumerate(draft.tokens):
-        if len(keep) < room and 0 <= token < vocab and parents[i] in usable:
-            keep.append(i)
-            usable.add(i)
-    return draft if len(keep) == len(draft.tokens) else draft.subset(keep)
+def draft_breach(draft: DraftTree, request: DraftRequest, vocab: int) -> str | None:
+    """What in ``draft`` breaks its request's contract (``Drafter``), or None."""
+    if len(draft.tokens) > request.lookahead:
+        return f"{len(draft.tokens)} nodes for a lookahead of {request.lookahead}"
+    if draft.is_tree and not request.trees:
+        return "a tree where a chain was asked for"
+    if any(not 0 <= token < vocab for token in draft.tokens):
+        return "a token outside the target's vocabulary"
+    return None

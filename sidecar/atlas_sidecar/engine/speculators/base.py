@@ -29,15 +29,28 @@ class DraftRequest:
     # drafted token; stop once it says no (the plan's goodput test). None: draft on
     # to ``lookahead``.
     stop: StopRule | None = None
+    # May the draft branch? False when sampling (rejection sampling takes one path) or
+    # when the target verifies chains only (``TargetCapabilities.verifies_trees``).
+    trees: bool = True
 
 
 
 
 class Drafter(Protocol):
+    """A speculator. Its drafts keep the request's contract: at most ``lookahead``
+    nodes, a chain unless ``trees``, tokens of the target's vocabulary; the engine
+    verifies them as they are (a draft outside the contract is a bug, dropped)."""
+
     name: str
     capabilities: SpeculatorCapabilities
 
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]: ...
+
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        """The sequence's accepted tokens as a step begins, whether or not this drafter
+        drafts the step. A drafter that ``learns_online`` from the target's features
+        (the neural head) learns from every request this way, not only its own steps;
+        one that learns from what it is asked (the suffix index) ignores it."""
 
     def rollback(self, seq_id: str, context: list[int]) -> None:
         """Undo a failed step: keep no state for ``seq_id`` past ``context`` (the

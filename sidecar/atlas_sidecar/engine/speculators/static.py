@@ -131,6 +131,10 @@ class StaticSpeculator:
         """Each item's logits after its last token only (all a drafter reads)."""
         return self.runner.forward_many(items, self.vocabulary, last_only=True)
 
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        """Nothing to learn: the draft model's weights are fixed; its caches catch up
+        with the context when it is next asked to draft."""
+
     def rollback(self, seq_id: str, context: list[int]) -> None:
         """After a failed step: keep only the cached prefix of ``context`` that every
         layer really holds (a failed call may have recorded tokens its forward never

@@ -208,6 +208,10 @@ class SuffixSpeculator:
     def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
         return [self._propose_one(r) for r in requests]
 
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        """Nothing to do: the index reads each context when it is asked to draft, and
+        the controller asks it on every step (it is free)."""
+
     def rollback(self, seq_id: str, context: list[int]) -> None:
         """Nothing to undo: the index only ever holds accepted tokens."""
 
@@ -321,9 +325,10 @@ class SuffixSpeculator:
             parents.append(parent)
             confidences.append(confidence)
             branch(len(tokens) - 1, -neg_reach, [(d, n) for d, n in following if n < len(d)])
-        return DraftTree(
+        tree = DraftTree(
             tokens=tokens,
             confidences=confidences,
             bucket=f"suffix:{min(match_len, 4)}",
             parents=parents,
         )
+        return tree if request.trees else tree.main_chain()
