@@ -6,7 +6,8 @@
 Always times the PyTorch reference on CPU; where CUDA exists, also the reference and
 the Triton kernel on the GPU, and the host loop the engine runs today (argmax, copy
 the tokens to the host, walk each sequence in Python). Each row says whether its
-result equals the reference's.
+result equals the reference's. rejection_sample verifies one sampled chain (the first
+sequence's K drafts, float32 probabilities), each call from a generator seeded alike.
 """
 
 from __future__ import annotations
@@ -48,6 +49,13 @@ def make_inputs(
         ]
     ).reshape(rows, num_draft)
     tree = target.gather(1, parents + 1)  # every node agrees with the target: a deep walk
+    # One sampled chain, as sampling.verify hands it over: float32 target probabilities
+    # of the first sequence, and a drafter whose logits are the target's plus noise,
+    # close enough that a draft survives several positions before a rejection.
+    target_probs = logits[0].float().softmax(dim=-1)
+    noise = torch.randn(num_draft, vocab, generator=generator)
+    draft_probs = (logits[0, :num_draft].float() + noise).softmax(dim=-1)
+    sampled = torch.multinomial(draft_probs, 1, generator=generator)[:, 0]
     return {
         "logits": logits,
         "chain": chain,
@@ -56,6 +64,9 @@ def make_inputs(
         "parents": parents,
         "nodes": torch.full((rows,), num_draft),
         "past": torch.randint(0, pad_past + 1, (rows,), generator=generator),
+        "target_probs": target_probs,
+        "draft_probs": draft_probs,
+        "sampled": sampled,
     }
 
 
@@ -114,7 +125,14 @@ def time_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 def same(got: Any, expected: Any) -> bool:
     if isinstance(got, torch.Tensor):
         return torch.equal(got.cpu(), expected.cpu())
+    if not isinstance(got, tuple | list):
+        return bool(got == expected)
     return all(same(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def seeded(device: torch.device) -> torch.Generator:
+    """A fresh generator per call, so every implementation draws the same numbers."""
+    return torch.Generator(device=device).manual_seed(0)
 
 
 def cases(
@@ -122,6 +140,7 @@ def cases(
 ) -> dict[str, dict[str, Callable[[], Any]]]:
     """Per operation: the reference and, by name, the other ways of computing it."""
     x = inputs
+    device = x["logits"].device
     ops: dict[str, dict[str, Callable[[], Any]]] = {
         "greedy_accept": {
             "reference": lambda: reference.greedy_accept_reference(
@@ -140,6 +159,11 @@ def cases(
                 x["parents"], x["nodes"], x["past"], pad_past
             ),
         },
+        "rejection_sample": {
+            "reference": lambda: reference.rejection_sample_reference(
+                x["target_probs"], x["draft_probs"], x["sampled"], seeded(device)
+            ),
+        },
     }
     if x["logits"].is_cuda:
         from atlas_kernels import triton_impl
@@ -152,6 +176,9 @@ def cases(
         )
         ops["tree_attention_mask"]["triton"] = lambda: triton_impl.tree_attention_mask(
             x["parents"], x["nodes"], x["past"], pad_past
+        )
+        ops["rejection_sample"]["triton"] = lambda: triton_impl.rejection_sample(
+            x["target_probs"], x["draft_probs"], x["sampled"], seeded(device)
         )
     return ops
 

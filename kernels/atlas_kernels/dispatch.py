@@ -134,8 +134,10 @@ def rejection_sample(
 
     ``target_probs`` [K+1, V], ``draft_probs`` [K, V] or None (one-hot q),
     ``draft_tokens`` [K]. The generator is drawn from exactly as in
-    ``reference.rejection_sample_reference`` (K uniforms, then one multinomial), on
-    any device, so seeded output does not depend on where it runs.
+    ``reference.rejection_sample_reference`` (K uniforms, then one multinomial), by
+    the kernel too, so seeded output does not depend on which one runs.
+    ``use_kernel``: None picks the Triton kernel for CUDA tensors, True forces it
+    (fp32/bf16/fp16 probabilities), False the reference.
     """
     num_draft = draft_tokens.shape[0]
     if target_probs.dim() != 2 or target_probs.shape[0] != num_draft + 1:
@@ -147,7 +149,11 @@ def rejection_sample(
         raise ValueError(
             f"draft_probs {tuple(draft_probs.shape)} vs target {tuple(target_probs.shape)}"
         )
-    if use_kernel:
-        raise NotImplementedError("no Triton rejection-sampling kernel yet")
-    # The reference runs on any device; a Triton kernel for the residual is to come.
+    draft_tokens = draft_tokens.to(target_probs.device)
+    if draft_probs is not None:
+        draft_probs = draft_probs.to(target_probs.device)
+    if _kernel_wanted(target_probs, use_kernel):
+        from . import triton_impl
+
+        return triton_impl.rejection_sample(target_probs, draft_probs, draft_tokens, generator)
     return reference.rejection_sample_reference(target_probs, draft_probs, draft_tokens, generator)

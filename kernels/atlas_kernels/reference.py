@@ -112,6 +112,11 @@ def tree_attention_mask_reference(
     return mask
 
 
+def sampling_dtype(target_probs: torch.Tensor) -> torch.dtype:
+    """The dtype rejection sampling computes in: float32, or float64 for float64 input."""
+    return torch.promote_types(target_probs.dtype, torch.float32)
+
+
 def rejection_residual_reference(
     target_probs: torch.Tensor,
     draft_probs: torch.Tensor | None,
@@ -128,13 +133,18 @@ def rejection_residual_reference(
     and the rejection was impossible in exact arithmetic); if all K are accepted,
     (K, p's last row). The caller samples the next token from that row.
 
+    The returned row is float32 for half-precision inputs (float64 stays float64):
+    sampling from a bf16 row would divide in bf16, where quotients tie often and the
+    tie goes to the lowest index, a bias; and one sampling dtype whatever the outcome
+    lets the Triton kernel draw its randomness before it knows which row it samples.
+
     One sequence, on the host: the comparisons are made in Python floats on the K
     gathered probabilities, and only the rejected row is copied, so a [K+1, V]
     distribution over a large vocabulary is read once, not per position.
     """
     num_draft = draft_tokens.shape[0]
     if num_draft == 0:
-        return 0, target_probs[0]
+        return 0, target_probs[0].to(sampling_dtype(target_probs))
     positions = torch.arange(num_draft, device=target_probs.device)
     tokens = draft_tokens.to(device=target_probs.device, dtype=torch.long)
     p_tok = target_probs[positions, tokens].tolist()
@@ -142,16 +152,16 @@ def rejection_residual_reference(
     for i, (u, p, q) in enumerate(zip(uniforms.tolist(), p_tok, q_tok, strict=True)):
         if q > 0 and u * q < p:
             continue
-        row = target_probs[i]
+        row = target_probs[i].to(sampling_dtype(target_probs))
         if draft_probs is None:
             residual = row.clone()
             residual[int(tokens[i])] = 0.0
         else:
-            residual = (row - draft_probs[i]).clamp_min(0.0)
+            residual = (row - draft_probs[i].to(row.dtype)).clamp_min(0.0)
         if float(residual.sum()) <= 0.0:
             residual = row
         return i, residual / residual.sum()
-    return num_draft, target_probs[num_draft]
+    return num_draft, target_probs[num_draft].to(sampling_dtype(target_probs))
 
 
 def rejection_sample_reference(
@@ -164,7 +174,9 @@ def rejection_sample_reference(
 
     Draws exactly ``torch.rand(K)`` then one ``torch.multinomial`` from
     ``generator``, in that order, so a seeded request reproduces; see
-    ``rejection_residual_reference`` for the rule.
+    ``rejection_residual_reference`` for the rule. (One multinomial sample is drawn
+    as torch's exponential race: V draws E ~ Exp(1) in the row's dtype, then
+    argmax(row / E); the Triton kernel draws the same and runs the race itself.)
     """
     uniforms = torch.rand(draft_tokens.shape[0], generator=generator, device=target_probs.device)
     accepted, row = rejection_residual_reference(target_probs, draft_probs, draft_tokens, uniforms)

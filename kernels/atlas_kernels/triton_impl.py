@@ -11,6 +11,15 @@ acceptance run in two launches and no host synchronisation:
 
 Ties go to the lowest index and a NaN counts as the maximum (its first occurrence
 wins), exactly like ``torch.argmax``.
+
+Rejection sampling of one chain also runs in two launches, on randomness the host
+draws from the request's generator exactly as the reference does:
+
+1. ``_rejection_partial_kernel``: one program per vocabulary split finds the first
+   rejected draft position (K gathers) and runs torch.multinomial's exponential race
+   over its split, argmax(r / E), both for the residual r = max(p - q, 0) and for p.
+2. ``_rejection_merge_kernel``: merges the splits and takes the residual's winner,
+   or p's where the residual is zero everywhere.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import reference
 
 # Elements of the vocabulary one program reduces per loop iteration.
 DEFAULT_BLOCK_V = 2048
@@ -223,6 +234,181 @@ def _tree_attention_mask_kernel(
     tl.store(row_ptr + pad_past + tokens, seen.to(tl.uint8), mask=tokens < width)
 
 
+@triton.jit
+def _first_rejection(
+    target_ptr,
+    draft_probs_ptr,
+    draft_ptr,
+    uniform_ptr,
+    stride_target,
+    stride_draft_probs,
+    stride_draft,
+    vocab,
+    num_draft,
+    HAS_DRAFT_PROBS: tl.constexpr,
+    ROWS: tl.constexpr,
+):
+    """(first rejected position, or K if none; its draft token) of one chain.
+
+    Token i is accepted when q(x_i) > 0 and u_i * q(x_i) < p(x_i), tested in float64
+    like the reference's Python floats: the product of two float32 values is exact
+    there, so the kernel and the reference agree on every comparison. A token outside
+    the vocabulary reads p = 0 and is rejected (the reference raises).
+    """
+    positions = tl.arange(0, ROWS)
+    drafted = positions < num_draft
+    token = tl.load(draft_ptr + positions * stride_draft, mask=drafted, other=0).to(tl.int64)
+    in_vocab = drafted & (token >= 0) & (token < vocab)
+    rows = positions.to(tl.int64)
+    p = tl.load(target_ptr + rows * stride_target + token, mask=in_vocab, other=0.0)
+    p = p.to(tl.float32).to(tl.float64)
+    if HAS_DRAFT_PROBS:
+        q = tl.load(draft_probs_ptr + rows * stride_draft_probs + token, mask=in_vocab, other=0.0)
+        q = q.to(tl.float64)
+    else:
+        q = tl.full([ROWS], 1.0, tl.float64)  # a deterministic drafter: q one-hot
+    u = tl.load(uniform_ptr + positions, mask=drafted, other=1.0).to(tl.float64)
+    accept = (q > 0) & (u * q < p)
+    rejected = tl.min(tl.where(drafted & ~accept, positions, ROWS), axis=0)
+    rejected = tl.minimum(rejected, num_draft)
+    rejected_token = tl.sum(tl.where(positions == rejected, token, 0), axis=0)
+    return rejected, rejected_token
+
+
+@triton.jit
+def _rejection_partial_kernel(
+    target_ptr,
+    draft_probs_ptr,
+    draft_ptr,
+    uniform_ptr,
+    expo_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    part_mass_ptr,
+    stride_target,
+    stride_draft_probs,
+    stride_draft,
+    vocab,
+    num_draft,
+    split_len,
+    HAS_DRAFT_PROBS: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    split = tl.program_id(0)
+    # Every split finds the same rejected position: K gathers, cheaper than a launch.
+    rejected, rejected_token = _first_rejection(
+        target_ptr,
+        draft_probs_ptr,
+        draft_ptr,
+        uniform_ptr,
+        stride_target,
+        stride_draft_probs,
+        stride_draft,
+        vocab,
+        num_draft,
+        HAS_DRAFT_PROBS,
+        ROWS,
+    )
+    residual_mode = rejected < num_draft
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, vocab)
+    q_hi = tl.where(residual_mode, hi, lo)  # all accepted: q is not read
+    p_row = target_ptr + rejected.to(tl.int64) * stride_target
+    q_row = draft_probs_ptr + rejected.to(tl.int64) * stride_draft_probs
+    offsets = tl.arange(0, BLOCK_V)
+    # Per lane: the best ratio so far and the first index holding it, for the residual
+    # max(p - q, 0) and for p itself (the fallback when the residual is all zero).
+    res_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    res_idx = tl.full([BLOCK_V], _NO_INDEX, tl.int32)
+    row_val = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    row_idx = tl.full([BLOCK_V], _NO_INDEX, tl.int32)
+    mass = tl.zeros([BLOCK_V], tl.float32)
+    for start in range(lo, hi, BLOCK_V):
+        index = start + offsets
+        in_range = index < hi
+        p = tl.load(p_row + index, mask=in_range, other=0.0).to(tl.float32)
+        expo = tl.load(expo_ptr + index, mask=in_range, other=1.0)
+        if HAS_DRAFT_PROBS:
+            q = tl.load(q_row + index, mask=index < q_hi, other=0.0)
+            residual = tl.maximum(p - q.to(tl.float32), 0.0)
+        else:
+            residual = tl.where(residual_mode & (index == rejected_token), 0.0, p)
+        mass += tl.where(in_range, residual, 0.0)
+        # Correctly rounded, as torch divides: ratios that nearly tie compare the same.
+        ratio = tl.math.div_rn(residual, expo)
+        take = in_range & (ratio > res_val)  # strictly greater keeps the earlier index
+        res_val = tl.where(take, ratio, res_val)
+        res_idx = tl.where(take, index, res_idx)
+        ratio = tl.math.div_rn(p, expo)
+        take = in_range & (ratio > row_val)
+        row_val = tl.where(take, ratio, row_val)
+        row_idx = tl.where(take, index, row_idx)
+    out = split.to(tl.int64) * 2
+    best = tl.max(res_val, axis=0)
+    tl.store(part_val_ptr + out, best)
+    tl.store(part_idx_ptr + out, tl.min(tl.where(res_val == best, res_idx, _NO_INDEX), axis=0))
+    best = tl.max(row_val, axis=0)
+    tl.store(part_val_ptr + out + 1, best)
+    tl.store(part_idx_ptr + out + 1, tl.min(tl.where(row_val == best, row_idx, _NO_INDEX), axis=0))
+    tl.store(part_mass_ptr + split, tl.sum(mass, axis=0))
+
+
+@triton.jit
+def _first_max(values, indices):
+    """The index at the first maximum of ``values`` (indices ascending with position)."""
+    best = tl.max(values, axis=0)
+    return tl.min(tl.where(values == best, indices, _NO_INDEX), axis=0)
+
+
+@triton.jit
+def _rejection_merge_kernel(
+    target_ptr,
+    draft_probs_ptr,
+    draft_ptr,
+    uniform_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    part_mass_ptr,
+    out_ptr,
+    stride_target,
+    stride_draft_probs,
+    stride_draft,
+    vocab,
+    num_draft,
+    num_splits,
+    HAS_DRAFT_PROBS: tl.constexpr,
+    ROWS: tl.constexpr,
+    SPLITS: tl.constexpr,
+):
+    rejected, _ = _first_rejection(
+        target_ptr,
+        draft_probs_ptr,
+        draft_ptr,
+        uniform_ptr,
+        stride_target,
+        stride_draft_probs,
+        stride_draft,
+        vocab,
+        num_draft,
+        HAS_DRAFT_PROBS,
+        ROWS,
+    )
+    splits = tl.arange(0, SPLITS)
+    live = splits < num_splits
+    # Splits come in vocabulary order, each with the first index of its maximum, so
+    # the first split index at the overall maximum is the global first index.
+    res_val = tl.load(part_val_ptr + splits * 2, mask=live, other=float("-inf"))
+    res_idx = tl.load(part_idx_ptr + splits * 2, mask=live, other=_NO_INDEX)
+    row_val = tl.load(part_val_ptr + splits * 2 + 1, mask=live, other=float("-inf"))
+    row_idx = tl.load(part_idx_ptr + splits * 2 + 1, mask=live, other=_NO_INDEX)
+    mass = tl.sum(tl.load(part_mass_ptr + splits, mask=live, other=0.0), axis=0)
+    # An all-zero residual (p == q where q > 0) samples p itself, as the reference does.
+    token = tl.where(mass <= 0.0, _first_max(row_val, row_idx), _first_max(res_val, res_idx))
+    tl.store(out_ptr, rejected.to(tl.int64))
+    tl.store(out_ptr + 1, token.to(tl.int64))
+
+
 def _check_runnable(tensor: torch.Tensor) -> None:
     if not tensor.is_cuda and not _interpreting():
         raise RuntimeError(
@@ -366,3 +552,96 @@ def tree_attention_mask(
         BLOCK_PAST=block_past,
     )
     return mask
+
+
+def rejection_sample(
+    target_probs: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    draft_tokens: torch.Tensor,
+    generator: torch.Generator | None,
+    *,
+    block_v: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[int, int]:
+    """Triton version of ``reference.rejection_sample_reference`` (same contract).
+
+    Draws what the reference draws, in its order, from ``generator`` on the target's
+    device: ``torch.rand(K)``, then the V float32 exponentials one
+    ``torch.multinomial`` sample consumes (it returns argmax(row / E)). The kernels
+    then run the accept test and that exponential race over vocabulary splits, on
+    the unnormalised residual: argmax(r / (s E)) = argmax(r / E) for a sum s > 0.
+    So the result and the generator's state equal the reference's, except where two
+    tokens' r / E agree to within the rounding of the skipped division by s.
+    """
+    _check_runnable(target_probs)
+    if reference.sampling_dtype(target_probs) != torch.float32:
+        raise ValueError(
+            f"the kernel samples in float32: target_probs must be fp32, bf16 or fp16, not "
+            f"{target_probs.dtype} (use_kernel=False runs the reference)"
+        )
+    device = target_probs.device
+    num_draft = draft_tokens.shape[0]
+    vocab = target_probs.shape[1]
+    uniforms = torch.rand(num_draft, generator=generator, device=device)
+    expo = torch.empty(vocab, dtype=torch.float32, device=device).exponential_(
+        1, generator=generator
+    )
+    if target_probs.stride(-1) != 1:
+        target_probs = target_probs.contiguous()
+    has_draft_probs = draft_probs is not None
+    if draft_probs is None:
+        draft_probs = target_probs  # never read
+    elif draft_probs.stride(-1) != 1:
+        draft_probs = draft_probs.contiguous()
+    draft_tokens = draft_tokens.to(device)
+    block = block_v or min(DEFAULT_BLOCK_V, triton.next_power_of_2(vocab))
+    blocks = triton.cdiv(vocab, block)
+    if num_splits is None:
+        num_splits = max(1, min(blocks, TARGET_PROGRAMS))
+    # Whole blocks per split, so every split but the last starts on a block boundary.
+    split_len = triton.cdiv(blocks, num_splits) * block
+    num_splits = triton.cdiv(vocab, split_len)
+    part_val = torch.empty(num_splits, 2, dtype=torch.float32, device=device)
+    part_idx = torch.empty(num_splits, 2, dtype=torch.int32, device=device)
+    part_mass = torch.empty(num_splits, dtype=torch.float32, device=device)
+    out = torch.empty(2, dtype=torch.long, device=device)
+    common = (
+        target_probs.stride(0),
+        draft_probs.stride(0),
+        draft_tokens.stride(0),
+        vocab,
+        num_draft,
+    )
+    _rejection_partial_kernel[(num_splits,)](
+        target_probs,
+        draft_probs,
+        draft_tokens,
+        uniforms,
+        expo,
+        part_val,
+        part_idx,
+        part_mass,
+        *common,
+        split_len,
+        HAS_DRAFT_PROBS=has_draft_probs,
+        ROWS=_rows_pow2(num_draft),
+        BLOCK_V=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    _rejection_merge_kernel[(1,)](
+        target_probs,
+        draft_probs,
+        draft_tokens,
+        uniforms,
+        part_val,
+        part_idx,
+        part_mass,
+        out,
+        *common,
+        num_splits,
+        HAS_DRAFT_PROBS=has_draft_probs,
+        ROWS=_rows_pow2(num_draft),
+        SPLITS=triton.next_power_of_2(num_splits),
+    )
+    accepted, token = out.tolist()
+    return accepted, token

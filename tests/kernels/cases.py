@@ -52,3 +52,51 @@ def tree_case(
             if float(torch.rand(1, generator=generator)) < 0.7:
                 draft[row, node] = target[row, int(parents[row, node]) + 1]
     return logits, draft, parents, num_nodes
+
+
+def rejection_case(
+    num_draft: int,
+    vocab: int,
+    target_dtype: torch.dtype,
+    draft_dtype: torch.dtype | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(target_probs [K+1, V], draft_probs [K, V] or None, draft_tokens [K]) for one chain.
+
+    ``draft_dtype`` None is a deterministic drafter (random tokens, q one-hot). At each
+    position the target agrees with the drafter with chance 0.5 (p = q, or p one-hot
+    on the token), which accepts it whatever the uniform, so drafts are accepted whole
+    as well as cut early; with chance 0.3 p is a mix of that and a random row, so a
+    rejected token still holds most of p's mass and must be left out of the residual.
+    About a third of p and q is zero (top-k-like), so residuals have zeros."""
+
+    def probs(rows: int) -> torch.Tensor:
+        logits = torch.randn(rows, vocab, generator=generator) * 2.0
+        cut = torch.rand(rows, vocab, generator=generator) < 0.3
+        cut[:, 0] = False  # keep every row a distribution
+        return logits.masked_fill(cut, float("-inf")).softmax(dim=-1)
+
+    target = probs(num_draft + 1)
+    if draft_dtype is None:
+        draft = None
+        tokens = torch.randint(0, vocab, (num_draft,), generator=generator)
+    else:
+        draft = probs(num_draft)
+        tokens = (
+            torch.multinomial(draft, 1, generator=generator)[:, 0]
+            if num_draft
+            else torch.zeros(0, dtype=torch.long)
+        )
+    for i in range(num_draft):
+        if draft is None:
+            agree = torch.nn.functional.one_hot(tokens[i], vocab).to(torch.float32)
+        else:
+            agree = draft[i]
+        roll = float(torch.rand(1, generator=generator))
+        if roll < 0.5:
+            target[i] = agree
+        elif roll < 0.8:  # close: rejections leave a small, peaked residual
+            weight = 0.3 + 0.6 * float(torch.rand(1, generator=generator))
+            target[i] = weight * agree + (1.0 - weight) * target[i]
+    draft = None if draft is None else draft.to(draft_dtype)
+    return target.to(target_dtype), draft, tokens

@@ -11,6 +11,7 @@ import torch
 from atlas_kernels import (
     greedy_accept,
     greedy_accept_reference,
+    rejection_residual_reference,
     tree_accept,
     tree_accept_reference,
     tree_attention_mask,
@@ -167,3 +168,22 @@ def test_mismatched_shapes_are_refused(logits_shape, draft_shape, lens_shape):
             torch.zeros(draft_shape, dtype=torch.long),
             torch.zeros(lens_shape, dtype=torch.long),
         )
+
+
+@pytest.mark.parametrize("draft_dtype", [torch.float32, torch.bfloat16, None])
+def test_rejection_reference_samples_half_precision_rows_in_float32(draft_dtype):
+    """Whichever branch ends the chain, the row to sample from bf16 probabilities is
+    float32, so the kernel knows the dtype of the exponentials before the branch."""
+    target = torch.tensor([[0.25, 0.75, 0.0], [0.5, 0.5, 0.0], [0.25, 0.25, 0.5]])
+    draft = torch.tensor([[0.75, 0.25, 0.0], [0.5, 0.5, 0.0]])
+    draft = None if draft_dtype is None else draft.to(draft_dtype)
+    endings = [
+        ([0, 0], [0.99, 0.0], 0),  # rejected at once: a non-zero residual
+        ([1, 0], [0.0, 0.0], 2),  # all accepted: the last row, unnormalised
+        ([1, 2], [0.0, 0.5], 1),  # q = p = 0 at token 2: with q, an all-zero residual
+    ]
+    for tokens, uniforms, accepted in endings:
+        got, row = rejection_residual_reference(
+            target.to(torch.bfloat16), draft, torch.tensor(tokens), torch.tensor(uniforms)
+        )
+        assert got == accepted and row.dtype == torch.float32, tokens

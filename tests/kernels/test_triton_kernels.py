@@ -154,6 +154,13 @@ except RuntimeError as error:
     assert "CUDA" in str(error), error
 else:
     raise AssertionError("a compiled kernel must not be handed CPU tensors")
+try:
+    triton_impl.rejection_sample(torch.full((2, 8), 0.125), None,
+                                 torch.zeros(1, dtype=torch.long), None)
+except RuntimeError as error:
+    assert "CUDA" in str(error), error
+else:
+    raise AssertionError("a compiled kernel must not be handed CPU tensors")
 """
     subprocess.run([sys.executable, "-c", script], check=True, env=_compiled_env())
 
@@ -202,6 +209,15 @@ def test_kernels_compile_for_an_h100_without_a_gpu():
         build(k._tree_attention_mask_kernel,
               {"parents_ptr": "*i64", "nodes_ptr": "*i64", "past_ptr": "*i64",
                "mask_ptr": "*u8"}, {"WIDTH": 32, "BLOCK_PAST": 1024})
+        rejection = {"target_ptr": "*bf16", "draft_ptr": "*i64", "uniform_ptr": "*fp32",
+                     "part_val_ptr": "*fp32", "part_idx_ptr": "*i32", "part_mass_ptr": "*fp32"}
+        for q_type in ("*fp32", "*bf16", "*fp64", None):
+            types = {**rejection, "draft_probs_ptr": q_type or "*bf16"}
+            has_q = q_type is not None
+            build(k._rejection_partial_kernel, {**types, "expo_ptr": "*fp32"},
+                  {"HAS_DRAFT_PROBS": has_q, "ROWS": 32, "BLOCK_V": 2048}, 8)
+            build(k._rejection_merge_kernel, {**types, "out_ptr": "*i64"},
+                  {"HAS_DRAFT_PROBS": has_q, "ROWS": 32, "SPLITS": 128})
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, env=_compiled_env())
