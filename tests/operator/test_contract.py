@@ -27,7 +27,7 @@ from atlas_operator import ROLLOUT_MOUNT_PATH, WEIGHT_VERSION_KEY, crd, render
 from atlas_operator.spec import validate_spec
 from atlas_sidecar import cli, models
 from atlas_sidecar.engine.backends.torch_backend import parse_dtype
-from atlas_sidecar.serving import commands
+from atlas_sidecar.serving import commands, healthcheck
 
 OWNER = render.Owner(name="coder", namespace="serving", uid="u-1")
 TARGET = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
@@ -81,6 +81,11 @@ def test_sglang_command_line_parses_with_sglangs_parser_to_the_spec(variant: str
     assert (parsed.host, parsed.port) == ("127.0.0.1", serving["port"])  # loopback only
     if variant == "everything":
         assert parsed.context_length == 4096  # extraArgs reach SGLang verbatim
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        command = container[kind]["exec"]["command"]
+        assert command[:2] == ["python3", "-c"]
+        compile(command[2], kind, "exec")  # Python that parses...
+        assert f"'http://{parsed.host}:{parsed.port}/health'" in command[2]  # ...asks SGLang
 
 
 @pytest.mark.parametrize("field", ["dtype", "quantization"])
@@ -141,8 +146,13 @@ def check_tls(config: Any, container: dict[str, Any], mounts: dict[str, str], tl
         return
     assert config.tls.cert_file.parent == config.tls.key_file.parent == Path(mounts["tls"])
     assert (config.tls.cert_file.name, config.tls.key_file.name) == ("tls.crt", "tls.key")
-    probe = container["readinessProbe"]["exec"]["command"]
-    assert int(probe[probe.index("--port") + 1]) == config.health_port
+    for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+        probe = container[kind]
+        command = probe["exec"]["command"]
+        assert command[:3] == ["python", "-m", healthcheck.__name__]
+        parsed = healthcheck.build_parser().parse_args(command[3:])
+        assert parsed.port == config.health_port and parsed.service == ""
+        assert parsed.timeout < probe["timeoutSeconds"]  # it answers before kubelet gives up
 
 
 def check_engine_args(
