@@ -197,8 +197,8 @@ SIDECAR_DTYPES = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float3
 
 
 def sidecar_args(spec: Spec) -> list[str]:
-    """`atlas serve` flags. Only flags the sidecar CLI has: anything newer travels as
-    environment variables (sidecar_env), which an older sidecar simply ignores."""
+    """`atlas serve` flags: only flags its CLI has, each reaching its serve configuration
+    (tests/operator/test_contract.py parses them with the sidecar's own parser)."""
     model, sidecar = spec["model"], spec["sidecar"]
     static = spec["speculators"]["static"]
     args = ["serve", "--host", "0.0.0.0", "--port", str(sidecar["port"]),
@@ -234,16 +234,17 @@ def sidecar_health_port(spec: Spec) -> int:
 
 
 def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
-    adaptive, static = spec["speculators"]["adaptive"], spec["speculators"]["static"]
+    """Only variables `atlas serve` reads (its SERVE_ENV; tests/operator/test_contract.py
+    checks): one it ignores would look like configuration and change nothing. The
+    adaptive speculator's settings (weights and mirror directories, mirror fraction)
+    come back with the learning loop that reads them."""
+    static = spec["speculators"]["static"]
     env: list[dict[str, Any]] = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HOME", "value": "/tmp"},
+        # SGLang's cache too: the sidecar reads the target's tokenizer from what SGLang
+        # downloaded, at the same revision.
         {"name": "HF_HOME", "value": HF_HOME},
         {"name": "ATLAS_MODEL_REVISION", "value": spec["model"]["revision"]},
-        {"name": "ATLAS_ADAPTIVE", "value": "1" if adaptive["enabled"] else "0"},
-        {"name": "ATLAS_WEIGHTS_DIR", "value": WEIGHTS_DIR},
-        {"name": "ATLAS_MIRROR_DIR", "value": MIRROR_DIR},
-        {"name": "ATLAS_MIRROR_FRACTION", "value": f"{adaptive['mirrorFraction']:g}"},
     ]
     if static.get("model"):
         env += [{"name": "ATLAS_DRAFT_REVISION", "value": static["revision"]},

@@ -6,6 +6,9 @@ A model reference is one of
 - a Hugging Face model folder on disk, or a ``.gguf`` file;
 - a Hugging Face hub id (``org/name``), loaded through the ordinary hub cache.
 
+``$ATLAS_MODEL_OVERRIDES`` replaces references before they are resolved (see
+``overrides``), and ``at_revision`` pins a hub id to one revision of the local hub cache.
+
 The cache never holds a half-written entry: every step writes to a temporary name and
 renames into place only once the content is verified.
 """
@@ -83,6 +86,9 @@ REGISTRY: dict[str, RegistryModel] = {
     )
 }
 
+ATLAS_HOME_ENV = "ATLAS_HOME"
+MODEL_OVERRIDES_ENV = "ATLAS_MODEL_OVERRIDES"
+
 DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
 TEST_MODEL = "smollm2-135m-instruct"
@@ -95,7 +101,7 @@ def _stderr(msg: str) -> None:
 
 
 def atlas_home() -> Path:
-    return Path(os.environ.get("ATLAS_HOME", Path.home() / ".cache" / "atlas"))
+    return Path(os.environ.get(ATLAS_HOME_ENV, Path.home() / ".cache" / "atlas"))
 
 
 def cached_model_dir(name: str) -> Path:
@@ -218,8 +224,56 @@ def pull(name: str, force: bool = False, progress: Progress = _stderr) -> Path:
     return dest
 
 
+def overrides() -> dict[str, str]:
+    """``$ATLAS_MODEL_OVERRIDES``: ``ref=replacement[,ref=replacement...]``. Each reference a
+    command or manifest names is replaced before it is resolved, once (no chains). For
+    pods that cannot reach the hub (the replacement: a folder on a mounted volume, a
+    registry name) and for the pod-local test, which runs the operator's exact command on
+    the cached small model. A malformed entry is an error: an entry silently skipped would
+    load another model, or fail far from its cause."""
+    out: dict[str, str] = {}
+    for entry in os.environ.get(MODEL_OVERRIDES_ENV, "").split(","):
+        if not entry.strip():
+            continue
+        ref, sep, replacement = (part.strip() for part in entry.partition("="))
+        if not (sep and ref and replacement):
+            raise ModelError(f"${MODEL_OVERRIDES_ENV}: {entry.strip()!r} is not ref=replacement")
+        out[ref] = replacement
+    return out
+
+
+def is_hub_id(ref: str) -> bool:
+    """``org/name`` that names no registry model and nothing on disk."""
+    return (ref not in REGISTRY and not Path(ref).expanduser().exists()
+            and ref.count("/") == 1 and not ref.startswith((".", "/", "~")))  # fmt: skip
+
+
+def at_revision(ref: str, revision: str | None) -> str:
+    """``ref`` pinned to ``revision``: a hub id (after the overrides) becomes the folder of
+    that revision's snapshot in the local hub cache (``$HF_HOME/hub``), so the sidecar
+    reads the very files SGLang downloaded for its ``--revision`` (a pod gives both the
+    same ``HF_HOME``). Looked up only, never downloaded: the sidecar runs offline. Any
+    other reference has no revision and comes back as it is, as does any with none."""
+    hub_id = overrides().get(ref, ref)
+    if not revision or not is_hub_id(hub_id):
+        return ref
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return str(snapshot_download(hub_id, revision=revision, local_files_only=True))
+    except LocalEntryNotFoundError as exc:
+        raise ModelError(
+            f"{hub_id} at revision {revision!r} is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} (HF_HOME): SGLang downloads it there in a pod, or "
+            f"fetch it first (hf download {hub_id} --revision {revision})"
+        ) from exc
+
+
 def resolve(ref: str) -> tuple[str, str | None]:
-    """Map a model reference to (path or hub id, gguf file name or None)."""
+    """Map a model reference (after the overrides) to (path or hub id, gguf file name or
+    None)."""
+    ref = overrides().get(ref, ref)
     if ref in REGISTRY:
         if not is_pulled(ref):
             if cached_model_dir(ref).exists():
@@ -236,8 +290,8 @@ def resolve(ref: str) -> tuple[str, str | None]:
         return str(path), None
     if path.exists():
         raise ModelError(f"{ref} is neither a model folder nor a .gguf file")
-    if ref.count("/") == 1 and not ref.startswith((".", "/", "~")):
-        return ref, None  # a hub id
+    if is_hub_id(ref):
+        return ref, None
     raise ModelError(
         f"unknown model {ref!r}: not a registry name ({', '.join(REGISTRY)}), "
         "not a folder or .gguf file, not a hub id (org/name)"

@@ -13,11 +13,37 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from atlas_sidecar import models
+
 AUTH_TOKEN_ENV = "ATLAS_AUTH_TOKEN"
 ADMIN_TOKEN_ENV = "ATLAS_ADMIN_TOKEN"
+MODEL_REVISION_ENV = "ATLAS_MODEL_REVISION"
+DRAFT_REVISION_ENV = "ATLAS_DRAFT_REVISION"
+DRAFT_ARCHITECTURE_ENV = "ATLAS_DRAFT_ARCHITECTURE"
+# What a --draft may be: a causal LM with the target's tokenizer. EAGLE heads (the CRD's
+# eagle, eagle3) need the target's hidden states, which this sidecar does not load yet.
+DRAFT_ARCHITECTURES = ("draft-lm",)
+
+# Every environment variable `atlas serve` reads as configuration, and what for: the one
+# list of them. The operator may render these and no others, and each must have an
+# effect (tests/operator/test_contract.py checks both).
+SERVE_ENV = {
+    AUTH_TOKEN_ENV: "bearer token every RPC must carry (or --auth-token-file)",
+    ADMIN_TOKEN_ENV: "token of the admin RPCs (or --admin-token-file); unset: admin is off",
+    MODEL_REVISION_ENV: "the target's hub revision (SGLang's --revision): the tokenizer "
+                        "and config are read from that snapshot",
+    DRAFT_REVISION_ENV: "the hub revision of --draft",
+    DRAFT_ARCHITECTURE_ENV: "what --draft is; only draft-lm is served (default)",
+    models.MODEL_OVERRIDES_ENV: "ref=replacement,...: model references replaced before "
+                                "loading (hub ids to mounted folders, offline)",
+    models.ATLAS_HOME_ENV: "the registry's model cache (default $HOME/.cache/atlas)",
+    "HOME": "where $ATLAS_HOME defaults to",
+    "HF_HOME": "the Hugging Face cache that hub ids are read from (SGLang's, in a pod)",
+}
 BACKENDS = ("torch", "sglang")
 SPECULATORS = ("atlas", "static", "suffix", "none")
 
@@ -182,9 +208,38 @@ def _limits(args: argparse.Namespace) -> Any:
     return replace(Limits(), **{k: v for k, v in given.items() if v is not None})
 
 
-def build_engine(args: argparse.Namespace) -> Any:
-    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+@dataclass(frozen=True)
+class ModelRefs:
+    """The model references `atlas serve` loads, pinned by the environment."""
+
+    target: str
+    draft: str | None  # None: the speculator drafts without a model
+
+
+def model_refs(args: argparse.Namespace) -> ModelRefs:
+    """--target and --draft as loaded: each hub id pinned to the revision the environment
+    names (the endpoint's model.revision and speculators.static.revision), and the draft
+    refused unless $ATLAS_DRAFT_ARCHITECTURE is one this sidecar serves: an EAGLE head
+    loaded as a causal LM would fail obscurely or draft garbage."""
     from atlas_sidecar.engine.build import NEEDS_DRAFT
+
+    target = models.at_revision(args.target, os.environ.get(MODEL_REVISION_ENV))
+    if args.speculator not in NEEDS_DRAFT:
+        return ModelRefs(target, None)
+    if args.draft_num_layers:
+        return ModelRefs(target, target)  # the target's own first layers
+    architecture = os.environ.get(DRAFT_ARCHITECTURE_ENV) or DRAFT_ARCHITECTURES[0]
+    if architecture not in DRAFT_ARCHITECTURES:
+        raise ValueError(
+            f"${DRAFT_ARCHITECTURE_ENV}={architecture!r}: this sidecar drafts with "
+            f"{', '.join(DRAFT_ARCHITECTURES)} models only (a causal LM sharing the "
+            "target's tokenizer)"
+        )
+    return ModelRefs(target, models.at_revision(args.draft, os.environ.get(DRAFT_REVISION_ENV)))
+
+
+def build_engine(args: argparse.Namespace, refs: ModelRefs) -> Any:
+    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
     from atlas_sidecar.engine.build import build_engine as build_mode
 
     target: Any
@@ -193,16 +248,15 @@ def build_engine(args: argparse.Namespace) -> Any:
         # config, and checks that SGLang's model tokenizes the same way.
         from atlas_sidecar.engine.backends.sglang import SGLangBackend, target_spec
 
-        target = SGLangBackend(args.sglang_url, target_spec(args.target),
+        target = SGLangBackend(args.sglang_url, target_spec(refs.target),
                                timeout_s=args.sglang_timeout)  # fmt: skip
         target.wait_ready(timeout_s=args.sglang_wait)
     else:
-        target = CausalLMRunner.load(args.target, dtype=args.dtype, device=args.device)
+        target = CausalLMRunner.load(refs.target, dtype=args.dtype, device=args.device)
     draft = None
-    if args.speculator in NEEDS_DRAFT:
-        draft_ref = args.target if args.draft_num_layers else args.draft
+    if refs.draft is not None:
         draft = CausalLMRunner.load(
-            draft_ref,
+            refs.draft,
             dtype=args.dtype,
             device=args.device,
             num_layers=args.draft_num_layers,
@@ -223,7 +277,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = server_config_from_args(args)  # fail on bad flags before loading models
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    engine = build_engine(args)
+    engine = build_engine(args, model_refs(args))
     try:
         asyncio.run(serve(engine, config))
     except WorkerDied as exc:

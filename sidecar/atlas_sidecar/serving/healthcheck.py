@@ -27,12 +27,16 @@ def check(port: int, service: str = "", timeout_s: float = 3.0, host: str = "127
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="the loopback health port")
     parser.add_argument("--service", default="", help="'' (the server) or atlas.v1.Atlas")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     status = check(args.port, args.service, args.timeout)
     print(status)
     return 0 if status == "SERVING" else 1
