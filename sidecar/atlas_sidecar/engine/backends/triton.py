@@ -33,7 +33,11 @@ ModelInfer per sequence: ``input_ids`` = p + [pending], ``draft_input_ids`` = d1
 generating to k + 1 tokens. So ``g[i]`` is the target's choice after new token i, for i
 up to the first disagreement; the rows after it are unknown (all -inf) and greedy
 verification never reads them. Several sequences are several concurrent ModelInfers:
-Triton's in-flight batcher batches them (one request cannot carry ragged drafts).
+Triton's in-flight batcher batches them (one request cannot carry ragged drafts). The
+engine refuses drafts longer than its ``--max_draft_len`` (``max_draft_len`` here; it is
+not readable over the wire), and the controller may draft longer (a suffix draft costs
+nothing): a longer draft is verified in several requests, the next one sent only when
+the previous one's draft was all accepted.
 
 ``forward`` (one sequence: the engine's prefill, which reads the last row only) sends
 all its tokens as context and ``request_output_len`` 1: its last row is the target's
@@ -74,6 +78,9 @@ TOKENIZER_MODEL = "preprocessing"  # tensorrtllm_backend's tokenizer model, if s
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 3
 READY_TIMEOUT_S = 600.0
+# The engine's trtllm-build --max_draft_len (not readable over the wire): longer drafts
+# are verified in several requests. 10 is TensorRT-LLM's Draft-Target-Model example.
+DEFAULT_MAX_DRAFT_LEN = 10
 REQUIRED_INPUTS = ("input_ids", "input_lengths", "request_output_len", "draft_input_ids")
 REQUIRED_OUTPUTS = ("output_ids", "sequence_length")
 INTEGER_TYPES = {"INT32": np.int32, "UINT32": np.uint32, "INT64": np.int64, "UINT64": np.uint64}
@@ -120,9 +127,12 @@ class TritonBackend:
         model: str = DEFAULT_MODEL,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         retries: int = DEFAULT_RETRIES,
+        max_draft_len: int = DEFAULT_MAX_DRAFT_LEN,
     ) -> None:
         import tritonclient.grpc as grpcclient
 
+        if max_draft_len < 1:
+            raise ValueError(f"max_draft_len must be at least 1, got {max_draft_len}")
         self.url = grpc_address(url)
         self.model = model
         self.tokenizer = spec.tokenizer
@@ -132,6 +142,7 @@ class TritonBackend:
         self.device = torch.device("cpu")
         self.timeout_s = timeout_s
         self.retries = retries
+        self.max_draft_len = max_draft_len
         self.exclude_input_in_output = False  # tensorrtllm_backend's default
         self._types = {name: "INT32" for name in (*REQUIRED_INPUTS, "runtime_top_k")}
         self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
@@ -243,7 +254,8 @@ class TritonBackend:
     def forward_many(self, items: list[ForwardItem]) -> list[torch.Tensor]:
         """Verify each item's ``tokens[1:]`` as a draft after ``tokens[0]``: row i is the
         target's choice after tokens[i], up to the first draft token it rejected (the
-        rows after it are -inf). One concurrent ModelInfer per item."""
+        rows after it are -inf). One concurrent ModelInfer per item (more for a draft
+        past ``max_draft_len`` that is accepted that far)."""
         return self._run(items, drafts=True)
 
     def truncate(self, seq_id: str, length: int) -> None:
@@ -281,27 +293,58 @@ class TritonBackend:
                 raise TritonUnavailable(f"sequence {item.seq_id}: an earlier Triton call failed")
             if not item.tokens:
                 raise ValueError("a forward needs at least one token")
-        split = [1 if drafts else len(item.tokens) for item in items]
-        contexts = [
-            self._tokens[i.seq_id] + i.tokens[:s] for i, s in zip(items, split, strict=True)
-        ]
-        requests = [
-            self._inputs(context, item.tokens[s:])
-            for context, item, s in zip(contexts, items, split, strict=True)
-        ]
+        rows = [torch.full((len(i.tokens), self.vocab_size), -math.inf) for i in items]
+        # The row each item's next request fills first: its context ends at that token.
+        first = [0 if drafts else len(item.tokens) - 1 for item in items]
+        active = list(range(len(items)))
         try:
-            results = self._infer_many(requests)
+            while active:
+                active = self._round_of_verifies(items, rows, first, active)
         except TritonUnavailable:
             # Down or too slow: the scheduler's one-by-one retry would wait it out again.
             self._poisoned.update(item.seq_id for item in items)
             raise
-        rows = [
-            self._rows(self._generated(result, context), item.tokens[s - 1 :], len(item.tokens))
-            for result, context, item, s in zip(results, contexts, items, split, strict=True)
-        ]
         for item in items:
             self._tokens[item.seq_id] = self._tokens[item.seq_id] + list(item.tokens)
         return rows
+
+    def _round_of_verifies(
+        self, items: list[ForwardItem], rows: list[torch.Tensor], first: list[int],
+        active: list[int],
+    ) -> list[int]:  # fmt: skip
+        """One concurrent request per active item, its draft cut at ``max_draft_len``
+        (the engine's limit: TensorRT-LLM refuses longer ones). An item whose cut draft
+        was all accepted, and whose next fed token is the target's own, goes on from
+        there; returns those."""
+        sent = []
+        for k in active:
+            tokens, at = items[k].tokens, first[k]
+            context = self._tokens[items[k].seq_id] + tokens[: at + 1]
+            sent.append((context, tokens[at + 1 : at + 1 + self.max_draft_len]))
+        results = self._infer_many([self._inputs(c, d) for c, d in sent])
+        again = []
+        for k, (context, draft), result in zip(active, sent, results, strict=True):
+            last = self._fill(rows[k], first[k], self._generated(result, context), draft)
+            tokens = items[k].tokens
+            if last + 1 < len(tokens) and int(rows[k][last].argmax()) == tokens[last + 1]:
+                first[k] = last + 1
+                again.append(k)
+        return again
+
+    def _fill(self, rows: torch.Tensor, at: int, generated: list[int], draft: list[int]) -> int:
+        """Row ``at + i`` gets generated[i] (the target's choice after the context's last
+        token, then after each draft token) up to the first draft token it did not choose;
+        returns the last row filled."""
+        for i, token in enumerate(generated[: len(draft) + 1]):
+            rows[at + i, token] = 0.0
+            if i < len(draft) and token != draft[i]:
+                return at + i
+        if len(generated) <= len(draft):
+            raise TritonError(
+                f"Triton accepted the whole draft but answered {len(generated)} tokens "
+                f"for a request of {len(draft) + 1}"
+            )
+        return at + len(draft)
 
     def _inputs(self, context: list[int], draft: list[int]) -> list[Any]:
         """One request: context, draft, greedy, k + 1 tokens (the e2e client's shape)."""
@@ -330,22 +373,6 @@ class TritonBackend:
         if not tokens or any(not 0 <= t < self.vocab_size for t in tokens):
             raise TritonError(f"Triton generated {tokens[:8]}: none, or outside the vocabulary")
         return tokens
-
-    def _rows(self, generated: list[int], fed: list[int], n: int) -> torch.Tensor:
-        """[n, V]; ``fed`` is [last context token, *draft]: row n - len(fed) + i holds
-        generated[i], up to the first draft token the target did not choose."""
-        rows = torch.full((n, self.vocab_size), -math.inf)
-        first = n - len(fed)
-        for i, token in enumerate(generated[: len(fed)]):
-            rows[first + i, token] = 0.0
-            if i + 1 < len(fed) and token != fed[i + 1]:
-                return rows
-        if len(generated) < len(fed):
-            raise TritonError(
-                f"Triton accepted the whole draft but answered {len(generated)} tokens "
-                f"for a request of {len(fed)}"
-            )
-        return rows
 
     # -- the wire --------------------------------------------------------------------
 
