@@ -16,15 +16,20 @@ from atlas_sidecar.serving.commands import server_config_from_args
 from .conftest import chat
 
 
-def test_backends_other_than_torch_and_sglang_fail_clearly(capsys):
-    code = cli.main(["serve", "--backend", "triton"])
+def test_backends_other_than_torch_sglang_and_triton_fail_clearly(capsys):
+    code = cli.main(["serve", "--backend", "vllm"])
     assert code == 2
-    assert "backend 'triton' is not available yet" in capsys.readouterr().err
+    assert "backend 'vllm' is not available yet" in capsys.readouterr().err
 
 
 def test_sglang_backend_needs_its_url(capsys):
     assert cli.main(["serve", "--backend", "sglang"]) == 2
     assert "--backend sglang needs --sglang-url" in capsys.readouterr().err
+
+
+def test_triton_backend_needs_its_url(capsys):
+    assert cli.main(["serve", "--backend", "triton"]) == 2
+    assert "--backend triton needs --triton-url" in capsys.readouterr().err
 
 
 def test_serve_flags_become_the_server_config(tmp_path, monkeypatch):

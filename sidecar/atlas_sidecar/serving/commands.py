@@ -44,7 +44,7 @@ SERVE_ENV = {
     "HOME": "where $ATLAS_HOME defaults to",
     "HF_HOME": "the Hugging Face cache that hub ids are read from (SGLang's, in a pod)",
 }
-BACKENDS = ("torch", "sglang")
+BACKENDS = ("torch", "sglang", "triton")
 SPECULATORS = ("atlas", "static", "suffix", "none")
 
 
@@ -65,12 +65,24 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--backend", default="torch",
-                   help="target backend: torch (in-process) or sglang (greedy only)")  # fmt: skip
+                   help="target backend: torch (in-process), sglang or triton (greedy "
+                        "only)")  # fmt: skip
     p.add_argument("--sglang-url", help="the SGLang server, for --backend sglang")
     p.add_argument("--sglang-timeout", type=float, default=30.0,
                    help="seconds per SGLang call before the request fails UNAVAILABLE")  # fmt: skip
     p.add_argument("--sglang-wait", type=float, default=600.0,
                    help="seconds to wait at start-up for SGLang to be healthy")  # fmt: skip
+    p.add_argument("--triton-url",
+                   help="Triton's gRPC address host:port, for --backend triton")  # fmt: skip
+    p.add_argument("--triton-model", default="tensorrt_llm",
+                   help="the TensorRT-LLM model Triton serves (draft_tokens_external)")  # fmt: skip
+    p.add_argument("--triton-max-draft-len", type=int, default=10,
+                   help="the engine's trtllm-build --max_draft_len: longer drafts are "
+                        "verified in several requests")  # fmt: skip
+    p.add_argument("--triton-timeout", type=float, default=30.0,
+                   help="seconds per Triton call before the request fails UNAVAILABLE")  # fmt: skip
+    p.add_argument("--triton-wait", type=float, default=600.0,
+                   help="seconds to wait at start-up for Triton's model to be ready")  # fmt: skip
     p.add_argument("--speculator", choices=SPECULATORS, default="atlas",
                    help="atlas: the controller picks suffix/static/none per step")  # fmt: skip
     p.add_argument("--draft-num-layers", type=int,
@@ -136,6 +148,8 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         )
     if args.backend == "sglang" and not args.sglang_url:
         raise ValueError("--backend sglang needs --sglang-url http://host:port")
+    if args.backend == "triton" and not args.triton_url:
+        raise ValueError("--backend triton needs --triton-url host:port (gRPC)")
     if args.prefill_budget < 1:
         raise ValueError("--prefill-budget must be at least 1 token")
     tls = None
@@ -251,6 +265,15 @@ def build_engine(args: argparse.Namespace, refs: ModelRefs) -> Any:
         target = SGLangBackend(args.sglang_url, target_spec(refs.target),
                                timeout_s=args.sglang_timeout)  # fmt: skip
         target.wait_ready(timeout_s=args.sglang_wait)
+    elif args.backend == "triton":
+        # TensorRT-LLM in Triton holds the weights and verifies drafts itself.
+        from atlas_sidecar.engine.backends.sglang import target_spec
+        from atlas_sidecar.engine.backends.triton import TritonBackend
+
+        target = TritonBackend(args.triton_url, target_spec(refs.target), model=args.triton_model,
+                               timeout_s=args.triton_timeout,
+                               max_draft_len=args.triton_max_draft_len)  # fmt: skip
+        target.wait_ready(timeout_s=args.triton_wait)
     else:
         target = CausalLMRunner.load(refs.target, dtype=args.dtype, device=args.device)
     draft = None
