@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ablate", nargs="?", const="all", metavar="PART[,PART]",
                    help="instead of the modes: none, the full atlas controller and atlas "
                    "without each controller part in turn (default all; e.g. "
-                   "calibration,optimism), with each part's worth in tok/s")  # fmt: skip
+                   "calibration,runners_up), with each part's worth in tok/s")  # fmt: skip
     p.add_argument("--out", help="JSON output path (default bench-out/bench.json, or "
                    "bench-out/ablate.json with --ablate)")  # fmt: skip
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")

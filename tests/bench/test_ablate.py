@@ -57,8 +57,8 @@ def test_ablate_flag_selects_parts_and_reaches_the_ablation(monkeypatch, tmp_pat
         return 0
 
     monkeypatch.setattr(ablate, "main", fake_main)
-    assert cli.main(["bench", "--quick", "--ablate", "optimism,early_exit"]) == 0
-    assert called["parts"] == ("optimism", "early_exit")
+    assert cli.main(["bench", "--quick", "--ablate", "calibration,early_exit"]) == 0
+    assert called["parts"] == ("calibration", "early_exit")
     assert called["out"] == "bench-out/ablate.json"
     assert isinstance(called["config"], bench.BenchConfig)
     assert (called["config"].per_phase, called["config"].max_new_tokens) == (2, 64)
@@ -71,4 +71,4 @@ def test_ablate_flag_selects_parts_and_reaches_the_ablation(monkeypatch, tmp_pat
 def test_unknown_part_is_refused():
     with pytest.raises(ValueError, match="unknown controller part"):
         ablate.parse_parts("calibration,warp_drive")
-    assert list(ablate.variants(["optimism"])) == ["none", "full", "-optimism"]
+    assert list(ablate.variants(["calibration"])) == ["none", "full", "-calibration"]

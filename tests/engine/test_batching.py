@@ -100,10 +100,14 @@ class TreeDrafter:
         pass
 
     def __init__(
-        self, continuation: dict[tuple[int, ...], list[int]], default: list[int] | None = None
+        self,
+        continuation: dict[tuple[int, ...], list[int]],
+        default: list[int] | None = None,
+        honours_trees: bool = True,
     ) -> None:
         self.continuation = continuation
         self.default = default or []
+        self.honours_trees = honours_trees  # False: a buggy drafter, trees regardless
 
     def propose(self, requests):
         drafts = []
@@ -113,8 +117,9 @@ class TreeDrafter:
                 drafts.append(DraftTree.empty())
                 continue
             wrong = [(right[0] + 1) % 1000, right[1]]
-            drafts.append(DraftTree(tokens=[*wrong, *right], confidences=[0.5] * 4,
-                                parents=[-1, 0, -1, 2]))  # fmt: skip
+            tree = DraftTree(tokens=[*wrong, *right], confidences=[0.5] * 4,
+                             parents=[-1, 0, -1, 2])  # fmt: skip
+            drafts.append(tree if r.trees or not self.honours_trees else tree.main_chain())
         return drafts
 
     def release(self, seq_id):
@@ -138,11 +143,16 @@ def test_engine_accepts_the_branch_the_target_agrees_with(target, real_prompts):
     assert target.live_sequences == 0
 
 
-def test_sampling_reduces_a_tree_to_its_main_chain(target, real_prompts):
+def test_sampling_asks_for_chains_and_a_tree_drafted_anyway_is_dropped(target, real_prompts):
     ids = encode(target.tokenizer, real_prompts[0])
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=1)
     engine = Engine(target, target.tokenizer, TreeDrafter({}, default=[1, 2]), lookahead=4)
-    result = engine.generate(ids, SamplingParams(max_tokens=8, temperature=1.0, seed=1))
-    assert result.steps[0].drafted == 2  # the first branch only
+    result = engine.generate(ids, params)
+    assert result.steps[0].drafted == 2  # the drafter's main chain, as asked
+    assert len(result.token_ids) == 8
+    buggy = TreeDrafter({}, default=[1, 2], honours_trees=False)
+    result = Engine(target, target.tokenizer, buggy, lookahead=4).generate(ids, params)
+    assert result.steps[0].drafted == 0  # the contract broken: nothing verified
     assert len(result.token_ids) == 8
 
 

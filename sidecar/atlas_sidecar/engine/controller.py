@@ -37,18 +37,6 @@ PRIOR_STRENGTH = 4.0  # pseudo-observations behind a confidence before any evide
 # Upper edges of the confidence bins: tenths, and the top tenth split finer, where a
 # draft model's tokens crowd and a long draft's odds hang on 0.97 against 0.995 a token.
 CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97, 0.99, 1.0)
-# _GainCalibration: how many expected draft tokens its prior (gained == expected) is
-# worth, and the most it may raise an estimate that plans keep beating.
-GAIN_PRIOR_TOKENS = 4.0
-MAX_GAIN_SCALE = 1.5
-# A speculator's estimates are scaled, for each request, by how its drafts there did
-# against them: (accepted + prior) / (expected + prior). A free drafter is scored on
-# every step (its shadow), so a new domain where its confident drafts miss turns it off
-# for that request within a few steps, however well the same confidence did before. A
-# model drafter is scored only on the steps it drafts, so one bad draft must not turn it
-# off for good: a larger prior (a request that keeps rejecting it still soon does).
-REQUEST_PRIOR_TOKENS = 2.0
-MODEL_REQUEST_PRIOR_TOKENS = 8.0
 # A model drafter's steps so far, before it drafts: how many of the traffic's steps its
 # request's own are worth (_Steps).
 STEP_PRIOR = 2.0
@@ -64,13 +52,6 @@ class ControllerConfig:
 
     - ``calibration``: confidences become acceptance probabilities learned per
       speculator, evidence bucket and confidence bin (off: the confidence itself).
-    - ``optimism``: a drafter's rate before drafting gets a one-standard-deviation
-      bonus that fades with evidence, so a drafter that looked bad early is retried.
-    - ``request_blend``: estimates are scaled by how this request's drafts did
-      against them (its domain, learned live).
-    - ``gain_scaling``: plans' expected gains are scaled by what a speculator's
-      chosen plans really gained (acceptances along a draft are not independent,
-      and plans are picked because their estimate is high).
     - ``step_goodput``: among model drafters, only the one whose steps gained most
       tokens per second so far competes for a sequence.
     - ``early_exit``: a model drafter stops drafting once one more token no longer
@@ -80,9 +61,6 @@ class ControllerConfig:
     """
 
     calibration: bool = True
-    optimism: bool = True
-    request_blend: bool = True
-    gain_scaling: bool = True
     step_goodput: bool = True
     early_exit: bool = True
     runners_up: bool = True
@@ -303,18 +281,11 @@ class AcceptanceStats:
         n = cell.accepted + cell.rejected
         return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
 
-    def rate(self, bucket: str, prior: float = 0.75, optimism: bool = True) -> float:
-        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft.
-
-        Optimistic by one standard deviation of the estimate: a drafter with little
-        evidence gets tried (else one that looked worse at first is never measured
-        again), and the bonus fades as its evidence grows."""
+    def rate(self, bucket: str, prior: float = 0.75) -> float:
+        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft."""
         accepted = sum(c.accepted for (b, _), c in self._cells.items() if b == bucket)
         rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
-        n = accepted + rejected + PRIOR_STRENGTH
-        mean = (accepted + PRIOR_STRENGTH * prior) / n
-        bonus = math.sqrt(mean * (1 - mean) / n) if optimism else 0.0
-        return min(mean + bonus, 1.0)
+        return (accepted + PRIOR_STRENGTH * prior) / (accepted + rejected + PRIOR_STRENGTH)
 
     def observe(self, bucket: str, accepted: list[float], rejected: list[float]) -> None:
         """Confidences of draft tokens the target accepted, and of ones it rejected."""
@@ -368,59 +339,13 @@ class _Steps:
 
 @dataclass
 class SequenceState:
-    """All the controller keeps for one sequence in flight, released as one.
+    """All the controller keeps for one sequence in flight, released as one: its model
+    drafters' steps, and each free drafter's last whole draft (its shadow, scored
+    against what the target produced next)."""
 
-    Its own acceptance so far per speculator (its domain, learned live), its model
-    drafters' steps, the expectation of its last plan, and each free drafter's last
-    whole draft (its shadow, scored against what the target produced next)."""
-
-    accepted: dict[str, float] = field(default_factory=dict)
-    # The global estimates summed over the same tokens (what the request would have
-    # accepted were it like the traffic before it).
-    expected: dict[str, float] = field(default_factory=dict)
     steps: dict[str, _Steps] = field(default_factory=dict)
-    # The speculator of the last plan and the draft tokens it expected to gain.
-    planned: tuple[str, float] | None = None
     # Per free drafter: (context length when drafted, its whole draft).
     shadows: dict[str, tuple[int, DraftTree]] = field(default_factory=dict)
-
-    def blend(self, name: str, p: float, prior: float) -> float:
-        """``p`` (the global estimate) scaled by the request's accepted / expected, so a
-        speculator's confidences keep their order (a confident token of a drafter doing
-        well here stays likelier than its pooled rate: long confident drafts go on)."""
-        ratio = self.ratio(name, prior)
-        return p if ratio is None else min(p * ratio, 0.99)
-
-    def ratio(self, name: str, prior: float) -> float | None:
-        """Accepted / expected for ``name``'s drafts here (capped), None before any."""
-        if name not in self.expected:
-            return None
-        ratio = (self.accepted.get(name, 0.0) + prior) / (self.expected[name] + prior)
-        return min(ratio, MAX_GAIN_SCALE)
-
-
-@dataclass
-class _GainCalibration:
-    """Draft tokens a speculator's chosen plans gained, against what they were expected
-    to gain: the plan-level check on the per-token estimates.
-
-    Per-token calibration misses what only shows in whole plans: acceptances along a
-    draft are not independent, and plans are chosen because their estimate is high (the
-    winner's curse). The ratio scales every later plan's expected gain, so a speculator
-    whose plans keep falling short is offered less, and soon not at all where a step's
-    extra tokens are dear (a large batch)."""
-
-    gained: float = 0.0
-    expected: float = 0.0
-
-    def observe(self, gained: int, expected: float) -> None:
-        self.gained = DECAY * self.gained + gained
-        self.expected = DECAY * self.expected + expected
-
-    @property
-    def scale(self) -> float:
-        prior = GAIN_PRIOR_TOKENS
-        return min((self.gained + prior) / (self.expected + prior), MAX_GAIN_SCALE)
 
 
 @dataclass
@@ -493,7 +418,6 @@ class Controller:
         self.learners = [s for s in speculators if s.capabilities.learns_online]
         self.sequences: dict[str, SequenceState] = {}
         self.choices: dict[str, int] = {}
-        self._gain = {name: _GainCalibration() for name in self.speculators}
         self._steps = {name: _Steps() for name in self.speculators}
 
     @property
@@ -511,18 +435,11 @@ class Controller:
         confidence: float | None,
     ) -> float:
         """Calibrated P(accept) for a token; ``confidence=None``: before drafting it."""
-        config = self.config
         if confidence is None:
-            p = self.acceptance.rate(bucket, optimism=config.optimism)
-        elif config.calibration:
-            p = self.acceptance.prob(bucket, confidence)
-        else:
-            p = min(max(confidence, 0.0), 0.99)
-        memory = self.sequences.get(seq_id)
-        if memory is None or not config.request_blend:
-            return p
-        free = name in self.free_drafters
-        return memory.blend(name, p, REQUEST_PRIOR_TOKENS if free else MODEL_REQUEST_PRIOR_TOKENS)
+            return self.acceptance.rate(bucket)
+        if self.config.calibration:
+            return self.acceptance.prob(bucket, confidence)
+        return min(max(confidence, 0.0), 0.99)
 
     def _verify_share(self, tokens_per_seq: int, batch_size: int) -> float:
         return self.costs.verify(batch_size * tokens_per_seq, batch_size) / batch_size
@@ -543,10 +460,9 @@ class Controller:
         # so every top-n set is closed under parents.
         order = sorted(range(len(reached)), key=lambda i: (-reached[i], i))[:cap]
         draft_s = 0.0 if drafted else self.costs.draft_per_token(name)
-        scale = self._gain[name].scale if self.config.gain_scaling else 1.0
         gains = [1.0]
         for node in order:
-            gains.append(gains[-1] + min(reached[node] * scale, 1.0))
+            gains.append(gains[-1] + reached[node])
         best = Plan(name, [], 1.0, self._verify_share(1, batch_size), order, gains)
         for n in range(1, len(order) + 1):
             seconds = self._verify_share(n + 1, batch_size) + draft_s * n
@@ -599,10 +515,6 @@ class Controller:
         if batch > 1:
             plans = self._share_width(plans, batch)
         drafts = self._drafts(requests, plans, [draft for _, draft in chosen], batch)
-        for request, plan, draft in zip(requests, plans, drafts, strict=True):
-            if draft.tokens:  # what the estimates expected before this calibration scaled them
-                expected = self._expectation(request.seq_id, plan, draft)
-                self._state(request.seq_id).planned = (plan.speculator, expected)
         return [(self._chose(plan), draft) for plan, draft in zip(plans, drafts, strict=True)]
 
     def _free_drafts(self, requests: list[DraftRequest]) -> dict[str, list[DraftTree]]:
@@ -710,18 +622,6 @@ class Controller:
         best = max(rates, key=rates.__getitem__)
         return [o for o in options if o[0].speculator in self.free_drafters + (best,)]
 
-    def _expectation(self, seq_id: str, plan: Plan, draft: DraftTree) -> float:
-        """Draft tokens the per-token estimates expect ``draft`` to gain: the plan's
-        own figure for a free drafter's cut; for a model drafter, whose early exit
-        chose the length, the calibrated estimates of the tokens it drafted."""
-        name = plan.speculator
-        if name in self.free_drafters:
-            drafted = min(len(draft.tokens), len(plan.gains) - 1)
-            scale = self._gain[name].scale if self.config.gain_scaling else 1.0
-            return (plan.gains[drafted] - 1.0) / scale
-        probs = [self._accept_prob(seq_id, name, name, c) for c in draft.confidences]
-        return sum(draft.reach(probs))
-
     def _add_runners_up(self, request: DraftRequest, name: str, draft: DraftTree) -> DraftTree:
         """The draft model's chain with the runners-up worth verifying beside it.
 
@@ -740,22 +640,16 @@ class Controller:
         """The plan's rule for when model drafter ``name`` stops (see ``StopRule``),
         with this sequence's calibration and the verify costs of every length to
         ``cap`` fixed now."""
-        config = self.config
         bins = None
-        if config.calibration:
+        if self.config.calibration:
             bins = tuple(
                 self.acceptance.prob(name, _bin_middle(b)) for b in range(len(CONFIDENCE_EDGES))
             )
-        memory = self.sequences.get(seq_id)
-        blend = None
-        if config.request_blend and memory is not None:
-            blend = memory.ratio(name, MODEL_REQUEST_PRIOR_TOKENS)
         return StopRule(
-            Calibration(CONFIDENCE_EDGES, bins, blend),
+            Calibration(CONFIDENCE_EDGES, bins),
             cap,
             tuple(self._verify_share(n + 1, batch) for n in range(cap + 1)),
             self.costs.draft_per_token(name),
-            self._gain[name].scale if config.gain_scaling else 1.0,
         )
 
     def _propose(
@@ -788,9 +682,6 @@ class Controller:
     def observe(self, seq_id: str, name: str, draft: DraftTree, path: list[int]) -> None:
         """The target accepted the draft nodes ``path`` (root to leaf) and no more."""
         state = self._state(seq_id)
-        expected, state.planned = state.planned, None
-        if expected is not None and expected[0] == name and draft.tokens:
-            self._gain[name].observe(len(path), expected[1])
         if name == "none" or not draft.tokens or name in self.free_drafters:
             return  # free drafters learn from their whole draft instead (_score_shadows)
         # The step as the cost model prices it (one sequence: drafted chain + verify).
@@ -801,7 +692,7 @@ class Controller:
         # Every other child of the root and of the accepted nodes met the target and lost.
         children, on_path = draft.children(), set(path)
         rejected = [c for node in (-1, *path) for c in children.get(node, []) if c not in on_path]
-        self._learn(seq_id, name, draft, path, rejected)
+        self._learn(name, draft, path, rejected)
 
     def _score_shadows(self, request: DraftRequest) -> None:
         """Score each free drafter's last draft of this sequence against the tokens the
@@ -813,41 +704,24 @@ class Controller:
         shadows, state.shadows = state.shadows, {}
         for name, (length, draft) in shadows.items():
             path, rejected = draft.walk(request.context[length:])
-            self._learn(request.seq_id, name, draft, path, rejected)
+            self._learn(name, draft, path, rejected)
 
-    def _learn(
-        self,
-        seq_id: str,
-        name: str,
-        draft: DraftTree,
-        path: list[int],
-        rejected: list[int],
-    ) -> None:
+    def _learn(self, name: str, draft: DraftTree, path: list[int], rejected: list[int]) -> None:
         """Acceptance evidence: nodes the target took and checked nodes it did not."""
-        memory = self._state(seq_id)
-        bucket = draft.bucket or name
-        memory.expected[name] = memory.expected.get(name, 0.0) + sum(
-            self.acceptance.prob(bucket, draft.confidences[i]) for i in [*path, *rejected]
-        )
         self.acceptance.observe(
-            bucket,
+            draft.bucket or name,
             accepted=[draft.confidences[i] for i in path],
             rejected=[draft.confidences[i] for i in rejected],
         )
-        memory.accepted[name] = memory.accepted.get(name, 0.0) + len(path)
 
     def rollback(self, seq_id: str, context: list[int]) -> None:
-        """A step that drafted after ``context`` failed: forget what it planned (its
-        expectation is observed by the step that succeeds) and roll the drafters back.
+        """A step that drafted after ``context`` failed: roll the drafters back.
 
         What the failed step learned stays: scoring the last step's shadows (their
         outcome was already known, and the retry does not score them again) and its
         timings. A failure inside ``observe`` itself leaves the earlier sequences'
         evidence counted, and counted again on the retry: it only weighs the estimates
         that pick drafts, which the target verifies, so no output changes."""
-        state = self.sequences.get(seq_id)
-        if state is not None:
-            state.planned = None
         for speculator in self.speculators.values():
             speculator.rollback(seq_id, context)
 

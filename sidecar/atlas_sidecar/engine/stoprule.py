@@ -17,20 +17,16 @@ from dataclasses import dataclass
 class Calibration:
     """P(a drafted token is accepted) from the drafter's confidence in it: learned
     per confidence bin (``bins``, upper edges ``edges``), or the confidence itself when
-    ``bins`` is None; then scaled by the request's own record (``blend``, capped at
-    0.99: a draft is never certain) when it has one."""
+    ``bins`` is None (capped at 0.99: a draft is never certain)."""
 
     edges: tuple[float, ...]
     bins: tuple[float, ...] | None
-    blend: float | None = None
 
     def __call__(self, confidence: float) -> float:
         if self.bins is None:
-            p = min(max(confidence, 0.0), 0.99)
-        else:
-            index = min(bisect.bisect_right(self.edges, confidence), len(self.edges) - 1)
-            p = self.bins[index]
-        return p if self.blend is None else min(p * self.blend, 0.99)
+            return min(max(confidence, 0.0), 0.99)
+        index = min(bisect.bisect_right(self.edges, confidence), len(self.edges) - 1)
+        return self.bins[index]
 
 
 @dataclass(frozen=True)
@@ -44,15 +40,13 @@ class StopRule:
     a step, several more hardly anything), so one more can lose where a few win.
 
     ``verify_s[n]``: this sequence's share of the verify forward with n drafted tokens
-    (n + 1 fed), for n in 0..cap; ``draft_s``: seconds per drafted token; ``scale``:
-    the speculator's plan-level gain calibration.
+    (n + 1 fed), for n in 0..cap; ``draft_s``: seconds per drafted token.
     """
 
     calibration: Calibration
     cap: int
     verify_s: tuple[float, ...]
     draft_s: float
-    scale: float = 1.0
 
     def keep_going(self, confidences: Sequence[float]) -> bool:
         n = len(confidences)
@@ -73,7 +67,7 @@ class StopRule:
         reach, gained = 1.0, 1.0
         for n, p in enumerate(probs, start=1):
             reach *= p
-            gained += min(reach * self.scale, 1.0)
+            gained += reach
             rate = gained / (self.verify_s[n] + self.draft_s * n)
             if rate > best:
                 best_n, best = n, rate
