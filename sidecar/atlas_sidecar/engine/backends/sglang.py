@@ -19,11 +19,11 @@ rest. Its ``meta_info.input_top_logprobs`` then has n entries: entry 0 is None, 
 greedy verification needs.
 
 The rows returned are not logits: each holds the chosen token's logprob and -inf
-elsewhere, so only the argmax is meaningful (``capabilities.exact_logits`` is False). The engine
-therefore refuses sampled requests on this backend rather than sample from a wrong
-distribution, and reduces tree drafts to their main chain
-(``capabilities.verifies_trees`` is False): SGLang's /generate verifies one token
-path per request, not a tree.
+elsewhere, so only the argmax is meaningful (``capabilities.exact_logits`` and
+``exact_sampling`` are False). The engine therefore refuses sampled requests on this
+backend rather than sample from a wrong distribution, and reduces tree drafts to their
+main chain (``capabilities.verifies_trees`` is False): SGLang's /generate verifies one
+token path per request, not a tree.
 
 Faults: every call has a timeout and idempotent calls (all of them: a greedy
 one-token generate on a given prefix answers the same) are retried a bounded number of
@@ -121,7 +121,7 @@ class SGLangBackend:
     # SGLang verifies one token path per request, its rows carry the target's argmax
     # only (greedy requests only), and its hidden states live in another process.
     capabilities = TargetCapabilities(
-        verifies_trees=False, exact_logits=False, exposes_features=False
+        verifies_trees=False, exact_logits=False, exact_sampling=False, exposes_features=False
     )
 
     def __init__(
