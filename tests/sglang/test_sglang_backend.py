@@ -143,14 +143,6 @@ def test_tree_items_are_refused_not_verified_wrong(backend):
     backend.release("t")
 
 
-def test_sampled_requests_are_refused_on_a_greedy_only_backend(backend, prompts):
-    engine = Engine(backend, backend.tokenizer)
-    with pytest.raises(RequestError) as info:
-        engine.start(prompts[0], SamplingParams(max_tokens=4, temperature=0.8))
-    assert info.value.field == "temperature"
-    assert backend.live_sequences == 0
-
-
 # -- the stand-in holds the backend to SGLang's checks -------------------------------------
 
 
