@@ -37,7 +37,7 @@ sampled request (before top-k/top-p), the raw ``log_softmax(logits)`` for a gree
 SGLang's ``--enable-deterministic-inference``: a sample depends only on the request's
 ``sampling_seed`` (42 when absent, as SGLang's) and the position, its noise drawn by
 torch's generator seeded from both (SGLang hashes them with a Triton kernel a CPU
-cannot run).
+cannot run). Penalties are not applied, so a request with one is answered 400.
 
 Prefix caching stands in for SGLang's radix cache: the longest cached token prefix is
 reused, never past ``logprob_start_len`` (SGLang caps its prefix match there too, so the
@@ -209,6 +209,9 @@ class SGLangStandin:
                 self.context_len
             ):
                 raise ValueError("Requested token count exceeds the model's maximum context")
+            if (params.repetition_penalty, params.frequency_penalty,
+                    params.presence_penalty) != (1.0, 0.0, 0.0):  # fmt: skip
+                raise ValueError("the stand-in applies no penalties")
             start = item.logprob_start_len if item.return_logprob else -1
             if start is None or start == -1:
                 start = len(ids)

@@ -540,10 +540,20 @@ class SGLangBackend:
 
 
 # One greedy token after the input: the target's choice after its last position.
+# What a request leaves unset SGLang fills from its preferred sampling params (a model's
+# generation_config.json under --sampling-defaults model): a repetition penalty or min_p
+# there would change even a greedy choice. Every call sets them neutral.
+_NEUTRAL = {
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
 _GREEDY_ONE = {
     "max_new_tokens": 1,
     "temperature": 0.0,
     "top_k": 1,
+    **_NEUTRAL,
     "ignore_eos": True,
     "skip_special_tokens": False,
 }
@@ -557,6 +567,7 @@ def _sampled_one(params: SamplingParams, seed: int) -> dict[str, Any]:
         "temperature": params.temperature,
         "top_p": params.top_p,
         "top_k": params.top_k or -1,
+        **_NEUTRAL,
         "sampling_seed": seed,
         "ignore_eos": True,
         "skip_special_tokens": False,
