@@ -151,26 +151,30 @@ def test_sampled_draft_output_follows_the_target_through_sglang(
     assert abs(accepted / DRAWS - float(rule.sum())) < 0.04
 
 
-def test_unfiltered_sampling_draws_the_residual_over_the_whole_vocabulary(
-    backend, position, no_rejections
+@pytest.mark.parametrize("candidates", [16, 0])
+def test_unfiltered_sampling_draws_the_residual_exactly(
+    candidates, backend, position, no_rejections
 ):
-    """No top-k or top-p: p is exact at the draft token and at SGLang's draw, and a
-    rejection the draw does not settle draws from SGLang's full distribution."""
+    """No top-k or top-p: p is exact at the draft token and at SGLang's draws, and a
+    rejection is settled by more SGLang draws there (kept with probability
+    max(0, 1 - q/p)) or, with none (``residual_candidates`` 0), by SGLang's full
+    distribution there."""
     params = SamplingParams(temperature=0.7, max_tokens=8)
     ids, target, drafter = position
     p, q = _probs(target, params), _probs(drafter, params)
-    draws = 1_000
+    draws = 1_000 if candidates else 200
+    backend.residual_candidates = candidates
     generator = torch.Generator().manual_seed(5)
     drafted = torch.multinomial(q, draws, replacement=True, generator=generator).tolist()
     calls = backend.calls
     produced, accepted = _draws(backend, ids, drafted, q[None], params, seed=5)
     verify_calls = LANES + draws // LANES  # the lanes' prefixes, then one call a round
-    assert backend.calls - calls > verify_calls  # some residuals took the full distribution
-    assert abs(accepted / draws - float(torch.minimum(p, q).sum())) < 0.05
+    assert backend.calls - calls > verify_calls  # some rejections took a residual call
+    assert abs(accepted / draws - float(torch.minimum(p, q).sum())) < 0.08
     keep = torch.topk(p, 5).indices.tolist()
     coarse, coarse_p = _coarse(produced, p, keep)
-    # Sampling noise over 6 buckets at n=1000 is about 0.03.
-    assert total_variation(coarse, coarse_p) < 0.08
+    # Sampling noise over 6 buckets is about 0.03 at n=1000, 0.07 at n=200.
+    assert total_variation(coarse, coarse_p) < (0.08 if candidates else 0.15)
     trusted, _ = _coarse(Counter(drafted), p, keep)
     assert total_variation(trusted, coarse_p) > 0.1
 

@@ -44,9 +44,9 @@ temperature, top_p, top_k and a ``sampling_seed`` drawn from its generator):
   ``token_ids_logprob`` gives p(x) at each draft token, and with top-k,
   ``top_logprobs_num = top_k + 1`` gives the whole support to renormalize over. A
   rejection's residual is drawn from that support, or (no filter) SGLang's own draw
-  there is kept with probability max(0, 1 - q(y)/p(y)), and else the whole
-  distribution there is fetched (``_draw_residuals``). Top-p is left to matching: its
-  kept set depends on the mass of every token above the cut.
+  there is kept with probability max(0, 1 - q(y)/p(y)), else more of its draws there,
+  and else the whole distribution there is fetched (``_draw_residuals``). Top-p is
+  left to matching: its kept set depends on the mass of every token above the cut.
 
 A fresh seed per call matters: SGLang's deterministic mode derives a draw from the seed
 and the position only.
@@ -92,6 +92,9 @@ HEALTH_TIMEOUT_S = 600.0
 TOKENIZER_PROBE = "def quicksort(xs):\n    return sorted(xs)  # Grüße, 世界! 12345\n"
 # Hot enough that tempered logprobs differ from raw ones by far more than rounding.
 PROBE_TEMPERATURE = 10.0
+# Each is kept with probability max(0, 1 - q/p): together they settle a rejection unless
+# p and q nearly agree, which is when a rejection is rare (a full distribution is big).
+RESIDUAL_CANDIDATES = 16
 
 
 class SGLangUnavailable(BackendUnavailable):
@@ -183,6 +186,8 @@ class SGLangBackend:
         # Whether SGLang's output logprobs are of the tempered softmax it samples from
         # (``wait_ready`` checks); until known, drafts are verified by matching draws.
         self.tempered_logprobs = False
+        # SGLang draws tried per open residual before its full distribution is fetched.
+        self.residual_candidates = RESIDUAL_CANDIDATES
 
     # -- start-up --------------------------------------------------------------------
 
@@ -384,29 +389,54 @@ class SGLangBackend:
         self, items: list[SampledItem], results: list[tuple[int, int | None]]
     ) -> None:
         """For each item rejected at position k without a token yet (``_by_ratio`` left
-        it None), draw the target's token from the residual norm(max(p - q, 0)) over
-        SGLang's full distribution there (top_logprobs over the vocabulary; one call)."""
-        where = [i for i, (_, token) in enumerate(results) if token is None]
-        if not where:
-            return
+        it None), draw the target's token from the residual norm(max(p - q, 0)): first
+        by rejection from ``residual_candidates`` more SGLang draws there (one call for
+        all), then, for any still open, from SGLang's full distribution there. Tries
+        bounded, then an exact draw: the residual exactly either way."""
+        open_ = [i for i, (_, token) in enumerate(results) if token is None]
+        if open_ and self.residual_candidates > 0:
+            candidates = self.residual_candidates
+            body = self._at_rejections(items, results, open_, candidates)
+            answers = self._generate(body, len(open_) * candidates)
+            for n, i in enumerate(open_):
+                item, k = items[i], results[i][0]
+                assert item.probs is not None  # only the ratio rule leaves a token open
+                for answer in answers[n * candidates : (n + 1) * candidates]:
+                    y = _first_token(answer, self.vocab_size)
+                    p_y = math.exp(_output_logprob(answer))
+                    u = float(torch.rand((), generator=item.generator))
+                    if u * p_y < p_y - float(item.probs[k, y]):
+                        results[i] = (k, y)
+                        break
+            open_ = [i for i in open_ if results[i][1] is None]
+        if open_:
+            body = self._at_rejections(items, results, open_, 1)
+            body["top_logprobs_num"] = self.vocab_size
+            for i, answer in zip(open_, self._generate(body, len(open_)), strict=True):
+                item, k = items[i], results[i][0]
+                assert item.probs is not None
+                p = _distribution(answer, self.vocab_size)
+                results[i] = (k, _residual_draw(p, item.probs[k], item.generator))
+
+    def _at_rejections(
+        self, items: list[SampledItem], results: list[tuple[int, int | None]],
+        where: list[int], draws: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A /generate body of ``draws`` seeded one-token draws, with their logprobs, at
+        the rejected position of each item in ``where``."""
         inputs, params = [], []
         for i in where:
             item, k = items[i], results[i][0]
             full = self._tokens[item.seq_id] + list(item.tokens)
-            inputs.append(full[: len(full) - item.drafted + k])
-            params.append(_sampled_one(item.params, _seed(item.generator)))
-        body = {
+            for _ in range(draws):
+                inputs.append(full[: len(full) - item.drafted + k])
+                params.append(_sampled_one(item.params, _seed(item.generator)))
+        return {
             "input_ids": inputs,
             "return_logprob": True,
             "logprob_start_len": -1,
-            "top_logprobs_num": self.vocab_size,
             "sampling_params": params,
         }
-        for i, answer in zip(where, self._generate(body, len(inputs)), strict=True):
-            item, k = items[i], results[i][0]
-            assert item.probs is not None  # only the ratio rule leaves a token open
-            p = _distribution(answer, self.vocab_size)
-            results[i] = (k, _residual_draw(p, item.probs[k], item.generator))
 
     def _check(self, seq_id: str, tokens: list[int]) -> None:
         if seq_id in self._poisoned:
