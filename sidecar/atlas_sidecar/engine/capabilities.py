@@ -39,16 +39,16 @@ class TargetCapabilities:
       without it the engine verifies each draft's main chain.
     - ``exact_logits``: forward rows carry the target's full distribution, so the engine
       verifies sampled requests from them.
-    - ``exact_sampling``: sampled requests are verified losslessly: from exact rows, or
-      (without ``exact_logits``) by the backend itself against draws from its own
-      sampler (``SamplingTarget.verify_sampled_many``). Without it, greedy requests only.
+    - ``exact_sampling``: without exact rows, the backend verifies sampled drafts
+      itself, losslessly, against draws from its own sampler
+      (``SamplingTarget.verify_sampled_many``). With neither, greedy requests only.
     - ``exposes_features``: the target's final hidden states are readable here, for
       speculators that draft from them.
     """
 
     verifies_trees: bool = True
     exact_logits: bool = True
-    exact_sampling: bool = True
+    exact_sampling: bool = False
     exposes_features: bool = True
 
 

@@ -301,7 +301,8 @@ class Engine:
                 f"{len(prompt_ids)} tokens exceed the context of {self.target.max_context}",
             )
         params.validate(max_new_tokens=room)
-        if not params.greedy and not self.target.capabilities.exact_sampling:
+        caps = self.target.capabilities
+        if not params.greedy and not (caps.exact_logits or caps.exact_sampling):
             raise RequestError(
                 "temperature",
                 "this target backend verifies greedy decoding only (temperature 0): "
