@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from atlas_sidecar.engine.core import Engine
-from atlas_sidecar.engine.sampling import SamplingParams, probs_from_logits, verify_sampled
+from atlas_sidecar.engine.sampling import (
+    SamplingParams,
+    probs_from_logits,
+    verify_by_samples,
+    verify_sampled,
+)
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.tooling.workloads import encode
 
@@ -120,3 +125,11 @@ def test_top_p_and_top_k_filters():
     kept = torch.nonzero(top_p[0]).flatten().tolist()
     assert kept == [0, 1]  # 0.64 < 0.7, so the second token is needed
     torch.testing.assert_close(top_p.sum(), torch.tensor(1.0))
+
+
+def test_draws_match_the_draft_prefix_then_give_the_targets_token():
+    assert verify_by_samples([5, 6, 7], [5, 6, 9, 1]) == (2, 9)
+    assert verify_by_samples([5, 6], [5, 6, 8]) == (2, 8)
+    assert verify_by_samples([5], [4, 5]) == (0, 4)
+    with pytest.raises(ValueError):
+        verify_by_samples([5, 6], [5, 6])

@@ -64,6 +64,7 @@ def standin(_standin: SGLangStandin) -> Iterator[SGLangStandin]:
     """The stand-in, up and without faults; the test fails if it refused any request."""
     _standin.delay_s = 0.0
     _standin.die_after_requests = None
+    _standin.return_original_logprob = False
     if _standin._server is None:
         _standin.start()
     _standin.rejected.clear()
@@ -71,6 +72,7 @@ def standin(_standin: SGLangStandin) -> Iterator[SGLangStandin]:
     if _standin._server is None:
         _standin.start()
     _standin.delay_s = 0.0
+    _standin.return_original_logprob = False
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+import torch
 
 from atlas_sidecar import models
 from atlas_sidecar.engine.backends.base import ForwardItem
@@ -142,14 +143,6 @@ def test_tree_items_are_refused_not_verified_wrong(backend):
     backend.release("t")
 
 
-def test_sampled_requests_are_refused_on_a_greedy_only_backend(backend, prompts):
-    engine = Engine(backend, backend.tokenizer)
-    with pytest.raises(RequestError) as info:
-        engine.start(prompts[0], SamplingParams(max_tokens=4, temperature=0.8))
-    assert info.value.field == "temperature"
-    assert backend.live_sequences == 0
-
-
 # -- the stand-in holds the backend to SGLang's checks -------------------------------------
 
 
@@ -167,7 +160,8 @@ def test_standin_refuses_what_sglang_refuses(standin):
         {**ok, "sampling_params": {"max_new_tokens": 1, "temperature": -1}},
         {**ok, "input_ids": [1, 2, 10**9]},  # outside the vocabulary
         {**ok, "input_ids": "not ids"},
-        {"input_ids": [[1, 2], [3]], "sampling_params": [{"max_new_tokens": 1}] * 3},
+        {**ok, "sampling_params": {"max_new_tokens": 1, "temperature": 0.7, "top_p": 1.5}},
+        {**ok, "sampling_params": {"max_new_tokens": 1, "sampling_seed": 2**63}},
     ]
     for body in bad:
         status, answer = _post(standin.url + "/generate", body)
@@ -197,6 +191,48 @@ def test_standin_answers_in_sglangs_logprob_layout(standin, torch_target):
     assert answer["output_ids"] == [int(rows[-1].argmax())]
     assert meta["finish_reason"]["type"] in ("length", "stop")
     assert (meta["prompt_tokens"], meta["completion_tokens"]) == (len(ids), 1)
+
+
+def test_standin_samples_as_sglang_with_tempered_output_logprobs(standin, torch_target):
+    """A sampled token from SGLang's top-k sampler, reproducible by seed; output
+    logprobs of the tempered softmax (raw ones as SGLANG_RETURN_ORIGINAL_LOGPROB)."""
+    ids = [1, 504, 3458, 314, 260]
+    torch_target.start("sampled")
+    try:
+        row = torch_target.forward("sampled", ids)[-1].float()
+    finally:
+        torch_target.release("sampled")
+    tempered, raw = torch.log_softmax(row / 0.5, dim=-1), torch.log_softmax(row, dim=-1)
+    asked = int(row.argsort()[-3])
+
+    def sample(seed: int) -> dict[str, Any]:
+        status, answer = _post(standin.url + "/generate", {
+            "input_ids": ids, "return_logprob": True, "top_logprobs_num": 5,
+            "token_ids_logprob": [asked],
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0.5, "top_k": 5,
+                                "sampling_seed": seed},
+        })  # fmt: skip
+        assert status == 200, answer
+        return answer
+
+    answers = [sample(seed) for seed in range(12)]
+    tokens = [a["output_ids"][0] for a in answers]
+    assert set(tokens) <= set(row.topk(5).indices.tolist())
+    assert sample(3)["output_ids"] == answers[3]["output_ids"]
+    meta = answers[0]["meta_info"]
+    assert [e[1] for e in meta["output_top_logprobs"][0]] == row.topk(5).indices.tolist()
+    assert meta["output_token_ids_logprobs"][0][0][1] == asked
+    torch.testing.assert_close(
+        meta["output_token_ids_logprobs"][0][0][0], float(tempered[asked]), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        meta["output_token_logprobs"][0][0], float(tempered[tokens[0]]), atol=1e-4, rtol=0
+    )
+    standin.return_original_logprob = True
+    meta = sample(0)["meta_info"]
+    torch.testing.assert_close(
+        meta["output_token_ids_logprobs"][0][0][0], float(raw[asked]), atol=1e-4, rtol=0
+    )
 
 
 # -- start-up -----------------------------------------------------------------------------

@@ -16,20 +16,35 @@ logprob_result_processor.py``):
   (``{"type": "length", "length": n}`` or ``{"type": "stop", "matched": id}``),
   ``prompt_tokens``, ``completion_tokens``, ``cached_tokens``, and with
   ``return_logprob`` ``input_token_logprobs`` / ``output_token_logprobs`` as
-  ``[logprob, token_id, null]`` and ``input_top_logprobs`` / ``output_top_logprobs`` as
-  lists of those. As in SGLang, the input lists start at ``logprob_start_len`` and their
-  first entry is ``None`` (``[None] + logprobs[:-1]``): entry k (k >= 1) is the
-  distribution after input position ``logprob_start_len + k - 1``.
+  ``[logprob, token_id, null]``, ``input_top_logprobs`` / ``output_top_logprobs`` as
+  lists of those, and with ``token_ids_logprob`` ``input_token_ids_logprobs`` /
+  ``output_token_ids_logprobs`` as lists of those (one per asked id, in its order). As
+  in SGLang, the input lists start at ``logprob_start_len`` and their first entry is
+  ``None`` (``[None] + logprobs[:-1]``): entry k (k >= 1) is the distribution after
+  input position ``logprob_start_len + k - 1``.
 - A list body (``input_ids`` a list of lists) is a batch: a list of answers.
 - ``GET /health``, ``GET /health_generate``, ``GET /get_model_info``,
   ``GET /get_server_info``, ``POST /flush_cache``, ``POST /tokenize``.
 
-Decoding is greedy only (temperature 0, or top_k 1): a sampled request is answered 400,
-since a stand-in that sampled differently from SGLang would prove nothing.
+Decoding is SGLang's (``layers/sampler.py``, ``Sampler.forward``'s standard path):
+greedy (temperature 0 is top_k 1) takes the argmax; a sampled token comes from SGLang's
+own PyTorch sampling functions (``sglang_types.sampler``) over
+``softmax(logits / temperature)`` with the request's ``top_k``, ``top_p`` and ``min_p``.
+The output logprobs are SGLang's too: ``log(softmax(logits / temperature))`` for a
+sampled request (before top-k/top-p), the raw ``log_softmax(logits)`` for a greedy one
+(and for every one with ``return_original_logprob``, SGLang's
+``SGLANG_RETURN_ORIGINAL_LOGPROB``); input logprobs are always raw. Seeds work as under
+SGLang's ``--enable-deterministic-inference``: a sample depends only on the request's
+``sampling_seed`` (42 when absent, as SGLang's) and the position, its noise drawn by
+torch's generator seeded from both (SGLang hashes them with a Triton kernel a CPU
+cannot run). Penalties are not applied, so a request with one is answered 400.
 
 Prefix caching stands in for SGLang's radix cache: the longest cached token prefix is
 reused, never past ``logprob_start_len`` (SGLang caps its prefix match there too, so the
-logits from that position on are computed), and ``cached_tokens`` reports it.
+logits from that position on are computed), and ``cached_tokens`` reports it. A
+one-token request without input logprobs reuses the last-position logits of the same
+input if it saw it lately (SGLang would compute that one position again, to the same
+logits), so tests can draw thousands of samples at one position.
 
 Faults for tests: ``delay_s`` (every /generate answers that much later),
 ``die_after_requests`` (the server closes its socket and stops mid-request on the n-th
@@ -53,6 +68,7 @@ from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 
 STANDIN_VERSION = "0.5.23"  # the SGLang whose wire format and checks this follows
 CACHE_ENTRIES = 16
+LOGITS_MEMO_ENTRIES = 64
 
 
 class _Died(Exception):
@@ -79,11 +95,13 @@ class SGLangStandin:
         self._lock = threading.Lock()  # one model, one forward at a time (as one GPU)
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
         self._cache_ids = itertools.count()
+        self._last_logits: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
         self._rids = itertools.count()
         self.port = port
         self._delay_s = 0.0
         self._calm = threading.Event()  # set: a delay in progress ends at once
         self.die_after_requests: int | None = None
+        self.return_original_logprob = False  # as SGLang's SGLANG_RETURN_ORIGINAL_LOGPROB
         self.generate_calls = 0
         self.rejected: list[str] = []  # every 400 answered, for tests to assert on
         self._server: ThreadingHTTPServer | None = None
@@ -136,6 +154,7 @@ class SGLangStandin:
         for cache_id in self._cache:
             self.runner.release(cache_id)
         self._cache.clear()
+        self._last_logits.clear()
 
     # -- /generate -------------------------------------------------------------------
 
@@ -190,8 +209,9 @@ class SGLangStandin:
                 self.context_len
             ):
                 raise ValueError("Requested token count exceeds the model's maximum context")
-            if params.temperature > 1e-6 and params.top_k != 1:
-                raise ValueError("the stand-in decodes greedily only (temperature 0)")
+            if (params.repetition_penalty, params.frequency_penalty,
+                    params.presence_penalty) != (1.0, 0.0, 0.0):  # fmt: skip
+                raise ValueError("the stand-in applies no penalties")
             start = item.logprob_start_len if item.return_logprob else -1
             if start is None or start == -1:
                 start = len(ids)
@@ -210,6 +230,8 @@ class SGLangStandin:
                 "logprob": bool(item.return_logprob),
                 "start": start,
                 "top_n": int(item.top_logprobs_num or 0),
+                "sampling": params,
+                "token_ids": list(item.token_ids_logprob or ()),
                 "rid": item.rid or f"standin-{next(self._rids)}",
             })  # fmt: skip
         return requests
@@ -240,43 +262,67 @@ class SGLangStandin:
             self.runner.release(old)
         return best, best_len, logits
 
+    def _logits(
+        self, ids: list[int], start: int, max_new_tokens: int
+    ) -> tuple[str, int, torch.Tensor]:
+        """``_prefill``; but one token with no input logprobs needs the last position's
+        logits only, and a repeated input (a test's thousands of draws at one position)
+        reuses them."""
+        key = tuple(ids) if start == len(ids) and max_new_tokens == 1 else None
+        if key is not None and key in self._last_logits:
+            self._last_logits.move_to_end(key)
+            return "", len(ids) - 1, self._last_logits[key][None]
+        cache_id, cached, logits = self._prefill(ids, start)
+        if key is not None:
+            self._last_logits[key] = logits[-1].clone()
+            while len(self._last_logits) > LOGITS_MEMO_ENTRIES:
+                self._last_logits.popitem(last=False)
+        return cache_id, cached, logits
+
     def _run_one(
         self, ids: list[int], max_new_tokens: int, stop_ids: set[int], logprob: bool,
-        start: int, top_n: int, rid: str,
+        start: int, top_n: int, sampling: Any, token_ids: list[int], rid: str,
     ) -> dict[str, Any]:  # fmt: skip
-        cache_id, cached, logits = self._prefill(ids, start)
+        cache_id, cached, logits = self._logits(ids, start, max_new_tokens)
         first = cached  # logits[j] is the distribution after ids[first + j]
         rows = torch.log_softmax(logits.float(), dim=-1)
         meta: dict[str, Any] = {"id": rid}
         if logprob:
             input_lp: list[Any] = [None]
             input_top: list[Any] = [None]
+            input_ids_lp: list[Any] = [None]
             for pos in range(start, len(ids) - 1):
                 row = rows[pos - first]
                 nxt = ids[pos + 1]
                 input_lp.append([float(row[nxt]), nxt, None])
                 input_top.append(_top(row, top_n))
+                input_ids_lp.append(_picked(row, token_ids))
             meta["input_token_logprobs"] = input_lp[: len(ids) - start]
             if top_n > 0:
                 meta["input_top_logprobs"] = input_top[: len(ids) - start]
+            if token_ids:
+                meta["input_token_ids_logprobs"] = input_ids_lp[: len(ids) - start]
         output: list[int] = []
         out_lp: list[Any] = []
         out_top: list[Any] = []
+        out_ids_lp: list[Any] = []
         finish: dict[str, Any] = {"type": "length", "length": max_new_tokens}
-        row = rows[-1]
         seq = list(ids)
+        original = self.return_original_logprob
+        token, row = _sample(logits[-1], sampling, len(seq) - 1, original)
         while len(output) < max_new_tokens:
-            token = int(torch.argmax(row))
             output.append(token)
             out_lp.append([float(row[token]), token, None])
             out_top.append(_top(row, top_n))
+            out_ids_lp.append(_picked(row, token_ids))
             if token in stop_ids:
                 finish = {"type": "stop", "matched": token}
                 break
             if len(output) == max_new_tokens:
                 break
             seq.append(token)
-            row = torch.log_softmax(self.runner.forward(cache_id, [token])[-1].float(), dim=-1)
+            logits = self.runner.forward(cache_id, [token])
+            token, row = _sample(logits[-1], sampling, len(seq) - 1, original)
             self._cache[cache_id] = list(seq)
         meta.update({
             "finish_reason": finish,
@@ -292,6 +338,8 @@ class SGLangStandin:
             meta["output_token_logprobs_length"] = len(out_lp)
             if top_n > 0:
                 meta["output_top_logprobs"] = out_top
+            if token_ids:
+                meta["output_token_ids_logprobs"] = out_ids_lp
         text = self.tokenizer.decode(output, skip_special_tokens=True)
         return {"text": text, "output_ids": output, "meta_info": meta}
 
@@ -330,6 +378,44 @@ class SGLangStandin:
             "add_special_tokens", True
         ))  # fmt: skip
         return 200, {"tokens": tokens, "count": len(tokens), "max_model_len": self.context_len}
+
+
+def _sample(
+    logits: torch.Tensor, params: Any, position: int, original: bool
+) -> tuple[int, torch.Tensor]:
+    """The next token after ``logits`` (one position's) and the logprobs SGLang returns
+    with it, as ``Sampler.forward``: greedy when every ``top_k`` is at most 1 (SGLang
+    turns temperature 0 into top_k 1), else its PyTorch sampler on the tempered softmax;
+    ``original``: the raw logprobs, as under ``SGLANG_RETURN_ORIGINAL_LOGPROB``."""
+    from sglang.srt.sampling.sampling_params import TOP_K_ALL
+
+    from tests.standins.sglang_types import sampler
+
+    logits = logits.float()
+    if params.top_k <= 1:
+        return int(torch.argmax(logits)), torch.log_softmax(logits, dim=-1)
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    seed = 42 if params.sampling_seed is None else params.sampling_seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(hash((seed, position)) & (2**63 - 1))
+        if params.top_p == 1.0 and params.top_k == TOP_K_ALL and params.min_p <= 0:
+            token = sampler.sampling_from_probs_torch(probs[None].clone())
+        else:
+            token = sampler.top_k_top_p_min_p_sampling_from_probs_torch(
+                probs[None].clone(),
+                torch.tensor([params.top_k]),
+                torch.tensor([params.top_p]),
+                torch.tensor([params.min_p]),
+                params.min_p > 0,
+                None,
+                torch.tensor([position]),
+            )
+    return int(token[0]), torch.log_softmax(logits, dim=-1) if original else torch.log(probs)
+
+
+def _picked(row: torch.Tensor, token_ids: list[int]) -> list[list[Any]]:
+    """``token_ids_logprob``'s entry at one position: the logprob of each asked id."""
+    return [[float(row[t]), t, None] for t in token_ids]
 
 
 def _top(row: torch.Tensor, n: int) -> list[list[Any]]:

@@ -1,4 +1,4 @@
-"""SGLang's own request types, for the loopback stand-in (tests only).
+"""SGLang's own request types and sampling functions, for the loopback stand-in.
 
 ``sglang.srt.managers.io_struct`` cannot be imported on a CPU-only torch: its import
 chain (``schedule_batch`` -> ``configs`` -> ``multimodal.internvl_utils``) imports
@@ -7,7 +7,9 @@ is taken from the installed package's own source instead: the class (with its
 ``normalize_batch_and_arguments`` and every validator) is cut out of ``io_struct.py``
 with ``ast`` and executed against the real modules it needs, which import fine. Two
 aliases and one helper that live in ``schedule_batch`` are cut out of that file the
-same way. Nothing is written from memory: a field SGLang renames breaks this loader.
+same way. SGLang's PyTorch sampling functions are cut out of ``layers/sampler.py`` the
+same way (that module imports Triton kernels). Nothing is written from memory: a field
+or function SGLang renames breaks this loader.
 """
 
 from __future__ import annotations
@@ -106,3 +108,32 @@ def _load() -> ModuleType:
 
 io_struct = _load()
 GenerateReqInput = io_struct.GenerateReqInput
+
+
+def _load_sampler() -> ModuleType:
+    """SGLang's PyTorch sampling functions, cut out of ``layers/sampler.py`` (that module
+    imports Triton kernels and the distributed runtime, which a CPU cannot load)."""
+    from typing import Optional
+
+    import torch
+    from sglang.srt.environ import envs
+
+    module = ModuleType("atlas_standin_sglang_sampler")
+    ns = module.__dict__
+
+    def multinomial_with_seed(*_: Any, **__: Any) -> Any:
+        raise NotImplementedError("SGLang's seeded sampling hashes with a Triton kernel")
+
+    ns.update(torch=torch, Optional=Optional, envs=envs)
+    ns["multinomial_with_seed"] = multinomial_with_seed
+    wanted = {"sampling_from_probs_torch", "top_k_top_p_min_p_sampling_from_probs_torch"}
+    path, tree = _source("sglang.srt.layers.sampler")
+    nodes = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    _exec_nodes(nodes, str(path), ns)
+    missing = wanted - ns.keys()
+    if missing:
+        raise ImportError(f"sglang's sampler no longer defines {sorted(missing)}")
+    return module
+
+
+sampler = _load_sampler()

@@ -37,14 +37,18 @@ class SpeculatorCapabilities:
 class TargetCapabilities:
     """- ``verifies_trees``: one forward can verify a branching draft (tree attention);
       without it the engine verifies each draft's main chain.
-    - ``exact_logits``: forward rows carry the target's full distribution, so sampled
-      requests can be verified losslessly; without it, greedy requests only.
+    - ``exact_logits``: forward rows carry the target's full distribution, so the engine
+      verifies sampled requests from them.
+    - ``exact_sampling``: without exact rows, the backend verifies sampled drafts
+      itself, losslessly, against draws from its own sampler
+      (``SamplingTarget.verify_sampled_many``). With neither, greedy requests only.
     - ``exposes_features``: the target's final hidden states are readable here, for
       speculators that draft from them.
     """
 
     verifies_trees: bool = True
     exact_logits: bool = True
+    exact_sampling: bool = False
     exposes_features: bool = True
 
 

@@ -18,16 +18,22 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from atlas_sidecar.engine.backends.base import ForwardItem, TargetBackend
+from atlas_sidecar.engine.backends.base import (
+    ForwardItem,
+    SampledItem,
+    SamplingTarget,
+    TargetBackend,
+)
 from atlas_sidecar.engine.controller import DraftPolicy, FixedPolicy
 from atlas_sidecar.engine.detokenize import IncrementalDetokenizer
 from atlas_sidecar.engine.sampling import (
     SamplingParams,
     make_generator,
+    match_vocab,
     verify,
 )
 from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
@@ -295,7 +301,8 @@ class Engine:
                 f"{len(prompt_ids)} tokens exceed the context of {self.target.max_context}",
             )
         params.validate(max_new_tokens=room)
-        if not params.greedy and not self.target.capabilities.exact_logits:
+        caps = self.target.capabilities
+        if not params.greedy and not (caps.exact_logits or caps.exact_sampling):
             raise RequestError(
                 "temperature",
                 "this target backend verifies greedy decoding only (temperature 0): "
@@ -334,10 +341,15 @@ class Engine:
             raise ValueError(f"{seq.seq_id} is already prefilled")
         started = time.perf_counter()
         end = min(len(seq.prompt), seq.prefilled + max(1, max_tokens))
+        chunk = seq.prompt[seq.prefilled : end]
+        done = end == len(seq.prompt)
+        first: int | None = None
         try:
-            logits = self.target.forward(seq.seq_id, seq.prompt[seq.prefilled : end])[-1:]
-            done = end == len(seq.prompt)
-            first = self._accept(seq, DraftTree.empty(), logits)[1] if done else None
+            if done and self._sampled_by_target(seq):
+                first = self._sample_many([seq], [chunk], [DraftTree.empty()])[0][1]
+            else:
+                logits = self.target.forward(seq.seq_id, chunk)[-1:]
+                first = self._accept(seq, DraftTree.empty(), logits)[1] if done else None
         except BaseException:
             self.release(seq)
             raise
@@ -438,26 +450,68 @@ class Engine:
     ) -> tuple[int, list[tuple[list[int], int]]]:
         """One target forward over every sequence's [pending token] + draft; each
         accepts its path and its cache keeps just the verified prefix (prompt + output,
-        its pending token included, + the accepted nodes). Returns the forward's width
-        (the longest row) and, per sequence, (accepted nodes, the target's own token)."""
-        items = [
-            ForwardItem(
-                seq.seq_id,
-                [seq.output[-1], *draft.tokens],
-                [-1, *(p + 1 for p in draft.chain_parents())] if draft.is_tree else None,
+        its pending token included, + the accepted nodes). Sampled sequences on a
+        target without exact rows are verified by the target itself, in one more call.
+        Returns the forward's width (the longest row) and, per sequence, (accepted
+        nodes, the target's own token)."""
+        by_rows = [i for i, seq in enumerate(seqs) if not self._sampled_by_target(seq)]
+        by_target = [i for i, seq in enumerate(seqs) if self._sampled_by_target(seq)]
+        outcomes: dict[int, tuple[list[int], int]] = {}
+        if by_rows:
+            items = [
+                ForwardItem(
+                    seqs[i].seq_id,
+                    [seqs[i].output[-1], *drafts[i].tokens],
+                    [-1, *(p + 1 for p in drafts[i].chain_parents())]
+                    if drafts[i].is_tree else None,
+                )
+                for i in by_rows
+            ]  # fmt: skip
+            for i, logits in zip(by_rows, self.target.forward_many(items), strict=True):
+                outcomes[i] = self._accept_path(seqs[i], drafts[i], logits)
+        if by_target:
+            done = self._sample_many(
+                [seqs[i] for i in by_target],
+                [[seqs[i].output[-1], *drafts[i].tokens] for i in by_target],
+                [drafts[i] for i in by_target],
             )
-            for seq, draft in zip(seqs, drafts, strict=True)
-        ]
-        outcomes = []
-        for seq, draft, logits in zip(seqs, drafts, self.target.forward_many(items), strict=True):
-            path, bonus = self._accept_path(seq, draft, logits)
-            prefix = len(seq.prompt) + len(seq.output) - 1
-            if draft.is_tree:
-                self.target.keep(seq.seq_id, prefix, [0, *(i + 1 for i in path)])
-            else:
-                self.target.truncate(seq.seq_id, prefix + 1 + len(path))
-            outcomes.append((path, bonus))
-        return max(len(item.tokens) for item in items), outcomes
+            for i, (accepted, token) in zip(by_target, done, strict=True):
+                outcomes[i] = (list(range(accepted)), token)
+        for i, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
+            self._keep_verified(seq, draft, outcomes[i][0])
+        return 1 + max(len(d.tokens) for d in drafts), [outcomes[i] for i in range(len(seqs))]
+
+    def _keep_verified(self, seq: Sequence, draft: DraftTree, path: list[int]) -> None:
+        """Cut the target's cache back to prompt + output (its pending token included)
+        + the accepted draft nodes."""
+        prefix = len(seq.prompt) + len(seq.output) - 1
+        if draft.is_tree:
+            self.target.keep(seq.seq_id, prefix, [0, *(j + 1 for j in path)])
+        else:
+            self.target.truncate(seq.seq_id, prefix + 1 + len(path))
+
+    def _sampled_by_target(self, seq: Sequence) -> bool:
+        """Whether the target verifies this sequence's drafts itself: a sampled request
+        on a backend whose rows are not its distribution (``exact_logits`` False)."""
+        return not seq.params.greedy and not self.target.capabilities.exact_logits
+
+    def _sample_many(
+        self, seqs: list[Sequence], tokens: list[list[int]], drafts: list[DraftTree]
+    ) -> list[tuple[int, int]]:
+        """Append ``tokens`` to each sequence, the last of them its draft chain, and let
+        the target verify the drafts by its own sampling (one call for all)."""
+        target = cast(SamplingTarget, self.target)
+        items = []
+        for seq, toks, draft in zip(seqs, tokens, drafts, strict=True):
+            if seq.generator is None or draft.is_tree:
+                raise AssertionError("sampled sequences have a generator and chain drafts")
+            probs = draft.probs
+            if probs is not None:
+                probs = match_vocab(probs[: len(draft.tokens)], self.target.vocab_size)
+            items.append(SampledItem(
+                seq.seq_id, toks, len(draft.tokens), probs, seq.params, seq.generator
+            ))  # fmt: skip
+        return target.verify_sampled_many(items)
 
     def _commit(
         self,

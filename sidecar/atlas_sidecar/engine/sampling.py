@@ -158,6 +158,23 @@ def verify(
     return list(range(accepted)), token
 
 
+def verify_by_samples(draft: list[int], samples: list[int]) -> tuple[int, int]:
+    """Sampled verification from the target's own draws: ``samples[k]`` drawn from the
+    target's distribution after the pending token and ``draft[:k]`` (k = 0..len(draft)),
+    independently of the draft. Accept while the draw equals the draft token; the first
+    draw that differs (or the last) is the target's token. The output is then the
+    target's draws, so it follows its distribution exactly whatever the drafter did; for
+    a deterministic drafter (one-hot q) it is rejection sampling itself (accept x with
+    probability p(x), else a token from p without x), for any other a lossless rule
+    that accepts sum(p * q) instead of sum(min(p, q))."""
+    if len(samples) != len(draft) + 1:
+        raise ValueError(f"{len(draft)} draft tokens need {len(draft) + 1} draws")
+    accepted = 0
+    while accepted < len(draft) and samples[accepted] == draft[accepted]:
+        accepted += 1
+    return accepted, samples[accepted]
+
+
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """Return (number of draft tokens accepted, the target's next token after them);
     a thin wrapper over ``verify`` for callers holding plain token lists."""

@@ -65,8 +65,8 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
     p.add_argument("--backend", default="torch",
-                   help="target backend: torch (in-process), sglang or triton (greedy "
-                        "only)")  # fmt: skip
+                   help="target backend: torch (in-process), sglang (a server; greedy "
+                        "and sampled) or triton (TensorRT-LLM; greedy only)")  # fmt: skip
     p.add_argument("--sglang-url", help="the SGLang server, for --backend sglang")
     p.add_argument("--sglang-timeout", type=float, default=30.0,
                    help="seconds per SGLang call before the request fails UNAVAILABLE")  # fmt: skip

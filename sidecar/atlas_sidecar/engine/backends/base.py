@@ -8,6 +8,7 @@ from typing import Protocol
 import torch
 
 from atlas_sidecar.engine.capabilities import TargetCapabilities
+from atlas_sidecar.engine.sampling import SamplingParams
 
 
 @dataclass
@@ -56,3 +57,30 @@ class TargetBackend(Protocol):
     def cached_len(self, seq_id: str) -> int: ...
 
     def release(self, seq_id: str) -> None: ...
+
+
+@dataclass
+class SampledItem:
+    """Tokens to append to one sequence's cache, the last ``drafted`` of them a draft
+    chain to verify by sampling (``params``, not greedy): the target's own token is
+    drawn after each of the last ``drafted + 1`` tokens. ``probs`` ([drafted, V]) are
+    the drafter's distributions, None for a deterministic drafter; ``generator`` is the
+    sequence's, so a seeded request reproduces."""
+
+    seq_id: str
+    tokens: list[int]
+    drafted: int
+    probs: torch.Tensor | None
+    params: SamplingParams
+    generator: torch.Generator
+
+
+class SamplingTarget(TargetBackend, Protocol):
+    """A target whose rows are not exact (``capabilities.exact_logits`` False) but which
+    verifies sampled drafts itself (``capabilities.exact_sampling``)."""
+
+    def verify_sampled_many(self, items: list[SampledItem]) -> list[tuple[int, int]]:
+        """Append each item's tokens; per item (draft tokens accepted, the target's own
+        next token), the output following the target's sampling distribution exactly.
+        The caller truncates the rejected draft tokens, as after ``forward_many``."""
+        ...

@@ -19,15 +19,42 @@ rest. Its ``meta_info.input_top_logprobs`` then has n entries: entry 0 is None, 
 greedy verification needs.
 
 The rows returned are not logits: each holds the chosen token's logprob and -inf
-elsewhere, so only the argmax is meaningful (``capabilities.exact_logits`` is False). The engine
-therefore refuses sampled requests on this backend rather than sample from a wrong
-distribution, and reduces tree drafts to their main chain
-(``capabilities.verifies_trees`` is False): SGLang's /generate verifies one token
-path per request, not a tree.
+elsewhere, so only the argmax is meaningful (``capabilities.exact_logits`` is False),
+and the engine reduces tree drafts to their main chain (``capabilities.verifies_trees``
+is False): SGLang's /generate verifies one token path per request, not a tree.
 
-Faults: every call has a timeout and idempotent calls (all of them: a greedy
-one-token generate on a given prefix answers the same) are retried a bounded number of
-times on connection failures. A call that still fails raises ``SGLangUnavailable`` (a
+Sampled requests are verified by SGLang's own sampler (``verify_sampled_many``;
+``capabilities.exact_sampling``). SGLang's input logprobs are of the raw logits
+(``layers/logprob_processor.py``: ``InputLogprobProcessor`` takes a plain
+``log_softmax``), so the tempered, filtered distribution it samples from cannot be
+rebuilt from them short of the whole vocabulary at every position. Instead one call
+for all of a step's sampled sequences (its greedy ones go in the call above) holds, per
+sequence, a seeded one-token generate after the pending token and after each
+draft token (``input_ids`` = prefix + [pending, *draft[:k]], the request's
+temperature, top_p, top_k and a ``sampling_seed`` drawn from its generator):
+
+- By default the draws are matched (``sampling.verify_by_samples``): accept while the
+  draw equals the draft token, the first other draw is the target's token. The output
+  is SGLang's draws, so it is exact for any drafter; for a deterministic one (q
+  one-hot) it is rejection sampling itself.
+- A drafter with probabilities and no top-p gets rejection sampling proper
+  (``_by_ratio``), when SGLang's output logprobs are of the tempered softmax it
+  samples from (``layers/sampler.py``: ``log(softmax(logits / T))``, unless the server
+  sets ``SGLANG_RETURN_ORIGINAL_LOGPROB``; ``check_logprobs`` finds out at start-up):
+  ``token_ids_logprob`` gives p(x) at each draft token, and with top-k,
+  ``top_logprobs_num = top_k + 1`` gives the whole support to renormalize over. A
+  rejection's residual is drawn from that support, or (no filter) SGLang's own draw
+  there is kept with probability max(0, 1 - q(y)/p(y)), else more of its draws there,
+  and else the whole distribution there is fetched (``_draw_residuals``). Top-p is
+  left to matching: its kept set depends on the mass of every token above the cut.
+
+A fresh seed per call matters: SGLang's deterministic mode derives a draw from the seed
+and the position only.
+
+Faults: every call has a timeout and idempotent calls (all of them: a greedy one-token
+generate on a given prefix answers the same, and a sampled one whose answer was never
+seen leaves no draw used) are retried a bounded number of times on connection
+failures. A call that still fails raises ``SGLangUnavailable`` (a
 ``BackendUnavailable``, which the server answers with UNAVAILABLE); no token is ever
 made up. The sequences of a call SGLang did not answer fail fast from then on (until
 released): the scheduler's one-by-one retry of a failed batch would otherwise wait out
@@ -37,20 +64,23 @@ leaves its sequences as they were, so that retry finds the one at fault.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
 import math
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
-from atlas_sidecar.engine.backends.base import ForwardItem
+from atlas_sidecar.engine.backends.base import ForwardItem, SampledItem
 from atlas_sidecar.engine.capabilities import TargetCapabilities
+from atlas_sidecar.engine.sampling import SamplingParams, verify_by_samples
 from atlas_sidecar.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -60,6 +90,11 @@ DEFAULT_RETRIES = 2
 HEALTH_TIMEOUT_S = 600.0
 # A fixed text the sidecar's tokenizer and SGLang's must split the same way.
 TOKENIZER_PROBE = "def quicksort(xs):\n    return sorted(xs)  # Grüße, 世界! 12345\n"
+# Hot enough that tempered logprobs differ from raw ones by far more than rounding.
+PROBE_TEMPERATURE = 10.0
+# Each is kept with probability max(0, 1 - q/p): together they settle a rejection unless
+# p and q nearly agree, which is when a rejection is rare (a full distribution is big).
+RESIDUAL_CANDIDATES = 16
 
 
 class SGLangUnavailable(BackendUnavailable):
@@ -116,12 +151,13 @@ def target_spec(ref: str) -> TargetSpec:
 
 
 class SGLangBackend:
-    """A ``TargetBackend`` over SGLang's native HTTP API, for greedy chains."""
+    """A ``TargetBackend`` over SGLang's native HTTP API: chains, greedy or sampled."""
 
     # SGLang verifies one token path per request, its rows carry the target's argmax
-    # only (greedy requests only), and its hidden states live in another process.
+    # only (sampled drafts are verified by its sampler), and its hidden states live in
+    # another process.
     capabilities = TargetCapabilities(
-        verifies_trees=False, exact_logits=False, exposes_features=False
+        verifies_trees=False, exact_logits=False, exact_sampling=True, exposes_features=False
     )
 
     def __init__(
@@ -147,6 +183,11 @@ class SGLangBackend:
         self._poisoned: set[str] = set()
         self._local = threading.local()
         self.calls = 0  # /generate calls made (tests and overhead figures read it)
+        # Whether SGLang's output logprobs are of the tempered softmax it samples from
+        # (``wait_ready`` checks); until known, drafts are verified by matching draws.
+        self.tempered_logprobs = False
+        # SGLang draws tried per open residual before its full distribution is fetched.
+        self.residual_candidates = RESIDUAL_CANDIDATES
 
     # -- start-up --------------------------------------------------------------------
 
@@ -178,6 +219,7 @@ class SGLangBackend:
             self.url, info.get("model_path"), info.get("architectures"),
         )  # fmt: skip
         self.check_model(info)
+        self.tempered_logprobs = self.check_logprobs()
         server = self._get_json("/get_server_info")
         context = server.get("context_length") if isinstance(server, dict) else None
         if isinstance(context, int) and 0 < context < self.max_context:
@@ -214,6 +256,29 @@ class SGLangBackend:
         log.info("SGLang tokenizer matches the sidecar's (probe text and EOS %s)",
                  sorted(self.eos_token_ids))  # fmt: skip
 
+    def check_logprobs(self) -> bool:
+        """Whether SGLang's output logprobs are of the tempered distribution it samples
+        from, ``log(softmax(logits / T))`` (its default, ``layers/sampler.py``), not of
+        the raw logits (a server run with ``SGLANG_RETURN_ORIGINAL_LOGPROB``): the
+        top token after the probe text at temperature 10 must be far less likely
+        than greedily. Without it, sampled drafts are verified by matching draws."""
+        ids = list(self.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False))
+        hot = {**_GREEDY_ONE, "temperature": PROBE_TEMPERATURE, "top_k": -1}
+        body = {
+            "input_ids": [ids, ids],
+            "return_logprob": True,
+            "top_logprobs_num": 1,
+            "sampling_params": [_GREEDY_ONE, hot],
+        }
+        greedy, tempered = self._generate(body, 2)
+        raw = _top1(greedy["meta_info"]["output_top_logprobs"][0])
+        scaled = _top1(tempered["meta_info"]["output_top_logprobs"][0])
+        tempered_ok = raw[1] == scaled[1] and scaled[0] < raw[0] - 0.5
+        if not tempered_ok:
+            log.warning("SGLang's output logprobs are not tempered (%s, then %s at T=%g): "
+                        "a drafter's probabilities go unused", raw, scaled, PROBE_TEMPERATURE)
+        return tempered_ok
+
     # -- TargetBackend ---------------------------------------------------------------
 
     def start(self, seq_id: str) -> None:
@@ -232,10 +297,7 @@ class SGLangBackend:
         for item in items:
             if item.parents is not None:
                 raise ValueError("the SGLang backend verifies chains only")
-            if item.seq_id in self._poisoned:
-                raise SGLangUnavailable(f"sequence {item.seq_id}: an earlier SGLang call failed")
-            if not item.tokens:
-                raise ValueError("a forward needs at least one token")
+            self._check(item.seq_id, item.tokens)
         prefixes = [len(self._tokens[item.seq_id]) for item in items]
         inputs = [self._tokens[item.seq_id] + list(item.tokens) for item in items]
         body = {
@@ -245,20 +307,153 @@ class SGLangBackend:
             "top_logprobs_num": 1,
             "sampling_params": [_GREEDY_ONE] * len(items),
         }
-        try:
+        with self._failing_fast([item.seq_id for item in items]):
             answers = self._generate(body, len(items))
             rows = [
                 self._rows(answer, len(item.tokens))
                 for answer, item in zip(answers, items, strict=True)
             ]
-        except SGLangUnavailable:
-            # Down or too slow: a retry of these sequences one by one (the scheduler's
-            # fallback) would wait out the timeout once per sequence.
-            self._poisoned.update(item.seq_id for item in items)
-            raise
         for item, full in zip(items, inputs, strict=True):
             self._tokens[item.seq_id] = full
         return rows
+
+    def verify_sampled_many(self, items: list[SampledItem]) -> list[tuple[int, int]]:
+        """Append each item's tokens and verify its draft against SGLang's own draws: a
+        seeded one-token generate after each of the last ``drafted + 1`` tokens, all
+        items in one HTTP call. A drafter's probabilities are used where SGLang's are
+        exact (``_by_ratio``), else the draws are matched (``verify_by_samples``)."""
+        if not items:
+            return []
+        for item in items:
+            self._check(item.seq_id, item.tokens)
+            if not 0 <= item.drafted < len(item.tokens) or item.params.greedy:
+                raise ValueError("a sampled item has a sampled request and fewer drafted tokens")
+        ratio = [self._ratio_exact(item) for item in items]
+        body = self._sampled_body(items, ratio)
+        results: list[tuple[int, int | None]] = []
+        with self._failing_fast([item.seq_id for item in items]):
+            answers = self._generate(body, len(body["input_ids"]))
+            for item, exact in zip(items, ratio, strict=True):
+                mine, answers = answers[: item.drafted + 1], answers[item.drafted + 1 :]
+                draft = list(item.tokens[len(item.tokens) - item.drafted :])
+                if exact:
+                    results.append(_by_ratio(draft, item, mine))
+                else:
+                    results.append(verify_by_samples(draft, self._draws(mine)))
+            self._draw_residuals(items, results)
+        done = []
+        for item, (accepted, token) in zip(items, results, strict=True):
+            assert token is not None  # _draw_residuals drew every one left open
+            self._tokens[item.seq_id] = self._tokens[item.seq_id] + list(item.tokens)
+            done.append((accepted, token))
+        return done
+
+    def _sampled_body(self, items: list[SampledItem], ratio: list[bool]) -> dict[str, Any]:
+        """The /generate body: per item, a one-token draw after each of its last
+        ``drafted + 1`` tokens, with one fresh seed; where the ratio rule applies, the
+        draws' logprobs, the draft token's (``token_ids_logprob``) and with top-k the
+        top k + 1 (``top_logprobs_num``), never input logprobs."""
+        inputs, params, asked, tops = [], [], [], []
+        for item, exact in zip(items, ratio, strict=True):
+            full = self._tokens[item.seq_id] + list(item.tokens)
+            one = _sampled_one(item.params, _seed(item.generator))
+            for k in range(item.drafted + 1):
+                end = len(full) - item.drafted + k
+                inputs.append(full[:end])
+                params.append(one)
+                asked.append([full[min(end, len(full) - 1)]])  # the draft token there
+                tops.append(item.params.top_k + 1 if exact and item.params.top_k else 0)
+        body: dict[str, Any] = {"input_ids": inputs, "sampling_params": params}
+        if any(ratio):
+            body.update(
+                return_logprob=True, logprob_start_len=-1, token_ids_logprob=asked,
+                top_logprobs_num=tops,
+            )  # fmt: skip
+        return body
+
+    def _ratio_exact(self, item: SampledItem) -> bool:
+        """Whether SGLang's logprobs give the probabilities it samples from for this
+        item: its output logprobs are tempered (``tempered_logprobs``, checked at
+        start-up) and no top-p filter applies (its kept set needs the mass of every
+        token above the cut). Then p is ``exp(logprob)``, or with top-k the tempered
+        softmax renormalized over the top k (``_top_k_probs``)."""
+        return bool(
+            self.tempered_logprobs and item.probs is not None and item.drafted > 0
+            and item.params.top_p >= 1.0
+        )  # fmt: skip
+
+    def _draws(self, answers: list[dict[str, Any]]) -> list[int]:
+        return [_first_token(answer, self.vocab_size) for answer in answers]
+
+    def _draw_residuals(
+        self, items: list[SampledItem], results: list[tuple[int, int | None]]
+    ) -> None:
+        """For each item rejected at position k without a token yet (``_by_ratio`` left
+        it None), draw the target's token from the residual norm(max(p - q, 0)): first
+        by rejection from ``residual_candidates`` more SGLang draws there (one call for
+        all), then, for any still open, from SGLang's full distribution there. Tries
+        bounded, then an exact draw: the residual exactly either way."""
+        open_ = [i for i, (_, token) in enumerate(results) if token is None]
+        if open_ and self.residual_candidates > 0:
+            candidates = self.residual_candidates
+            body = self._at_rejections(items, results, open_, candidates)
+            answers = self._generate(body, len(open_) * candidates)
+            for n, i in enumerate(open_):
+                item, k = items[i], results[i][0]
+                assert item.probs is not None  # only the ratio rule leaves a token open
+                for answer in answers[n * candidates : (n + 1) * candidates]:
+                    y = _first_token(answer, self.vocab_size)
+                    p_y = math.exp(_output_logprob(answer))
+                    u = float(torch.rand((), generator=item.generator))
+                    if u * p_y < p_y - float(item.probs[k, y]):
+                        results[i] = (k, y)
+                        break
+            open_ = [i for i in open_ if results[i][1] is None]
+        if open_:
+            body = self._at_rejections(items, results, open_, 1)
+            body["top_logprobs_num"] = self.vocab_size
+            for i, answer in zip(open_, self._generate(body, len(open_)), strict=True):
+                item, k = items[i], results[i][0]
+                assert item.probs is not None
+                p = _distribution(answer, self.vocab_size)
+                results[i] = (k, _residual_draw(p, item.probs[k], item.generator))
+
+    def _at_rejections(
+        self, items: list[SampledItem], results: list[tuple[int, int | None]],
+        where: list[int], draws: int,
+    ) -> dict[str, Any]:  # fmt: skip
+        """A /generate body of ``draws`` seeded one-token draws, with their logprobs, at
+        the rejected position of each item in ``where``."""
+        inputs, params = [], []
+        for i in where:
+            item, k = items[i], results[i][0]
+            full = self._tokens[item.seq_id] + list(item.tokens)
+            for _ in range(draws):
+                inputs.append(full[: len(full) - item.drafted + k])
+                params.append(_sampled_one(item.params, _seed(item.generator)))
+        return {
+            "input_ids": inputs,
+            "return_logprob": True,
+            "logprob_start_len": -1,
+            "sampling_params": params,
+        }
+
+    def _check(self, seq_id: str, tokens: list[int]) -> None:
+        if seq_id in self._poisoned:
+            raise SGLangUnavailable(f"sequence {seq_id}: an earlier SGLang call failed")
+        if not tokens:
+            raise ValueError("a forward needs at least one token")
+
+    @contextlib.contextmanager
+    def _failing_fast(self, seq_ids: list[str]) -> Iterator[None]:
+        """A call SGLang did not answer (down or too slow) fails its sequences fast from
+        then on: the scheduler's retry of them one by one would wait out the timeout
+        once per sequence."""
+        try:
+            yield
+        except SGLangUnavailable:
+            self._poisoned.update(seq_ids)
+            raise
 
     def truncate(self, seq_id: str, length: int) -> None:
         tokens = self._tokens[seq_id]
@@ -375,13 +570,140 @@ class SGLangBackend:
 
 
 # One greedy token after the input: the target's choice after its last position.
+# What a request leaves unset SGLang fills from its preferred sampling params (a model's
+# generation_config.json under --sampling-defaults model): a repetition penalty or min_p
+# there would change even a greedy choice. Every call sets them neutral.
+_NEUTRAL = {
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+}
 _GREEDY_ONE = {
     "max_new_tokens": 1,
     "temperature": 0.0,
     "top_k": 1,
+    **_NEUTRAL,
     "ignore_eos": True,
     "skip_special_tokens": False,
 }
+
+
+def _sampled_one(params: SamplingParams, seed: int) -> dict[str, Any]:
+    """One token drawn by SGLang's sampler with the request's temperature, top-p and
+    top-k (ATLAS's top_k 0, no filter, is SGLang's -1) and a seed of its own."""
+    return {
+        "max_new_tokens": 1,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "top_k": params.top_k or -1,
+        **_NEUTRAL,
+        "sampling_seed": seed,
+        "ignore_eos": True,
+        "skip_special_tokens": False,
+    }
+
+
+def _seed(generator: torch.Generator) -> int:
+    """A fresh seed from the sequence's generator for each call: SGLang's deterministic
+    mode derives a draw from (seed, position) only, so a seed reused at a position
+    would repeat the draw (unseeded requests all get seed 42 there)."""
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+
+
+def _by_ratio(
+    draft: list[int], item: SampledItem, answers: list[dict[str, Any]]
+) -> tuple[int, int | None]:
+    """Rejection sampling with SGLang's exact p: accept draft token x with probability
+    min(1, p(x)/q(x)); at the first rejection draw from the residual norm(max(p - q, 0)).
+    With top-k, p is known over its whole support, so the residual is drawn here. Without
+    a filter p is known at x and at SGLang's own draw y there (independent of the draft),
+    and y is kept with probability max(0, 1 - q(y)/p(y)): one rejection-sampling step
+    towards the residual; if it is not kept the token is None, for the caller to draw
+    from the residual over the full distribution. All accepted: the last draw."""
+    probs, generator, top_k = item.probs, item.generator, item.params.top_k
+    assert probs is not None  # the ratio rule is for drafters with probabilities
+    vocab = probs.shape[-1]
+    for k, x in enumerate(draft):
+        p = _top_k_probs(answers[k], top_k, vocab) if top_k else None
+        if top_k and p is None:  # a tie at the top-k cut: SGLang's draw decides
+            y = _first_token(answers[k], vocab)
+            if y == x:
+                continue
+            return k, y
+        p_x = float(p[x]) if p is not None else math.exp(_asked_logprob(answers[k]))
+        if float(torch.rand((), generator=generator)) * float(probs[k, x]) < p_x:
+            continue
+        if p is not None:
+            return k, _residual_draw(p, probs[k], generator)
+        y = _first_token(answers[k], vocab)
+        p_y = math.exp(_output_logprob(answers[k]))
+        keep = float(torch.rand((), generator=generator)) * p_y < p_y - float(probs[k, y])
+        return k, (y if keep else None)
+    return len(draft), _first_token(answers[-1], vocab)
+
+
+def _top_k_probs(answer: dict[str, Any], top_k: int, vocab: int) -> torch.Tensor | None:
+    """SGLang's top-k sampling distribution at an output position, [V]: the tempered
+    softmax over the top ``top_k`` of ``output_top_logprobs`` (asked for top_k + 1),
+    renormalized. None when the k-th and the next tie: which one SGLang's sort keeps
+    is its own, so no p is exact there."""
+    entries = _output_top(answer)
+    if len(entries) > top_k and entries[top_k][0] == entries[top_k - 1][0]:
+        return None
+    p = torch.zeros(vocab)
+    for logprob, token, *_ in entries[:top_k]:
+        if logprob is not None and 0 <= token < vocab:
+            p[token] = math.exp(logprob)
+    return p / p.sum()
+
+
+def _residual_draw(p: torch.Tensor, q: torch.Tensor, generator: torch.Generator) -> int:
+    """A token from norm(max(p - q, 0)) (from p if rounding leaves it empty)."""
+    residual = (p - q.float()).clamp(min=0)
+    weights = residual if float(residual.sum()) > 0 else p
+    return int(torch.multinomial(weights, 1, generator=generator))
+
+
+def _output_top(answer: dict[str, Any]) -> list[Any]:
+    try:
+        return list(answer["meta_info"]["output_top_logprobs"][0])
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SGLangError(f"SGLang's answer lacks output_top_logprobs: {answer}") from exc
+
+
+def _asked_logprob(answer: dict[str, Any]) -> float:
+    """The logprob of the id asked in ``token_ids_logprob`` at the output position."""
+    try:
+        value = answer["meta_info"]["output_token_ids_logprobs"][0][0][0]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SGLangError(f"SGLang's answer lacks output_token_ids_logprobs: {answer}") from exc
+    return -math.inf if value is None else float(value)
+
+
+def _output_logprob(answer: dict[str, Any]) -> float:
+    try:
+        value = answer["meta_info"]["output_token_logprobs"][0][0]
+    except (KeyError, IndexError, TypeError) as exc:
+        raise SGLangError(f"SGLang's answer lacks output_token_logprobs: {answer}") from exc
+    return -math.inf if value is None else float(value)
+
+
+def _distribution(answer: dict[str, Any], vocab: int) -> torch.Tensor:
+    """[V] probabilities from ``output_top_logprobs`` over the whole vocabulary (a
+    logprob SGLang's JSON wrote as null, -inf, is 0)."""
+    p = torch.zeros(vocab)
+    for logprob, token, *_ in _output_top(answer):
+        if logprob is not None and 0 <= token < vocab:
+            p[token] = math.exp(logprob)
+    return p
+
+
+def _first_token(answer: Any, vocab: int) -> int:
+    ids = answer.get("output_ids") if isinstance(answer, dict) else None
+    if not ids or not isinstance(ids[0], int) or not 0 <= ids[0] < vocab:
+        raise SGLangError(f"SGLang's answer lacks a sampled token in the vocabulary: {answer}")
+    return ids[0]
 
 
 def _top1(entry: Any) -> tuple[float, int]:
