@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -30,6 +32,25 @@ def test_sglang_backend_needs_its_url(capsys):
 def test_triton_backend_needs_its_url(capsys):
     assert cli.main(["serve", "--backend", "triton"]) == 2
     assert "--backend triton needs --triton-url" in capsys.readouterr().err
+
+
+def test_sglang_serve_waits_for_sglang_before_reading_the_targets_files(tmp_path):
+    # In a pod SGLang downloads the target into the shared cache and is healthy only
+    # after: the sidecar must wait for it before looking for the files, not exit on
+    # their absence (a revision nobody has downloaded stands for that here).
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens there
+    env = {**os.environ, "ATLAS_MODEL_REVISION": "0" * 40, "HF_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "atlas_sidecar.cli", "serve", "--backend", "sglang",
+         "--sglang-url", f"http://127.0.0.1:{port}", "--sglang-wait", "2",
+         "--target", "HuggingFaceTB/SmolLM2-135M-Instruct", "--speculator", "suffix"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "not healthy after 2 s" in done.stderr, done.stderr[-2000:]
+    assert "is not in the Hugging Face cache" not in done.stderr
 
 
 def test_serve_flags_become_the_server_config(tmp_path, monkeypatch):

@@ -300,6 +300,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = server_config_from_args(args)  # fail on bad flags before loading models
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.backend == "sglang":
+        # Before the target's files are read: in a pod, SGLang downloads them into the
+        # cache the sidecar shares, and is healthy only once its model is loaded.
+        from atlas_sidecar.engine.backends.sglang import wait_healthy
+
+        wait_healthy(args.sglang_url, args.sglang_wait)
     engine = build_engine(args, model_refs(args))
     try:
         asyncio.run(serve(engine, config))

@@ -105,6 +105,33 @@ class SGLangError(RuntimeError):
     """SGLang answered, but not as this backend expects (a refused request, a bad shape)."""
 
 
+def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S, poll_s: float = 1.0) -> None:
+    """Wait for SGLang's ``GET /health`` (200 once its model is loaded), at most
+    ``timeout_s``; else ``SGLangUnavailable``. In a pod the sidecar waits here before it
+    reads the target's tokenizer: SGLang downloads the model into the shared cache
+    first, so until it is healthy the files may not be there."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    deadline = time.monotonic() + timeout_s
+    log.info("waiting up to %.0f s for SGLang at %s", timeout_s, url)
+    last = "no answer yet"
+    while True:
+        conn = http.client.HTTPConnection(host, port, timeout=min(10.0, timeout_s))
+        try:
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            if status == 200:
+                return
+            last = f"HTTP {status}"
+        except (OSError, http.client.HTTPException) as exc:
+            last = repr(exc)
+        finally:
+            conn.close()
+        if time.monotonic() >= deadline:
+            raise SGLangUnavailable(f"SGLang at {url} not healthy after {timeout_s:.0f} s ({last})")
+        time.sleep(poll_s)
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """What the sidecar knows of the target without its weights: from ``--target``."""
@@ -197,22 +224,7 @@ class SGLangBackend:
         A ``--context-length`` SGLang was started with (``/get_server_info``'s
         ``context_length``) lowers ``max_context``, so requests it would refuse are
         refused here first, as INVALID_ARGUMENT."""
-        deadline = time.monotonic() + timeout_s
-        log.info("waiting up to %.0f s for SGLang at %s", timeout_s, self.url)
-        last = "no answer yet"
-        while True:
-            try:
-                status, _ = self._request("GET", "/health", None, timeout_s=min(10.0, timeout_s))
-                if status == 200:
-                    break
-                last = f"HTTP {status}"
-            except (OSError, http.client.HTTPException) as exc:
-                last = repr(exc)
-            if time.monotonic() >= deadline:
-                raise SGLangUnavailable(
-                    f"SGLang at {self.url} not healthy after {timeout_s:.0f} s ({last})"
-                )
-            time.sleep(poll_s)
+        wait_healthy(self.url, timeout_s, poll_s)
         info = self._get_json("/get_model_info")
         log.info(
             "SGLang is up at %s: model %s (%s)",
