@@ -72,13 +72,18 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
 
 from atlas_sidecar.engine.backends.base import ForwardItem, SampledItem
+from atlas_sidecar.engine.backends.remote import (  # noqa: F401  (re-exported)
+    TOKENIZER_PROBE,
+    RemoteSequences,
+    TargetSpec,
+    target_spec,
+)
 from atlas_sidecar.engine.capabilities import TargetCapabilities
 from atlas_sidecar.engine.sampling import SamplingParams, verify_by_samples
 from atlas_sidecar.errors import BackendUnavailable
@@ -88,8 +93,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT_S = 30.0
 DEFAULT_RETRIES = 2
 HEALTH_TIMEOUT_S = 600.0
-# A fixed text the sidecar's tokenizer and SGLang's must split the same way.
-TOKENIZER_PROBE = "def quicksort(xs):\n    return sorted(xs)  # Grüße, 世界! 12345\n"
 # Hot enough that tempered logprobs differ from raw ones by far more than rounding.
 PROBE_TEMPERATURE = 10.0
 # Each is kept with probability max(0, 1 - q/p): together they settle a rejection unless
@@ -132,52 +135,7 @@ def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S, poll_s: float = 
         time.sleep(poll_s)
 
 
-@dataclass(frozen=True)
-class TargetSpec:
-    """What the sidecar knows of the target without its weights: from ``--target``."""
-
-    tokenizer: Any
-    vocab_size: int
-    max_context: int
-    eos_token_ids: frozenset[int]
-
-
-def target_spec(ref: str) -> TargetSpec:
-    """The target's tokenizer, vocabulary size, context and EOS ids, from its config
-    files only (no weights are loaded: SGLang holds the model)."""
-    import os
-
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    from atlas_sidecar import models
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    location, gguf_file = models.resolve(ref)
-    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    config = AutoConfig.from_pretrained(location, **kwargs)
-    text = config.get_text_config()
-    eos: set[int] = set()
-    sources: list[Any] = [config, tokenizer]
-    try:
-        sources.insert(0, GenerationConfig.from_pretrained(location, **kwargs))
-    except OSError:
-        pass  # no generation_config.json: the config's and tokenizer's EOS
-    for source in sources:
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            eos.add(value)
-        elif isinstance(value, list | tuple):
-            eos.update(int(v) for v in value)
-    return TargetSpec(
-        tokenizer=tokenizer,
-        vocab_size=int(getattr(text, "vocab_size", 0) or len(tokenizer)),
-        max_context=int(getattr(text, "max_position_embeddings", 0) or 32768),
-        eos_token_ids=frozenset(eos),
-    )
-
-
-class SGLangBackend:
+class SGLangBackend(RemoteSequences):
     """A ``TargetBackend`` over SGLang's native HTTP API: chains, greedy or sampled."""
 
     # SGLang verifies one token path per request, its rows carry the target's argmax
@@ -206,8 +164,7 @@ class SGLangBackend:
         self.device = torch.device("cpu")
         self.timeout_s = timeout_s
         self.retries = retries
-        self._tokens: dict[str, list[int]] = {}
-        self._poisoned: set[str] = set()
+        RemoteSequences.__init__(self)
         self._local = threading.local()
         self.calls = 0  # /generate calls made (tests and overhead figures read it)
         # Whether SGLang's output logprobs are of the tempered softmax it samples from
@@ -292,11 +249,6 @@ class SGLangBackend:
         return tempered_ok
 
     # -- TargetBackend ---------------------------------------------------------------
-
-    def start(self, seq_id: str) -> None:
-        if seq_id in self._tokens:
-            raise ValueError(f"sequence {seq_id} already started")
-        self._tokens[seq_id] = []
 
     def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor:
         return self.forward_many([ForwardItem(seq_id, tokens)])[0]
@@ -466,26 +418,6 @@ class SGLangBackend:
         except SGLangUnavailable:
             self._poisoned.update(seq_ids)
             raise
-
-    def truncate(self, seq_id: str, length: int) -> None:
-        tokens = self._tokens[seq_id]
-        if not 0 <= length <= len(tokens):
-            raise ValueError(f"cannot truncate {seq_id} of {len(tokens)} tokens to {length}")
-        del tokens[length:]
-
-    def keep(self, seq_id: str, prefix: int, path: list[int]) -> None:
-        raise NotImplementedError("the SGLang backend verifies chains only")
-
-    def cached_len(self, seq_id: str) -> int:
-        return len(self._tokens[seq_id])
-
-    def release(self, seq_id: str) -> None:
-        self._tokens.pop(seq_id, None)
-        self._poisoned.discard(seq_id)
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._tokens)
 
     # -- the wire --------------------------------------------------------------------
 

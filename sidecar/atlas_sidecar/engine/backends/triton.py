@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from atlas_sidecar.engine.backends.base import ForwardItem
-from atlas_sidecar.engine.backends.sglang import TOKENIZER_PROBE, TargetSpec
+from atlas_sidecar.engine.backends.remote import TOKENIZER_PROBE, RemoteSequences, TargetSpec
 from atlas_sidecar.engine.capabilities import TargetCapabilities
 from atlas_sidecar.errors import BackendUnavailable
 
@@ -113,7 +113,7 @@ def grpc_address(url: str) -> str:
     return address
 
 
-class TritonBackend:
+class TritonBackend(RemoteSequences):
     """A ``TargetBackend`` over a TensorRT-LLM model in Triton, for greedy chains."""
 
     capabilities = TargetCapabilities(
@@ -146,8 +146,7 @@ class TritonBackend:
         self.exclude_input_in_output = False  # tensorrtllm_backend's default
         self._types = {name: "INT32" for name in (*REQUIRED_INPUTS, "runtime_top_k")}
         self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
-        self._tokens: dict[str, list[int]] = {}
-        self._poisoned: set[str] = set()
+        RemoteSequences.__init__(self)
         self.calls = 0  # ModelInfer calls made (tests and overhead figures read it)
 
     # -- start-up --------------------------------------------------------------------
@@ -241,11 +240,6 @@ class TritonBackend:
 
     # -- TargetBackend ---------------------------------------------------------------
 
-    def start(self, seq_id: str) -> None:
-        if seq_id in self._tokens:
-            raise ValueError(f"sequence {seq_id} already started")
-        self._tokens[seq_id] = []
-
     def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens`` as context (a prefill): only the last row is the target's
         choice (after them); the rows before are -inf."""
@@ -257,26 +251,6 @@ class TritonBackend:
         rows after it are -inf). One concurrent ModelInfer per item (more for a draft
         past ``max_draft_len`` that is accepted that far)."""
         return self._run(items, drafts=True)
-
-    def truncate(self, seq_id: str, length: int) -> None:
-        tokens = self._tokens[seq_id]
-        if not 0 <= length <= len(tokens):
-            raise ValueError(f"cannot truncate {seq_id} of {len(tokens)} tokens to {length}")
-        del tokens[length:]
-
-    def keep(self, seq_id: str, prefix: int, path: list[int]) -> None:
-        raise NotImplementedError("the Triton backend verifies chains only")
-
-    def cached_len(self, seq_id: str) -> int:
-        return len(self._tokens[seq_id])
-
-    def release(self, seq_id: str) -> None:
-        self._tokens.pop(seq_id, None)
-        self._poisoned.discard(seq_id)
-
-    @property
-    def live_sequences(self) -> int:
-        return len(self._tokens)
 
     def close(self) -> None:
         self._client.close()
