@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -36,6 +37,7 @@ from atlas_sidecar.errors import BackendUnavailable, RequestError
 from atlas_sidecar.serving.app import ServerConfig, ServerThread
 from atlas_sidecar.serving.client import AtlasClient, AtlasError
 from atlas_sidecar.tooling.workloads import Prompt, encode
+from tests.health import NOT_SERVING, SERVING, health, wait_health
 from tests.standins.sglang_server import SGLangStandin
 
 from .conftest import AGREEING_LAYERS, MAX_TOKENS
@@ -331,6 +333,37 @@ def test_grpc_generate_over_sglang_is_exact_and_faults_are_unavailable(
             standin.delay_s = 0.0
             result = client.generate(messages=chat, max_tokens=MAX_TOKENS)
             assert list(result.token_ids) == chat_reference
+    finally:
+        server.stop()
+
+
+def test_health_is_not_serving_while_sglang_is_away_and_serving_once_back(
+    backend, standin, draft_model, chat_reference
+):
+    engine = build_engine("static", backend, draft_model, 4)
+    server = ServerThread(engine, ServerConfig(port=0, metrics_port=None)).start()
+    chat = [{"role": "user", "content": CHAT}]
+    try:
+        assert health(server.address) == SERVING
+        with AtlasClient(server.address, timeout=120) as client:
+            standin.die_after_requests = 1  # dies mid-request
+            with pytest.raises(AtlasError) as info:
+                client.generate(messages=chat, max_tokens=MAX_TOKENS)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            # The failed request wakes the watch: no polling interval of lag.
+            assert wait_health(server.address, NOT_SERVING, within_s=1.5) < 1.5
+            time.sleep(1.0)  # still away: health stays NOT_SERVING
+            assert health(server.address) == NOT_SERVING
+            standin.start()  # back, cold cache, no sidecar restart
+            wait_health(server.address, SERVING)
+            result = client.generate(messages=chat, max_tokens=MAX_TOKENS)
+            assert list(result.token_ids) == chat_reference
+            standin.stop()  # away with no request to notice: the probe finds it
+            wait_health(server.address, NOT_SERVING, within_s=5.0)
+            standin.start()
+            wait_health(server.address, SERVING)
+        assert server.server.target_watch is not None
+        assert server.server.target_watch.flips == 4
     finally:
         server.stop()
 

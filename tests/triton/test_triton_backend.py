@@ -33,6 +33,7 @@ from atlas_sidecar.errors import BackendUnavailable, RequestError
 from atlas_sidecar.serving.app import ServerConfig, ServerThread
 from atlas_sidecar.serving.client import AtlasClient, AtlasError
 from atlas_sidecar.tooling.workloads import Prompt, encode
+from tests.health import NOT_SERVING, SERVING, wait_health
 from tests.standins.triton_server import TritonStandin
 
 from .conftest import AGREEING_LAYERS, MAX_TOKENS
@@ -336,7 +337,7 @@ def chat_reference(torch_target: CausalLMRunner) -> list[int]:
     return Engine(torch_target, torch_target.tokenizer).generate(ids, GREEDY).token_ids
 
 
-def test_grpc_generate_over_triton_is_exact_and_faults_are_unavailable(
+def test_grpc_generate_over_triton_is_exact_faults_unavailable_and_health_follows(
     backend, standin, draft_model, chat_reference
 ):
     engine = build_engine("static", backend, draft_model, 4)
@@ -350,7 +351,9 @@ def test_grpc_generate_over_triton_is_exact_and_faults_are_unavailable(
             with pytest.raises(AtlasError) as info:
                 client.generate(messages=chat, max_tokens=MAX_TOKENS)
             assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            wait_health(server.address, NOT_SERVING, within_s=5.0)
             standin.start()
+            wait_health(server.address, SERVING)
             standin.delay_s = 600.0  # ends when reset below
             with pytest.raises(AtlasError) as info:
                 client.generate(messages=chat, max_tokens=MAX_TOKENS, timeout=1.0)

@@ -44,12 +44,16 @@ class TargetCapabilities:
       (``SamplingTarget.verify_sampled_many``). With neither, greedy requests only.
     - ``exposes_features``: the target's final hidden states are readable here, for
       speculators that draft from them.
+    - ``remote``: the target is a server in another process (``RemoteTarget``): it can
+      go away and come back, so the sidecar watches its health and says NOT_SERVING
+      while it is away.
     """
 
     verifies_trees: bool = True
     exact_logits: bool = True
     exact_sampling: bool = False
     exposes_features: bool = True
+    remote: bool = False
 
 
 SUFFIX = SpeculatorCapabilities(free=True, learns_online=True, drafts_trees=True)

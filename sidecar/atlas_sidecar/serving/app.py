@@ -5,6 +5,8 @@ SIGTERM/SIGINT and then drains: health turns NOT_SERVING, new RPCs are refused, 
 requests in flight finish (up to ``drain_timeout_s``), then the worker stops. If the
 worker dies instead, every request fails with UNAVAILABLE, health turns NOT_SERVING and
 ``serve`` raises ``WorkerDied``: ``atlas serve`` exits non-zero, and Kubernetes restarts it.
+A remote target (SGLang, Triton) that goes away turns health NOT_SERVING until it is
+back (``targetwatch``); the sidecar stays up.
 ``ServerThread`` runs one on a background thread (tests, notebooks).
 """
 
@@ -18,13 +20,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from atlas_sidecar.engine.backends.base import RemoteTarget
 from atlas_sidecar.engine.core import Engine
 from atlas_sidecar.serving.auth import TokenAuth
 from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metrics
@@ -32,6 +35,7 @@ from atlas_sidecar.serving.metrics import ServingStats
 from atlas_sidecar.serving.requests import Limits
 from atlas_sidecar.serving.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler, WorkerDied
 from atlas_sidecar.serving.service import ADMIN_METHODS, SERVICE_NAME, AtlasService, ModelInfo
+from atlas_sidecar.serving.targetwatch import TargetWatch
 from atlas_sidecar.serving.weights import WeightVersions
 
 log = logging.getLogger(__name__)
@@ -170,6 +174,7 @@ class SidecarServer:
             ),
             on_death=self._worker_died,
             prefill_budget=config.prefill_budget,
+            on_unavailable=self._target_failed,
         )
         self.service = AtlasService(
             self.scheduler,
@@ -196,6 +201,13 @@ class SidecarServer:
         self._metrics_http: Any = None
         self._poller: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self._stopping = False
+        # A remote target (SGLang, Triton) can go away and come back: health follows it.
+        self.target_watch: TargetWatch | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        if engine.target.capabilities.remote:
+            remote = cast(RemoteTarget, engine.target)
+            self.target_watch = TargetWatch(remote.probe, self._target_changed)
 
     async def start(self) -> int:
         """Bind and start serving; return the gRPC port."""
@@ -228,9 +240,9 @@ class SidecarServer:
         self.stats.set_weight_version("serving", self.weights.serving)
         if cfg.weight_version_file is not None:
             self._poller = asyncio.create_task(self._poll_weight_file())
-        serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, serving)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        if self.target_watch is not None:
+            self._watcher = asyncio.create_task(self.target_watch.run())
         log.info("serving %s on %s:%d (%s)", SERVICE_NAME, cfg.host, self.port,
                  "TLS" if cfg.tls else "plaintext")  # fmt: skip
         if warning := plaintext_token_warning(cfg):
@@ -254,10 +266,24 @@ class SidecarServer:
             asyncio.run_coroutine_threadsafe(self._not_serving(), self._loop)
 
     async def _not_serving(self) -> None:
-        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, not_serving)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._died.set()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    def _target_failed(self) -> None:
+        """On the worker thread: a request found the remote target away."""
+        if self.target_watch is not None:
+            self.target_watch.nudge()
+
+    async def _target_changed(self, up: bool) -> None:
+        # A draining or dead server stays NOT_SERVING whatever its target does.
+        if self._stopping or self._died.is_set():
+            return
+        status = health_pb2.HealthCheckResponse
+        await self._set_health(status.SERVING if up else status.NOT_SERVING)
 
     async def wait_died(self) -> None:
         """Return once the worker has died and health says NOT_SERVING."""
@@ -285,10 +311,12 @@ class SidecarServer:
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new requests, let those in flight finish, then stop."""
         grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        self._stopping = True
         await self.health.enter_graceful_shutdown()
         self.scheduler.stop_accepting()
-        if self._poller is not None:
-            self._poller.cancel()
+        for task in (self._poller, self._watcher):
+            if task is not None:
+                task.cancel()
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from atlas_sidecar.engine.core import Engine, GenerationResult, Sequence
 from atlas_sidecar.engine.sampling import SamplingParams
-from atlas_sidecar.errors import RequestError
+from atlas_sidecar.errors import BackendUnavailable, RequestError
 from atlas_sidecar.serving.memory import batch_peak_bytes, format_bytes, kv_bytes_per_token
 from atlas_sidecar.serving.metrics import ServingStats
 from atlas_sidecar.serving.requests import PromptInput
@@ -119,9 +119,12 @@ class Scheduler:
         kv_budget_bytes: int = 0,
         on_death: Callable[[BaseException], None] | None = None,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        on_unavailable: Callable[[], None] | None = None,
     ) -> None:
         """``on_death`` is called (on the worker thread) if the worker dies, after every
-        request has been failed: the server stops serving and exits (see ``_run``)."""
+        request has been failed: the server stops serving and exits (see ``_run``).
+        ``on_unavailable`` is called (on the worker thread) when a request failed
+        because a remote target did not answer: the server re-checks its health."""
         if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
             raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
@@ -144,6 +147,7 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self.on_death = on_death
+        self.on_unavailable = on_unavailable
         self.failure: BaseException | None = None  # what killed the worker, if it died
         self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
         self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
@@ -375,6 +379,8 @@ class Scheduler:
         self._release(job)
         job.closed = True
         job.sink(FailedEvent(error))
+        if isinstance(error, BackendUnavailable) and self.on_unavailable is not None:
+            self.on_unavailable()
 
     def _reserve_kv(self, job: Job, prompt_tokens: int) -> bool:
         """Reserve the job's worst-case KV bytes; False: not now (it waits, in order).

@@ -84,3 +84,12 @@ class SamplingTarget(TargetBackend, Protocol):
         next token), the output following the target's sampling distribution exactly.
         The caller truncates the rejected draft tokens, as after ``forward_many``."""
         ...
+
+
+class RemoteTarget(TargetBackend, Protocol):
+    """A target served by another process (``capabilities.remote``)."""
+
+    def probe(self, timeout_s: float) -> str | None:
+        """None when the server answers its health check within ``timeout_s``, else why
+        not, in a few words (a log line; never a secret)."""
+        ...

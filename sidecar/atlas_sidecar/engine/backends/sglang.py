@@ -108,28 +108,30 @@ class SGLangError(RuntimeError):
     """SGLang answered, but not as this backend expects (a refused request, a bad shape)."""
 
 
+def health(url: str, timeout_s: float = 10.0) -> str | None:
+    """None when SGLang's ``GET /health`` answers 200 (its model is loaded and its
+    scheduler alive), else why not, in a few words."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80,
+                                      timeout=timeout_s)  # fmt: skip
+    try:
+        conn.request("GET", "/health")
+        status = conn.getresponse().status
+        return None if status == 200 else f"HTTP {status}"
+    except (OSError, http.client.HTTPException) as exc:
+        return repr(exc)
+    finally:
+        conn.close()
+
+
 def wait_healthy(url: str, timeout_s: float = HEALTH_TIMEOUT_S, poll_s: float = 1.0) -> None:
     """Wait for SGLang's ``GET /health`` (200 once its model is loaded), at most
     ``timeout_s``; else ``SGLangUnavailable``. In a pod the sidecar waits here before it
     reads the target's tokenizer: SGLang downloads the model into the shared cache
     first, so until it is healthy the files may not be there."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
     deadline = time.monotonic() + timeout_s
     log.info("waiting up to %.0f s for SGLang at %s", timeout_s, url)
-    last = "no answer yet"
-    while True:
-        conn = http.client.HTTPConnection(host, port, timeout=min(10.0, timeout_s))
-        try:
-            conn.request("GET", "/health")
-            status = conn.getresponse().status
-            if status == 200:
-                return
-            last = f"HTTP {status}"
-        except (OSError, http.client.HTTPException) as exc:
-            last = repr(exc)
-        finally:
-            conn.close()
+    while (last := health(url, min(10.0, timeout_s))) is not None:
         if time.monotonic() >= deadline:
             raise SGLangUnavailable(f"SGLang at {url} not healthy after {timeout_s:.0f} s ({last})")
         time.sleep(poll_s)
@@ -142,8 +144,9 @@ class SGLangBackend(RemoteSequences):
     # only (sampled drafts are verified by its sampler), and its hidden states live in
     # another process.
     capabilities = TargetCapabilities(
-        verifies_trees=False, exact_logits=False, exact_sampling=True, exposes_features=False
-    )
+        verifies_trees=False, exact_logits=False, exact_sampling=True,
+        exposes_features=False, remote=True,
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -195,6 +198,10 @@ class SGLangBackend(RemoteSequences):
             log.info("SGLang serves a context of %d tokens (the model's: %d)",
                      context, self.max_context)  # fmt: skip
             self.max_context = context
+
+    def probe(self, timeout_s: float) -> str | None:
+        """None while SGLang is healthy, else why not (``RemoteTarget``)."""
+        return health(self.url, timeout_s)
 
     def check_model(self, info: dict[str, Any]) -> None:
         """Refuse a server that would verify different tokens than the sidecar drafts."""

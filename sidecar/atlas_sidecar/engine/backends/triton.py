@@ -117,7 +117,7 @@ class TritonBackend(RemoteSequences):
     """A ``TargetBackend`` over a TensorRT-LLM model in Triton, for greedy chains."""
 
     capabilities = TargetCapabilities(
-        verifies_trees=False, exact_logits=False, exposes_features=False
+        verifies_trees=False, exact_logits=False, exposes_features=False, remote=True
     )
 
     def __init__(
@@ -158,16 +158,7 @@ class TritonBackend(RemoteSequences):
         deadline = time.monotonic() + timeout_s
         log.info("waiting up to %.0f s for Triton at %s, model %s", timeout_s, self.url,
                  self.model)  # fmt: skip
-        last = "no answer yet"
-        while True:
-            try:
-                if self._client.is_server_live(client_timeout=min(10.0, timeout_s)) and (
-                    self._client.is_model_ready(self.model, client_timeout=min(10.0, timeout_s))
-                ):
-                    break
-                last = f"model {self.model} not ready"
-            except Exception as exc:  # noqa: BLE001 - tritonclient raises its own type
-                last = str(exc)
+        while (last := self.probe(min(10.0, timeout_s))) is not None:
             if time.monotonic() >= deadline:
                 raise TritonUnavailable(
                     f"Triton at {self.url} not ready after {timeout_s:.0f} s ({last})"
@@ -175,6 +166,18 @@ class TritonBackend(RemoteSequences):
             time.sleep(poll_s)
         self.check_model()
         self.check_tokenizer()
+
+    def probe(self, timeout_s: float) -> str | None:
+        """None while the server is live and the model ready, else why not
+        (``RemoteTarget``)."""
+        try:
+            if not self._client.is_server_live(client_timeout=timeout_s):
+                return "server not live"
+            if not self._client.is_model_ready(self.model, client_timeout=timeout_s):
+                return f"model {self.model} not ready"
+            return None
+        except Exception as exc:  # noqa: BLE001 - tritonclient raises its own type
+            return str(exc)
 
     def check_model(self) -> None:
         """Take the datatypes the model declares, and refuse a model without the tensors
