@@ -13,10 +13,13 @@ from atlas_sidecar.engine.backends.int8 import WEIGHT_FORMATS
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.serving.commands import (
+    add_backend_args,
     add_generate_endpoint_args,
     add_loadtest_parser,
     add_serve_parser,
+    check_backend_args,
     generate_remote,
+    load_target,
 )
 from atlas_sidecar.tooling.workloads import WorkloadError
 
@@ -94,6 +97,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.streams < 0:
         raise ValueError("--streams must be >= 0")
+    check_backend_args(args)
     _quiet_libraries()
     config = bench.BenchConfig(
         target=args.target,
@@ -110,13 +114,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         lookahead=args.lookahead,
         streams=args.streams,
         draft_weights=args.draft_weights,
+        backend=args.backend,
     )
+    # A server's target: waited for and checked before the draft model loads.
+    target = None if args.backend == "torch" else load_target(args, args.target)
     if args.ablate is not None:
         from atlas_sidecar.tooling import ablate
 
         return ablate.main(config, ablate.parse_parts(args.ablate),
-                           args.out or "bench-out/ablate.json")  # fmt: skip
-    return bench.main(config, args.out or "bench-out/bench.json", args.plot)
+                           args.out or "bench-out/ablate.json", target)  # fmt: skip
+    return bench.main(config, args.out or "bench-out/bench.json", args.plot, target)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -213,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bench-out/ablate.json with --ablate)")  # fmt: skip
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     _add_model_args(p)
+    add_backend_args(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="one real prompt, target alone vs speculative")

@@ -398,6 +398,29 @@ def test_atlas_serve_backend_sglang_answers_like_the_torch_backend(
             process.kill()
 
 
+def test_atlas_bench_backend_sglang_verifies_through_the_server(standin, no_rejections, tmp_path):
+    from atlas_sidecar.cli import main
+
+    out = tmp_path / "bench.json"
+    calls = standin.generate_calls
+    code = main(["bench", "--backend", "sglang", "--sglang-url", standin.url,
+                 "--sglang-wait", "30", "--target", models.TEST_MODEL,
+                 "--draft", models.TEST_MODEL, "--dtype", "fp32", "--workload", "python",
+                 "--per-phase", "1", "--max-new-tokens", "12",
+                 "--modes", "none,static,atlas,hf_prompt_lookup", "--out", str(out),
+                 "--plot", str(tmp_path / "bench.png")])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["backend"] == "sglang"
+    assert "in this process" in result["unavailable"]["hf_prompt_lookup"]
+    for mode in ("none", "static", "atlas"):
+        assert result["modes"][mode]["outputs_match"], mode
+    assert result["modes"]["static"]["accept_len"] > 1.0
+    assert result["modes"]["atlas"]["costs"]["verify_s"]  # the controller timed the server
+    # Every forward went to the server: at least a prefill and a step per mode.
+    assert standin.generate_calls - calls >= 6
+
+
 def test_a_refused_call_leaves_its_sequences_usable(backend, standin, torch_target, prompts):
     backend.start("good")
     backend.start("bad")

@@ -57,13 +57,9 @@ def _read_token(path: str | None, env: str) -> str | None:
     return os.environ.get(env) or None
 
 
-# -- atlas serve ------------------------------------------------------------------------
-
-
-def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("serve", help="run the gRPC sidecar (atlas.v1) around the engine")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    """Where the target runs: in this process, or a server (``atlas serve``, ``atlas
+    bench``)."""
     p.add_argument("--backend", default="torch",
                    help="target backend: torch (in-process), sglang (a server; greedy "
                         "and sampled) or triton (TensorRT-LLM; greedy only)")  # fmt: skip
@@ -83,6 +79,55 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
                    help="seconds per Triton call before the request fails UNAVAILABLE")  # fmt: skip
     p.add_argument("--triton-wait", type=float, default=600.0,
                    help="seconds to wait at start-up for Triton's model to be ready")  # fmt: skip
+
+
+def check_backend_args(args: argparse.Namespace) -> None:
+    if args.backend not in BACKENDS:
+        raise ValueError(
+            f"backend {args.backend!r} is not available yet; use one of: {', '.join(BACKENDS)}"
+        )
+    if args.backend == "sglang" and not args.sglang_url:
+        raise ValueError("--backend sglang needs --sglang-url http://host:port")
+    if args.backend == "triton" and not args.triton_url:
+        raise ValueError("--backend triton needs --triton-url host:port (gRPC)")
+
+
+def load_target(args: argparse.Namespace, target_ref: str) -> Any:
+    """The target backend ``args`` name, ready to verify: a model loaded here, or a
+    server waited for (bounded by --sglang-wait / --triton-wait) and checked to serve a
+    model that tokenizes as ``target_ref`` does."""
+    if args.backend == "sglang":
+        # SGLang holds the target's weights: the sidecar loads only its tokenizer and
+        # config, and checks that SGLang's model tokenizes the same way.
+        from atlas_sidecar.engine.backends.sglang import SGLangBackend, target_spec
+
+        target: Any = SGLangBackend(args.sglang_url, target_spec(target_ref),
+                                    timeout_s=args.sglang_timeout)  # fmt: skip
+        target.wait_ready(timeout_s=args.sglang_wait)
+        return target
+    if args.backend == "triton":
+        # TensorRT-LLM in Triton holds the weights and verifies drafts itself.
+        from atlas_sidecar.engine.backends.sglang import target_spec
+        from atlas_sidecar.engine.backends.triton import TritonBackend
+
+        target = TritonBackend(args.triton_url, target_spec(target_ref), model=args.triton_model,
+                               timeout_s=args.triton_timeout,
+                               max_draft_len=args.triton_max_draft_len)  # fmt: skip
+        target.wait_ready(timeout_s=args.triton_wait)
+        return target
+    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+
+    return CausalLMRunner.load(target_ref, dtype=args.dtype, device=args.device)
+
+
+# -- atlas serve ------------------------------------------------------------------------
+
+
+def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    p = sub.add_parser("serve", help="run the gRPC sidecar (atlas.v1) around the engine")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (0.0.0.0 in a pod)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    add_backend_args(p)
     p.add_argument("--speculator", choices=SPECULATORS, default="atlas",
                    help="atlas: the controller picks suffix/static/none per step")  # fmt: skip
     p.add_argument("--draft-num-layers", type=int,
@@ -142,14 +187,7 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
 def server_config_from_args(args: argparse.Namespace) -> Any:
     from atlas_sidecar.serving.app import ServerConfig, TlsConfig
 
-    if args.backend not in BACKENDS:
-        raise ValueError(
-            f"backend {args.backend!r} is not available yet; use one of: {', '.join(BACKENDS)}"
-        )
-    if args.backend == "sglang" and not args.sglang_url:
-        raise ValueError("--backend sglang needs --sglang-url http://host:port")
-    if args.backend == "triton" and not args.triton_url:
-        raise ValueError("--backend triton needs --triton-url host:port (gRPC)")
+    check_backend_args(args)
     if args.prefill_budget < 1:
         raise ValueError("--prefill-budget must be at least 1 token")
     tls = None
@@ -256,26 +294,7 @@ def build_engine(args: argparse.Namespace, refs: ModelRefs) -> Any:
     from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
     from atlas_sidecar.engine.build import build_engine as build_mode
 
-    target: Any
-    if args.backend == "sglang":
-        # SGLang holds the target's weights: the sidecar loads only its tokenizer and
-        # config, and checks that SGLang's model tokenizes the same way.
-        from atlas_sidecar.engine.backends.sglang import SGLangBackend, target_spec
-
-        target = SGLangBackend(args.sglang_url, target_spec(refs.target),
-                               timeout_s=args.sglang_timeout)  # fmt: skip
-        target.wait_ready(timeout_s=args.sglang_wait)
-    elif args.backend == "triton":
-        # TensorRT-LLM in Triton holds the weights and verifies drafts itself.
-        from atlas_sidecar.engine.backends.sglang import target_spec
-        from atlas_sidecar.engine.backends.triton import TritonBackend
-
-        target = TritonBackend(args.triton_url, target_spec(refs.target), model=args.triton_model,
-                               timeout_s=args.triton_timeout,
-                               max_draft_len=args.triton_max_draft_len)  # fmt: skip
-        target.wait_ready(timeout_s=args.triton_wait)
-    else:
-        target = CausalLMRunner.load(refs.target, dtype=args.dtype, device=args.device)
+    target = load_target(args, refs.target)
     draft = None
     if refs.draft is not None:
         draft = CausalLMRunner.load(

@@ -46,9 +46,11 @@ def run(
     config: bench.BenchConfig,
     parts: Sequence[str] | None = None,
     log: Callable[[str], None] = print,
+    target: Any = None,
 ) -> dict[str, Any]:
+    """``target``: a ready target backend (a server's), else ``config.target`` is loaded."""
     prompts = bench.load_prompts(config)
-    target, draft = bench.load_models(config, need_draft=True, log=log)
+    target, draft = bench.load_models(config, need_draft=True, log=log, target=target)
     configs = variants(parts)
     decoders: dict[str, peers.Decoder] = {}
     for name, cfg in configs.items():
@@ -118,9 +120,11 @@ def _match(m: dict[str, Any]) -> str:
     return f"{m['match_rate']:.0%}" + (" (near-ties)" if near else "")
 
 
-def main(config: bench.BenchConfig, parts: Sequence[str] | None, out: str | None) -> int:
+def main(
+    config: bench.BenchConfig, parts: Sequence[str] | None, out: str | None, target: Any = None
+) -> int:
     started = time.perf_counter()
-    result = run(config, parts, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = run(config, parts, log=lambda s: print(s, file=sys.stderr, flush=True), target=target)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(result))
     if out:

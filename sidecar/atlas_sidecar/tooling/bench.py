@@ -7,6 +7,11 @@ runs). Greedy outputs of every mode are checked against ``none``'s. Peers
 decoding) run as extra modes. Per request, the acceptance curve and the speedup show how
 each mode follows the stream's domain shifts; ``recovery`` counts how many requests a
 mode needs after each shift (see ``recovery``).
+
+The target may be a server (``--backend sglang|triton``): our modes then verify through
+it, the draft model still runs here, and the peers (which need the target's weights in
+this process) are skipped. Each controller's learned costs are in the JSON, so the
+per-call overhead of a remote target and the lookahead it leads to can be read off.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 from atlas_sidecar.engine import build as our_modes
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.controller import Controller
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine, GenerationResult
 from atlas_sidecar.engine.sampling import SamplingParams
 from atlas_sidecar.tooling import peers, workloads
@@ -57,6 +63,7 @@ class BenchConfig:
     lookahead: int = DEFAULT_LOOKAHEAD
     streams: int = 0  # > 0: also decode the prompts this many at a time (our modes)
     draft_weights: str = "auto"  # int8 on CPU (``backends/int8.py``); the target keeps dtype
+    backend: str = "torch"  # what ``target`` passed to ``run`` is, for the record
 
 
 @dataclass
@@ -93,19 +100,26 @@ def _aggregate(results: list[GenerationResult]) -> dict[str, float]:
     }
 
 
-def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(
+    config: BenchConfig, log: Callable[[str], None] = print, target: Any = None
+) -> dict[str, Any]:
+    """The bench; ``target``: a ready target backend (a server's), else ``config.target``
+    is loaded here."""
     known = all_modes()
     unknown = set(config.modes) - set(known)
     if unknown:
         raise ValueError(f"unknown modes {sorted(unknown)}; available: {', '.join(known)}")
     prompts = load_prompts(config)
     need_draft = bool((our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes))
-    target, draft = load_models(config, need_draft, log)
+    target, draft = load_models(config, need_draft, log, target)
     decoders: dict[str, peers.Decoder] = {}
     unavailable: dict[str, str] = {}
     for mode in config.modes:
         if mode not in peers.PEERS:
             decoders[mode] = our_modes.build_engine(mode, target, draft, config.lookahead)
+            continue
+        if not isinstance(target, CausalLMRunner):
+            unavailable[mode] = f"needs the target in this process, not --backend {config.backend}"
             continue
         try:
             decoders[mode] = peers.build_peer(mode, target, draft)
@@ -114,11 +128,14 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
             log(f"skipping peer {mode}: {exc}")
     encoded = [workloads.encode(target.tokenizer, p) for p in prompts]
     runs = decode_interleaved(config, target, prompts, encoded, decoders, unavailable, log)
+    costs = {mode: c for mode, d in decoders.items() if (c := controller_costs(d)) is not None}
     for decoder in decoders.values():
         if isinstance(decoder, Engine):
             our_modes.close_engine(decoder)
     summary = report(config, prompts, runs)
     summary["unavailable"] = unavailable
+    for mode, snapshot in costs.items():
+        summary["modes"][mode]["costs"] = snapshot
     if config.streams > 0:
         stream, stream_ids = stream_prompts(config, prompts), encoded
         if stream is not prompts:
@@ -130,11 +147,19 @@ def run(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, An
     return summary
 
 
+def controller_costs(decoder: peers.Decoder) -> dict[str, Any] | None:
+    """What an engine's controller learned a verify forward and a drafted token cost."""
+    if isinstance(decoder, Engine) and isinstance(decoder.policy, Controller):
+        return decoder.policy.costs.snapshot()
+    return None
+
+
 def load_models(
-    config: BenchConfig, need_draft: bool, log: Callable[[str], None]
-) -> tuple[CausalLMRunner, CausalLMRunner | None]:
-    log(f"loading target {config.target} ({config.dtype}) and draft {config.draft}")
-    target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
+    config: BenchConfig, need_draft: bool, log: Callable[[str], None], target: Any = None
+) -> tuple[Any, CausalLMRunner | None]:
+    if target is None:
+        log(f"loading target {config.target} ({config.dtype}) and draft {config.draft}")
+        target = CausalLMRunner.load(config.target, dtype=config.dtype, device=config.device)
     draft = None
     if need_draft:
         draft = CausalLMRunner.load(
@@ -145,7 +170,7 @@ def load_models(
 
 def add_divergences(
     summary: dict[str, Any],
-    target: CausalLMRunner,
+    target: Any,  # a CausalLMRunner, or a server's backend
     encoded: list[list[int]],
     prompts: list[workloads.Prompt],
     runs: dict[str, ModeRun],
@@ -162,7 +187,7 @@ def add_divergences(
 
 def decode_interleaved(
     config: BenchConfig,
-    target: CausalLMRunner,
+    target: Any,  # a CausalLMRunner, or a server's backend
     prompts: list[workloads.Prompt],
     encoded: list[list[int]],
     decoders: dict[str, peers.Decoder],
@@ -235,7 +260,7 @@ def stream_prompts(
 
 def concurrent(
     config: BenchConfig,
-    target: CausalLMRunner,
+    target: Any,  # a CausalLMRunner, or a server's backend
     draft: CausalLMRunner | None,
     prompts: list[workloads.Prompt],
     encoded: list[list[int]],
@@ -265,7 +290,7 @@ def concurrent(
 
 
 def divergences(
-    target: CausalLMRunner,
+    target: Any,  # a CausalLMRunner, or a server's backend
     encoded: list[list[int]],
     prompts: list[workloads.Prompt],
     reference: list[list[int]],
@@ -282,6 +307,10 @@ def divergences(
             continue
         pairs = zip(ref, got, strict=False)
         position = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(got)))
+        if not target.capabilities.exact_logits:  # a server's rows: its argmax only
+            found.append({"prompt": prompt.prompt_id, "position": position,
+                          "top2_gap": None, "near_tie": False})  # fmt: skip
+            continue
         target.start("__divergence__")
         try:
             logits = target.forward("__divergence__", ids + ref[:position])[-1]
@@ -306,6 +335,7 @@ def report(
         "target": config.target,
         "draft": config.draft,
         "draft_weights": config.draft_weights,
+        "backend": config.backend,
         "dtype": config.dtype,
         "device": config.device,
         "max_new_tokens": config.max_new_tokens,
@@ -341,6 +371,8 @@ def report(
             stats = _aggregate(picked)
             entry["phases"].append({"name": phase, **stats, "speedup": _ratio(stats, phase_base)})
         entry["speculators"] = _speculator_use(mode_run.results)
+        drafts = [s.drafted for r in mode_run.results for s in r.steps if s.drafted]
+        entry["drafted_per_step"] = round(statistics.fmean(drafts), 2) if drafts else 0.0
         entry["curve"] = curve(prompts, mode_run, reference)
         entry["recovery"] = recovery([c["accept_len"] for c in entry["curve"]], mode_run.phases)
         out["modes"][mode] = entry
@@ -458,6 +490,7 @@ def format_table(result: dict[str, Any]) -> str:
         table.append(f"recovery: requests after a shift until accept_len is within {tolerance} "
                      "of the phase's later mean")  # fmt: skip
         table += recoveries
+    table += cost_lines(result["modes"])
     if result.get("best_peer"):
         ratio = result.get("atlas_vs_best_peer")
         vs = "" if ratio is None else f"; atlas vs best peer: {ratio:.2f}x tok/s"
@@ -465,7 +498,26 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(table + notes + lines)
 
 
+def cost_lines(modes: dict[str, Any]) -> list[str]:
+    """A controller's learned verify cost at 1 token and at its largest measured feed,
+    with the draft length it chose: a remote target's per-call overhead shows in the
+    first figure, and in a longer chosen lookahead."""
+    lines = []
+    for mode, m in modes.items():
+        verify = (m.get("costs") or {}).get("verify_s") or {}
+        if not verify:
+            continue
+        largest = max(verify)
+        lines.append(f"{mode}: verify {verify.get(1, verify[min(verify)]) * 1e3:.1f} ms at 1 "
+                     f"token, {verify[largest] * 1e3:.1f} ms at {largest}; drafted "
+                     f"{m['drafted_per_step']:.2f} tokens a drafting step")  # fmt: skip
+    return lines
+
+
 def divergence_line(d: dict[str, Any]) -> str:
+    if d["top2_gap"] is None:
+        return (f"{d['prompt']} diverges at token {d['position']} (a remote target: "
+                "its top-2 gap is not readable, so it counts as a bug)")  # fmt: skip
     tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
     return (f"{d['prompt']} diverges at token {d['position']}, "
             f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip
@@ -526,9 +578,11 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main(config: BenchConfig, out: str | None, plot_path: str | None = None) -> int:
+def main(
+    config: BenchConfig, out: str | None, plot_path: str | None = None, target: Any = None
+) -> int:
     started = time.perf_counter()
-    result = run(config, log=lambda s: print(s, file=sys.stderr, flush=True))
+    result = run(config, log=lambda s: print(s, file=sys.stderr, flush=True), target=target)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     print(format_table(result))
     if "streams" in result:
