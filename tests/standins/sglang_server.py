@@ -489,3 +489,34 @@ class _Handler(BaseHTTPRequestHandler):
         with self.owner._lock:
             self.owner._drop_cache()
         self._send(200, "Cache flushed.\n", text=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a registry model on a port, to run ``atlas bench --backend sglang`` (or a
+    sidecar) against by hand: ``python -m tests.standins.sglang_server --model M``."""
+    import argparse
+    import signal
+
+    from atlas_sidecar import models
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--model", default=models.TEST_MODEL)
+    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runner = CausalLMRunner.load(args.model, dtype=args.dtype)
+    standin = SGLangStandin(runner, args.model, port=args.port).start()
+    print(f"SGLang stand-in serving {args.model} on {standin.url}", flush=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    stop.wait()
+    standin.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
