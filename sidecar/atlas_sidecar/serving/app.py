@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 
 from atlas_sidecar.engine.backends.base import RemoteTarget
 from atlas_sidecar.engine.core import Engine
+from atlas_sidecar.learning.rollout import Rollout
 from atlas_sidecar.serving.auth import TokenAuth
 from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.serving.metrics import ServingStats
@@ -202,12 +203,35 @@ class SidecarServer:
         self._poller: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._stopping = False
+        self.rollout: Rollout | None = None
         # A remote target (SGLang, Triton) can go away and come back: health follows it.
         self.target_watch: TargetWatch | None = None
         self._watcher: asyncio.Task[None] | None = None
         if engine.target.capabilities.remote:
             remote = cast(RemoteTarget, engine.target)
             self.target_watch = TargetWatch(remote.probe, self._target_changed)
+
+    def use_rollout(self, rollout: Rollout) -> None:
+        """Serve hot rollouts through ``rollout`` (before ``start``): versions asked for
+        by the rollout file or RolloutWeights are installed between steps, and every
+        new sequence is pinned to the weights it drafts with."""
+        self.rollout = rollout
+        self.service.rollout = rollout
+        self.scheduler.pin_version = rollout.pin
+        rollout.between_steps = self.scheduler.between_steps
+        rollout.on_refused = self._rollout_refused
+        rollout.on_change = self._rollout_changed
+
+    def _rollout_refused(self, version: str, reason: str) -> None:
+        self.stats.rollout_refused.inc()
+
+    def _rollout_changed(self) -> None:
+        """On the worker, after an install or a verdict: report what serves now."""
+        assert self.rollout is not None
+        roles = self.rollout.roles()
+        self.weights.serving = roles.get("stable", self.weights.serving)
+        self.stats.set_weight_version("serving", self.weights.serving)
+        self.stats.set_weight_version("canary", roles.get("canary", ""))
 
     async def start(self) -> int:
         """Bind and start serving; return the gRPC port."""
@@ -307,6 +331,9 @@ class SidecarServer:
             if self.weights.poll_file():
                 log.info("rollout file asks for weight version %s", self.weights.requested)
                 self.stats.set_weight_version("requested", self.weights.requested)
+                applied, message = await self.service.install(self.weights.requested)
+                log.log(logging.INFO if applied else logging.ERROR, "rollout of %s: %s",
+                        self.weights.requested, message)  # fmt: skip
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new requests, let those in flight finish, then stop."""

@@ -123,6 +123,7 @@ class Chunk:
     token_ids: list[int]
     finish_reason: str | None = None
     usage: Usage | None = None
+    weight_version: str = ""  # the last one's: the weights the request drafted with
 
     @classmethod
     def from_pb(cls, response: pb.GenerateStreamResponse) -> Chunk:
@@ -133,6 +134,7 @@ class Chunk:
             token_ids=list(response.token_ids),
             finish_reason=_FINISH_NAMES.get(response.finish_reason) if last else None,
             usage=Usage.from_pb(response.usage) if last else None,
+            weight_version=response.weight_version,
         )
 
 
@@ -142,6 +144,20 @@ class SpeculatorStats:
     drafted: int
     accepted: int
     accept_len: float
+
+
+@dataclass(frozen=True)
+class VersionStats:
+    """One adaptive weight version's figures (hot rollout; see GetStats)."""
+
+    version: str
+    role: str  # stable, canary, previous or "" (retired)
+    steps: int
+    drafted: int
+    accepted: int
+    accept_len: float
+    tokens: int
+    tokens_per_second: float
 
 
 @dataclass(frozen=True)
@@ -162,6 +178,7 @@ class Stats:
     weight_version: str
     requested_weight_version: str
     uptime_s: float
+    versions: tuple[VersionStats, ...] = ()
 
     @classmethod
     def from_pb(cls, r: pb.GetStatsResponse) -> Stats:
@@ -185,6 +202,11 @@ class Stats:
             weight_version=r.weight_version,
             requested_weight_version=r.requested_weight_version,
             uptime_s=r.uptime_s,
+            versions=tuple(
+                VersionStats(v.version, v.role, v.steps, v.drafted, v.accepted, v.accept_len,
+                             v.tokens, v.tokens_per_second)  # fmt: skip
+                for v in r.versions
+            ),
         )
 
 
@@ -194,6 +216,14 @@ class Rollout:
     requested_version: str
     applied: bool
     message: str
+
+
+def _action(name: str) -> str:
+    """``install``, ``promote`` or ``roll_back`` as the proto enum's name."""
+    full = f"ROLLOUT_ACTION_{name.upper()}"
+    if full not in pb.RolloutAction.keys():
+        raise ValueError(f"unknown rollout action {name!r}: install, promote or roll_back")
+    return full
 
 
 # -- requests ------------------------------------------------------------------------
@@ -403,9 +433,13 @@ class AtlasClient:
     def reset_stats(self, timeout: float | None = None) -> None:
         self._unary(self.stub.ResetStats, pb.ResetStatsRequest(), timeout)
 
-    def rollout_weights(self, version: str, timeout: float | None = None) -> Rollout:
-        r = self._unary(self.stub.RolloutWeights, pb.RolloutWeightsRequest(version=version),
-                        timeout)  # fmt: skip
+    def rollout_weights(
+        self, version: str = "", timeout: float | None = None, action: str = "install"
+    ) -> Rollout:
+        """Install ``version`` (hot, a canary if the server has a fraction), or
+        ``action`` "promote" / "roll_back" the canary."""
+        request = pb.RolloutWeightsRequest(version=version, action=_action(action))
+        r = self._unary(self.stub.RolloutWeights, request, timeout)
         return Rollout(r.serving_version, r.requested_version, r.applied, r.message)
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
@@ -504,10 +538,11 @@ class AsyncAtlasClient:
     async def reset_stats(self, timeout: float | None = None) -> None:
         await self._unary(self.stub.ResetStats, pb.ResetStatsRequest(), timeout)
 
-    async def rollout_weights(self, version: str, timeout: float | None = None) -> Rollout:
-        r = await self._unary(
-            self.stub.RolloutWeights, pb.RolloutWeightsRequest(version=version), timeout
-        )
+    async def rollout_weights(
+        self, version: str = "", timeout: float | None = None, action: str = "install"
+    ) -> Rollout:
+        request = pb.RolloutWeightsRequest(version=version, action=_action(action))
+        r = await self._unary(self.stub.RolloutWeights, request, timeout)
         return Rollout(r.serving_version, r.requested_version, r.applied, r.message)
 
     async def _unary(self, method: Any, request: Any, timeout: float | None) -> Any:

@@ -22,6 +22,9 @@ TOKENS_PER_S_WINDOW_S = 10.0
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 # accepted + 1 per verify forward: 1 (nothing accepted) up to lookahead + 1.
 ACCEPT_LEN_BUCKETS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 16, 24, 32, 48, 65)
+# Weight versions tracked at once (labels and GetStats): stable, canary, previous and a
+# few just retired; the oldest is dropped past it, so labels stay bounded.
+MAX_VERSIONS = 6
 
 
 @dataclass
@@ -36,6 +39,25 @@ class SpeculatorTotals:
 
 
 @dataclass
+class VersionTotals:
+    """What one weight version's sequences did: the canary's verdict reads these."""
+
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    tokens: int = 0
+    seconds: float = 0.0  # draft + verify time of its steps
+
+    @property
+    def accept_len(self) -> float:
+        return (self.accepted + self.steps) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class StatsSnapshot:
     requests_ok: int = 0
     requests_failed: int = 0
@@ -43,6 +65,7 @@ class StatsSnapshot:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     speculators: dict[str, SpeculatorTotals] = field(default_factory=dict)
+    versions: dict[str, VersionTotals] = field(default_factory=dict)
 
     @property
     def requests_total(self) -> int:
@@ -97,6 +120,19 @@ class ServingStats:
         )
         self.queue_depth = Gauge("atlas_queue_depth", "Requests waiting for a slot", registry=r)
         self.active = Gauge("atlas_active_sequences", "Requests in the batch", registry=r)
+        self.version_steps = Counter(
+            "atlas_version_steps", "Verify steps by the weight version of their sequence",
+            ["version"], registry=r,
+        )  # fmt: skip
+        self.version_accepted = Counter(
+            "atlas_version_accepted_tokens", "Draft tokens accepted, by weight version",
+            ["version"], registry=r,
+        )  # fmt: skip
+        self.rollout_refused = Counter(
+            "atlas_rollout_refused",
+            "Weight versions refused (corrupt, another target's, unloadable); the log says why",
+            registry=r,
+        )
         self.weight_version = Gauge(
             "atlas_weight_version_info", "Weight version (label) by role", ["role", "version"],
             registry=r,
@@ -134,7 +170,10 @@ class ServingStats:
         with self._lock:
             self._totals.prompt_tokens += prompt_tokens
 
-    def step(self, stats: StepStats, tokens_added: int) -> None:
+    def step(self, stats: StepStats, tokens_added: int, version: str = "") -> None:
+        """One sequence's verify step; ``version``: the weights it was pinned to."""
+        if version:
+            self._version_step(stats, tokens_added, version)
         self.accept_len.labels(stats.speculator).observe(stats.accepted + 1)
         self.choices.labels(stats.speculator, str(stats.drafted)).inc()
         self.drafted.labels(stats.speculator).inc(stats.drafted)
@@ -145,6 +184,24 @@ class ServingStats:
             totals.steps += 1
             totals.drafted += stats.drafted
             totals.accepted += stats.accepted
+
+    def _version_step(self, stats: StepStats, tokens_added: int, version: str) -> None:
+        self.version_steps.labels(version).inc()
+        self.version_accepted.labels(version).inc(stats.accepted)
+        with self._lock:
+            versions = self._totals.versions
+            if version not in versions and len(versions) >= MAX_VERSIONS:
+                oldest = next(iter(versions))  # insertion order: the longest tracked
+                del versions[oldest]
+                for metric in (self.version_steps, self.version_accepted):
+                    with contextlib.suppress(KeyError):
+                        metric.remove(oldest)
+            totals = versions.setdefault(version, VersionTotals())
+            totals.steps += 1
+            totals.drafted += stats.drafted
+            totals.accepted += stats.accepted
+            totals.tokens += tokens_added
+            totals.seconds += stats.draft_s + stats.verify_s
 
     def set_load(self, queued: int, active: int) -> None:
         self.queue_depth.set(queued)
@@ -178,6 +235,7 @@ class ServingStats:
                 prompt_tokens=t.prompt_tokens,
                 completion_tokens=t.completion_tokens,
                 speculators={k: SpeculatorTotals(**vars(v)) for k, v in t.speculators.items()},
+                versions={k: VersionTotals(**vars(v)) for k, v in t.versions.items()},
             )
 
     def reset(self) -> None:

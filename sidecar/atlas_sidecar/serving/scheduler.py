@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 
 DEFAULT_PREFILL_BUDGET = 512  # prompt tokens prefilled per round, all admitted prompts together
+MAX_BETWEEN = 64  # swaps and verdicts waiting for the worker; a rollout makes a few
 
 
 class QueueFull(Exception):
@@ -73,6 +74,7 @@ class DoneEvent:
     token_ids: list[int]  # the last step's tokens; the whole output is in ``result``
     text: str  # the rest of the text (streams only); the whole text is in ``result``
     ttft_s: float
+    weight_version: str = ""  # the adaptive weights it drafted with ("": not versioned)
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Job:
     ids: list[int] | None = None  # the prompt's token ids, once tokenized
     kv_bytes: int = 0  # KV bytes reserved for it while admitted
     closed: bool = False  # its last event (done or failed) was sent
+    weight_version: str = ""  # pinned at admission (``Scheduler.pin_version``)
 
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
@@ -120,11 +123,14 @@ class Scheduler:
         on_death: Callable[[BaseException], None] | None = None,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         on_unavailable: Callable[[], None] | None = None,
+        pin_version: Callable[[str], str] | None = None,
     ) -> None:
         """``on_death`` is called (on the worker thread) if the worker dies, after every
         request has been failed: the server stops serving and exits (see ``_run``).
         ``on_unavailable`` is called (on the worker thread) when a request failed
-        because a remote target did not answer: the server re-checks its health."""
+        because a remote target did not answer: the server re-checks its health.
+        ``pin_version(seq_id)`` pins a new sequence to the adaptive weights it will draft
+        with and names them (hot rollout), so its figures count for that version."""
         if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
             raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
@@ -148,8 +154,10 @@ class Scheduler:
         self._stopping = False
         self.on_death = on_death
         self.on_unavailable = on_unavailable
+        self.pin_version = pin_version
         self.failure: BaseException | None = None  # what killed the worker, if it died
         self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
+        self._between: deque[Callable[[], None]] = deque()  # guarded by _cond
         self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
 
     # -- the caller's side (any thread) ------------------------------------------
@@ -168,6 +176,16 @@ class Scheduler:
             self._pending.append(job)
             self._cond.notify()
         self._publish_load()
+
+    def between_steps(self, task: Callable[[], None]) -> None:
+        """Run ``task`` on the worker between two decoding rounds, never during one: a
+        drafter swapped there is seen whole by every step. A task that raises is logged
+        and serving goes on. Bounded: past MAX_BETWEEN waiting tasks, QueueFull."""
+        with self._cond:
+            if len(self._between) >= MAX_BETWEEN:
+                raise QueueFull(f"{MAX_BETWEEN} tasks already wait for the worker")
+            self._between.append(task)
+            self._cond.notify()
 
     def cancel(self, job: Job) -> None:
         """Drop a job; a no-op if it already finished. Its cache goes before the next step."""
@@ -248,6 +266,7 @@ class Scheduler:
             admitted = self._wait_for_work()
             if admitted is None:
                 break
+            self._run_between()
             self._admitting = admitted
             for job in admitted:
                 self._admit(job)
@@ -259,7 +278,7 @@ class Scheduler:
         """Block until there is work; return the jobs to admit now (None: stop)."""
         with self._cond:
             while (not self._stopping and not self._pending and not self._active
-                   and not self._prefilling):  # fmt: skip
+                   and not self._prefilling and not self._between):  # fmt: skip
                 self._cond.wait()
             if self._stopping:
                 return None
@@ -270,6 +289,16 @@ class Scheduler:
             while self._pending and taken + len(admitted) < self.max_batch:
                 admitted.append(self._pending.popleft())
             return admitted
+
+    def _run_between(self) -> None:
+        with self._cond:
+            tasks = list(self._between)
+            self._between.clear()
+        for task in tasks:
+            try:
+                task()
+            except Exception:  # noqa: BLE001 - a failed swap must not stop serving
+                log.exception("a task between steps failed; serving goes on")
 
     def _expire_queued(self, now: float) -> None:
         """Fail queued jobs that waited past queue_timeout_s (called holding _cond)."""
@@ -296,6 +325,8 @@ class Scheduler:
                 self._defer(job)
                 return
             job.seq = self.engine.begin(ids, job.params)
+            if self.pin_version is not None:
+                job.weight_version = self.pin_version(job.seq.seq_id)
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its caller
             self._fail(job, exc)
             return
@@ -343,7 +374,7 @@ class Scheduler:
                           exc_info=outcome.__cause__ or outcome)  # fmt: skip
                 self._fail(job, outcome)
                 continue
-            self.stats.step(job.seq.steps[-1], len(outcome))
+            self.stats.step(job.seq.steps[-1], len(outcome), job.weight_version)
             self._progress(job, outcome)
 
     def _reap(self) -> None:
@@ -373,7 +404,7 @@ class Scheduler:
                 log.warning("request %s: streamed text is not a prefix of the final text",
                             job.request_id)  # fmt: skip
         job.closed = True
-        job.sink(DoneEvent(result, added, tail, job.ttft_s))
+        job.sink(DoneEvent(result, added, tail, job.ttft_s, job.weight_version))
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)

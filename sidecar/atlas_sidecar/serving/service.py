@@ -20,7 +20,8 @@ import grpc
 
 from atlas_sidecar.engine.core import GenerationResult
 from atlas_sidecar.errors import BackendUnavailable, RequestError, StepFailed
-from atlas_sidecar.serving.metrics import ServingStats
+from atlas_sidecar.learning.rollout import Rollout, RolloutRefused
+from atlas_sidecar.serving.metrics import ServingStats, VersionTotals
 from atlas_sidecar.serving.proto import atlas_v1_pb2 as pb
 from atlas_sidecar.serving.requests import Limits, ParsedRequest, api_field, parse_generate_request
 from atlas_sidecar.serving.scheduler import (
@@ -102,6 +103,7 @@ class AtlasService:
         self.log_prompts = log_prompts
         self.started_at = time.monotonic()
         self.buffers: set[EventBuffer] = set()  # the live RPCs' (memory metrics)
+        self.rollout: Rollout | None = None  # hot rollout, with a weights store
 
     def handler(self) -> grpc.GenericRpcHandler:
         def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
@@ -142,7 +144,7 @@ class AtlasService:
                         event.result.finish_reason, pb.FINISH_REASON_UNSPECIFIED
                     ),
                     usage=_usage(event.result, event.ttft_s),
-                    weight_version=self.weights.serving,
+                    weight_version=event.weight_version or self.weights.serving,
                 )
         return response
 
@@ -163,7 +165,7 @@ class AtlasService:
                         event.result.finish_reason, pb.FINISH_REASON_UNSPECIFIED
                     ),
                     usage=_usage(event.result, event.ttft_s),
-                    weight_version=self.weights.serving,
+                    weight_version=event.weight_version or self.weights.serving,
                 )
 
     async def _run(
@@ -284,7 +286,19 @@ class AtlasService:
             weight_version=self.weights.serving,
             requested_weight_version=self.weights.requested,
             uptime_s=time.monotonic() - self.started_at,
+            versions=self._version_stats(snap.versions),
         )
+
+    def _version_stats(self, versions: dict[str, VersionTotals]) -> list[pb.VersionStats]:
+        roles = {v: role for role, v in (self.rollout.roles() if self.rollout else {}).items()}
+        return [
+            pb.VersionStats(
+                version=version, role=roles.get(version, ""), steps=t.steps,
+                drafted=t.drafted, accepted=t.accepted, accept_len=t.accept_len,
+                tokens=t.tokens, tokens_per_second=t.tokens_per_s,
+            )  # fmt: skip
+            for version, t in versions.items()
+        ]
 
     async def ResetStats(
         self, request: pb.ResetStatsRequest | Malformed, context: grpc.aio.ServicerContext
@@ -299,6 +313,8 @@ class AtlasService:
         if isinstance(request, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request: malformed")
         assert isinstance(request, pb.RolloutWeightsRequest)
+        if request.action != pb.ROLLOUT_ACTION_INSTALL:
+            return await self._verdict(request.action, context)
         try:
             version = self.weights.request(request.version)
         except RequestError as exc:
@@ -306,12 +322,47 @@ class AtlasService:
         self.stats.set_weight_version("requested", version)
         log.info("rollout of weight version %s requested (serving %s)", version,
                  self.weights.serving)  # fmt: skip
+        applied, message = await self.install(version)
         return pb.RolloutWeightsResponse(
-            serving_version=self.weights.serving,
-            requested_version=version,
-            applied=False,
-            message="recorded; hot-swapping weights is not implemented yet",
-        )
+            serving_version=self.weights.serving, requested_version=version,
+            applied=applied, message=message,
+        )  # fmt: skip
+
+    async def install(self, version: str) -> tuple[bool, str]:
+        """Hand ``version`` to the rollout (verified and loaded on a worker thread);
+        (queued, what happened)."""
+        if self.rollout is None:
+            return False, "recorded only: this sidecar has no weights store (--weights-store)"
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(None, self.rollout.request, version)
+        except RolloutRefused as exc:
+            return False, f"refused: {exc}"
+        role = ("stable" if result.canary_fraction >= 1.0
+                else f"canary for {result.canary_fraction:.0%} of new requests")  # fmt: skip
+        return True, f"queued for the next step boundary as {role}: {', '.join(result.installed)}"
+
+    async def _verdict(
+        self, action: int, context: grpc.aio.ServicerContext
+    ) -> pb.RolloutWeightsResponse:
+        if self.rollout is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no weights store (--weights-store): no rollout to give a verdict on",
+            )
+        assert self.rollout is not None
+        if action == pb.ROLLOUT_ACTION_PROMOTE:
+            self.rollout.promote()
+        elif action == pb.ROLLOUT_ACTION_ROLL_BACK:
+            self.rollout.roll_back()
+        else:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"action: unknown {action}")
+        name = pb.RolloutAction.Name(action)
+        log.info("rollout verdict %s queued", name)
+        return pb.RolloutWeightsResponse(
+            serving_version=self.weights.serving, applied=True,
+            message=f"{name} queued for the next step boundary",
+        )  # fmt: skip
 
 
 def _failure(error: Exception, parsed: ParsedRequest) -> RpcFailure:

@@ -14,9 +14,18 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
     FINISH_REASON_STOP: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+
+class RolloutAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ROLLOUT_ACTION_INSTALL: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_PROMOTE: _ClassVar[RolloutAction]
+    ROLLOUT_ACTION_ROLL_BACK: _ClassVar[RolloutAction]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
+ROLLOUT_ACTION_INSTALL: RolloutAction
+ROLLOUT_ACTION_PROMOTE: RolloutAction
+ROLLOUT_ACTION_ROLL_BACK: RolloutAction
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -154,8 +163,28 @@ class SpeculatorStats(_message.Message):
     accept_len: float
     def __init__(self, name: _Optional[str] = ..., steps: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., accept_len: _Optional[float] = ...) -> None: ...
 
+class VersionStats(_message.Message):
+    __slots__ = ("version", "role", "steps", "drafted", "accepted", "accept_len", "tokens", "tokens_per_second")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_LEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    version: str
+    role: str
+    steps: int
+    drafted: int
+    accepted: int
+    accept_len: float
+    tokens: int
+    tokens_per_second: float
+    def __init__(self, version: _Optional[str] = ..., role: _Optional[str] = ..., steps: _Optional[int] = ..., drafted: _Optional[int] = ..., accepted: _Optional[int] = ..., accept_len: _Optional[float] = ..., tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ...) -> None: ...
+
 class GetStatsResponse(_message.Message):
-    __slots__ = ("requests_total", "requests_ok", "requests_failed", "requests_cancelled", "requests_active", "requests_queued", "prompt_tokens", "completion_tokens", "tokens_per_second", "speculators", "live_sequences", "target_model", "lookahead", "weight_version", "requested_weight_version", "uptime_s")
+    __slots__ = ("requests_total", "requests_ok", "requests_failed", "requests_cancelled", "requests_active", "requests_queued", "prompt_tokens", "completion_tokens", "tokens_per_second", "speculators", "live_sequences", "target_model", "lookahead", "weight_version", "requested_weight_version", "uptime_s", "versions")
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_OK_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +201,7 @@ class GetStatsResponse(_message.Message):
     WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_WEIGHT_VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
     requests_total: int
     requests_ok: int
     requests_failed: int
@@ -188,7 +218,8 @@ class GetStatsResponse(_message.Message):
     weight_version: str
     requested_weight_version: str
     uptime_s: float
-    def __init__(self, requests_total: _Optional[int] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_queued: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., speculators: _Optional[_Iterable[_Union[SpeculatorStats, _Mapping]]] = ..., live_sequences: _Optional[int] = ..., target_model: _Optional[str] = ..., lookahead: _Optional[int] = ..., weight_version: _Optional[str] = ..., requested_weight_version: _Optional[str] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    versions: _containers.RepeatedCompositeFieldContainer[VersionStats]
+    def __init__(self, requests_total: _Optional[int] = ..., requests_ok: _Optional[int] = ..., requests_failed: _Optional[int] = ..., requests_cancelled: _Optional[int] = ..., requests_active: _Optional[int] = ..., requests_queued: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., speculators: _Optional[_Iterable[_Union[SpeculatorStats, _Mapping]]] = ..., live_sequences: _Optional[int] = ..., target_model: _Optional[str] = ..., lookahead: _Optional[int] = ..., weight_version: _Optional[str] = ..., requested_weight_version: _Optional[str] = ..., uptime_s: _Optional[float] = ..., versions: _Optional[_Iterable[_Union[VersionStats, _Mapping]]] = ...) -> None: ...
 
 class ResetStatsRequest(_message.Message):
     __slots__ = ()
@@ -199,10 +230,12 @@ class ResetStatsResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class RolloutWeightsRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "action")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    action: RolloutAction
+    def __init__(self, version: _Optional[str] = ..., action: _Optional[_Union[RolloutAction, str]] = ...) -> None: ...
 
 class RolloutWeightsResponse(_message.Message):
     __slots__ = ("serving_version", "requested_version", "applied", "message")

@@ -1,0 +1,177 @@
+"""Hot rollout: a published version goes into service with no restart and no dropped
+request, as a canary first when a fraction is configured.
+
+A rollout (``Rollout.request``) opens the version from the weights store, which checks
+every file's sha256 and the target identity, builds each adaptive drafter's new
+instance from its files (``Loader``), all off the worker thread, and only then queues
+one task between decoding steps that installs them all together: the sequences started
+after it are pinned to the new version (or, as a canary, the fraction of them the
+canary takes), the ones in flight finish on theirs. A corrupt, wrong-target or
+unloadable version is refused with one log line and a metric, and serving goes on with
+what it had. ``promote`` and ``roll_back`` are the verdicts (the operator's, from the
+per-version acceptance it reads, or an admin RPC).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from atlas_sidecar.engine.speculators.base import Drafter
+from atlas_sidecar.learning.store import (
+    StoreError,
+    TargetIdentity,
+    Version,
+    WeightsStore,
+    version_number,
+)
+from atlas_sidecar.learning.versioned import VersionedDrafter
+
+log = logging.getLogger(__name__)
+
+# Builds a drafter from a verified version, or None when the version holds nothing for
+# it (that drafter keeps its current version). Raises on files it cannot use.
+Loader = Callable[[Version], Drafter | None]
+
+
+class RolloutRefused(Exception):
+    """A version that will not be served; the message says why."""
+
+
+@dataclass(frozen=True)
+class RolloutResult:
+    version: str
+    installed: tuple[str, ...]  # the drafters that took it
+    canary_fraction: float
+
+
+class Rollout:
+    def __init__(
+        self,
+        store: WeightsStore,
+        identity: TargetIdentity | None,
+        drafters: Mapping[str, VersionedDrafter],
+        loaders: Mapping[str, Loader],
+        between_steps: Callable[[Callable[[], None]], None] | None = None,
+        canary_fraction: float = 0.0,
+        on_refused: Callable[[str, str], None] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """``identity``: the target the sidecar serves (None: not checked, tests only).
+        ``between_steps`` queues a task for the worker's next step boundary (the server
+        sets its scheduler's). ``on_refused(version, reason)`` counts refusals (a
+        metric); ``on_change()`` runs on the worker after each install or verdict."""
+        if not 0.0 <= canary_fraction <= 1.0:
+            raise ValueError(f"canary fraction {canary_fraction} is not in [0, 1]")
+        self.store = store
+        self.identity = identity
+        self.drafters = dict(drafters)
+        self.loaders = dict(loaders)
+        self.between_steps = between_steps
+        self.canary_fraction = canary_fraction
+        self.on_refused = on_refused
+        self.on_change = on_change
+        self._lock = threading.Lock()  # one rollout prepared at a time
+        self.pending: str | None = None  # prepared, waiting for the worker
+
+    def request(self, version: str) -> RolloutResult:
+        """Verify and load ``version``, then queue its install between steps; return
+        once queued. ``RolloutRefused`` (logged, counted) when it cannot be served."""
+        with self._lock:
+            try:
+                built = self._build(version)
+            except RolloutRefused as exc:
+                log.error("rollout of weight version %s refused: %s; serving goes on "
+                          "unchanged", version, exc)  # fmt: skip
+                if self.on_refused is not None:
+                    self.on_refused(version, str(exc))
+                raise
+            fraction = self.canary_fraction or 1.0
+            self.pending = version
+            self._queue(lambda: self._install(version, built, fraction))
+            return RolloutResult(version, tuple(built), fraction)
+
+    def _queue(self, task: Callable[[], None]) -> None:
+        if self.between_steps is None:
+            raise RuntimeError("the rollout is not attached to a server's worker")
+
+        def run() -> None:
+            task()
+            if self.on_change is not None:
+                self.on_change()
+
+        self.between_steps(run)
+
+    def _build(self, version: str) -> dict[str, Drafter]:
+        try:
+            opened = self.store.open_version(version, self.identity)
+        except StoreError as exc:  # not found, corrupt, another target's
+            raise RolloutRefused(str(exc)) from exc
+        built: dict[str, Drafter] = {}
+        for name, loader in self.loaders.items():
+            if name not in self.drafters:
+                continue
+            try:
+                drafter = loader(opened)
+            except Exception as exc:  # noqa: BLE001 - a loader's failure refuses the version
+                raise RolloutRefused(f"{name}: {type(exc).__name__}: {exc}") from exc
+            if drafter is not None:
+                built[name] = drafter
+        if not built:
+            raise RolloutRefused("it holds nothing any running drafter can load")
+        return built
+
+    def _install(self, version: str, built: dict[str, Drafter], fraction: float) -> None:
+        for name, drafter in built.items():
+            self.drafters[name].install(version, drafter, fraction)
+        if self.pending == version:
+            self.pending = None
+        role = "stable" if fraction >= 1.0 else f"canary for {fraction:.0%} of new requests"
+        log.info("weight version %s in service (%s): %s", version, role, ", ".join(built))
+
+    # -- verdicts (queued between steps too) ----------------------------------------------
+
+    def promote(self) -> None:
+        self._queue(lambda: self._each("promote"))
+
+    def roll_back(self) -> None:
+        self._queue(lambda: self._each("roll_back"))
+
+    def _each(self, verdict: str) -> None:
+        done = {}
+        for name, drafter in self.drafters.items():
+            action = drafter.promote if verdict == "promote" else drafter.roll_back
+            try:
+                done[name] = action()
+            except ValueError as exc:  # nothing to promote or roll back for this one
+                log.info("%s: %s", verdict, exc)
+        log.info("%s: now serving %s", verdict, done or "unchanged")
+
+    def pin(self, seq_id: str) -> str:
+        """On the worker, as a sequence starts: pin it in every drafter; the newest
+        version among them names it (a drafter a version had no files for keeps an
+        older one)."""
+        pinned = [d.version_of(seq_id) for d in self.drafters.values()]
+        return max(pinned, key=_number, default="")
+
+    def serving(self) -> dict[str, dict[str, str]]:
+        """Per drafter: role -> version."""
+        return {name: d.versions() for name, d in self.drafters.items()}
+
+    def roles(self) -> dict[str, str]:
+        """Role -> the newest version any drafter holds in it ("stable", "canary",
+        "previous"): what the server reports as serving."""
+        found: dict[str, str] = {}
+        for versions in self.serving().values():
+            for role, version in versions.items():
+                old = found.get(role)
+                if old is None or _number(version) >= _number(old):
+                    found[role] = version
+        return found
+
+
+def _number(version: str) -> int:
+    """A published version's counter; 0 for the version a sidecar started with."""
+    return version_number(version) or 0

@@ -1,0 +1,123 @@
+"""One adaptive drafter in several published versions at once: stable, canary, previous.
+
+A new version of an adaptive speculator (the suffix index, the neural head) is put into
+service without a restart by swapping drafter instances between decoding steps. Each
+sequence is pinned to the version it started with, so a swap never changes the drafter
+under a request in flight (its output would still be the target's, but its acceptance
+figures would mix two versions). A canary version drafts for a fraction of the new
+sequences, chosen by a hash of the sequence id, so the fraction holds under any arrival
+order; the stable version drafts for the rest. The version before the stable one is
+kept, so a rollback is a pointer swap, not a reload.
+
+Every method runs on the engine's worker thread (``install`` and the verdicts too: the
+server queues them between steps), so there is no lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
+from atlas_sidecar.engine.tree import DraftTree
+
+
+def canary_share(seq_id: str) -> float:
+    """A sequence's place in [0, 1): the canary takes those below its fraction."""
+    digest = hashlib.blake2b(seq_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+@dataclass
+class Slot:
+    version: str
+    drafter: Drafter
+
+
+class VersionedDrafter:
+    """A Drafter (same name and capabilities as its versions) that routes each sequence
+    to the version it was pinned to when first seen."""
+
+    def __init__(self, version: str, drafter: Drafter) -> None:
+        self.name = drafter.name
+        self.capabilities = drafter.capabilities
+        self.stable = Slot(version, drafter)
+        self.canary: Slot | None = None
+        self.previous: Slot | None = None
+        self.canary_fraction = 0.0
+        self._pinned: dict[str, Slot] = {}
+
+    # -- versions ------------------------------------------------------------------------
+
+    def install(self, version: str, drafter: Drafter, canary_fraction: float) -> None:
+        """A new version: the canary for ``canary_fraction`` of new sequences, or, at
+        1.0, the stable version at once (the old stable becomes the previous)."""
+        if drafter.name != self.name:
+            raise ValueError(f"version {version} drafts as {drafter.name!r}, not {self.name!r}")
+        if not 0.0 <= canary_fraction <= 1.0:
+            raise ValueError(f"canary fraction {canary_fraction} is not in [0, 1]")
+        if canary_fraction >= 1.0:
+            self.previous, self.stable, self.canary = self.stable, Slot(version, drafter), None
+            return
+        self.canary, self.canary_fraction = Slot(version, drafter), canary_fraction
+
+    def promote(self) -> str:
+        """The canary becomes stable; return its version."""
+        if self.canary is None:
+            raise ValueError(f"{self.name}: no canary to promote")
+        self.previous, self.stable, self.canary = self.stable, self.canary, None
+        return self.stable.version
+
+    def roll_back(self) -> str:
+        """Drop the canary, or, with none, go back to the previous version; return the
+        version now stable. Sequences pinned to a dropped version finish on it."""
+        if self.canary is not None:
+            self.canary = None
+        elif self.previous is not None:
+            self.stable, self.previous = self.previous, None
+        else:
+            raise ValueError(f"{self.name}: nothing to roll back to")
+        return self.stable.version
+
+    def versions(self) -> dict[str, str]:
+        """Role -> version, for stats."""
+        slots = {"stable": self.stable, "canary": self.canary, "previous": self.previous}
+        return {role: slot.version for role, slot in slots.items() if slot is not None}
+
+    def version_of(self, seq_id: str) -> str:
+        return self._slot(seq_id).version
+
+    # -- the drafter interface -----------------------------------------------------------
+
+    def propose(self, requests: list[DraftRequest]) -> list[DraftTree]:
+        groups: dict[int, tuple[Slot, list[int]]] = {}
+        for index, request in enumerate(requests):
+            slot = self._slot(request.seq_id)
+            groups.setdefault(id(slot), (slot, []))[1].append(index)
+        drafts: list[DraftTree | None] = [None] * len(requests)
+        for slot, indices in groups.values():
+            for index, draft in zip(
+                indices, slot.drafter.propose([requests[i] for i in indices]), strict=True
+            ):
+                drafts[index] = draft
+        assert all(d is not None for d in drafts)
+        return drafts  # type: ignore[return-value]
+
+    def observe_context(self, seq_id: str, context: list[int]) -> None:
+        self._slot(seq_id).drafter.observe_context(seq_id, context)
+
+    def rollback(self, seq_id: str, context: list[int]) -> None:
+        self._slot(seq_id).drafter.rollback(seq_id, context)
+
+    def release(self, seq_id: str) -> None:
+        slot = self._pinned.pop(seq_id, None)
+        if slot is not None:
+            slot.drafter.release(seq_id)
+
+    def _slot(self, seq_id: str) -> Slot:
+        slot = self._pinned.get(seq_id)
+        if slot is None:
+            canary = self.canary is not None and canary_share(seq_id) < self.canary_fraction
+            slot = self.canary if canary and self.canary is not None else self.stable
+            self._pinned[seq_id] = slot
+        return slot
