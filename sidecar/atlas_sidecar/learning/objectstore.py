@@ -279,9 +279,9 @@ class ObjectStore:
         self._probe_needed = False
 
     def _claim(self, listing: _Listing) -> tuple[int, str]:
-        """Take the lowest free id above every id seen (and ``latest``): ids are never
-        reused, since retention never deletes the newest."""
-        seen = list(listing.keys)
+        """Take the lowest free id above every id seen in objects, uploads and ``latest``:
+        ids are never reused, since retention never deletes the newest."""
+        seen = list(listing.newest)
         latest = self.latest()
         if latest is not None:
             seen.append(version_number(latest) or 0)
