@@ -161,7 +161,7 @@ def test_publisher_sigkilled_mid_upload_never_leaves_a_visible_torn_version(
     s3: S3Harness, tmp_path: Path
 ) -> None:
     rng = random.Random(22)
-    waits = [lambda: _uploading(s3)] + [lambda: time.sleep(rng.uniform(0.1, 1.5))] * 4
+    waits = [lambda: _uploading(s3)] + [lambda: time.sleep(rng.uniform(0.1, 1.2))] * 3
     mid_upload = 0
     for wait in waits:
         _kill_publisher(s3, tmp_path, wait)

@@ -153,6 +153,7 @@ class ObjectStore:
             max_concurrency=2,
             use_threads=True,
         )
+        self._transfer.max_in_memory_upload_chunks = 4  # an upload holds <= 4 parts
         self._probe_needed = conditional_writes
 
     def __repr__(self) -> str:
