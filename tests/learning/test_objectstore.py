@@ -272,3 +272,22 @@ def test_retention_deletes_every_object_of_a_version_but_never_a_serving_one(
     assert store.open_version(ids[0], TARGET).read("suffix.bin") == files(0)["suffix.bin"]
     store.mark_serving(None, holder="pod-a")
     assert store.serving() == set() and store.retain(keep=1) == [ids[0]]
+
+
+class RefusesDeletes(IgnoresConditions):
+    """A client whose bucket policy denies deletes: DeleteObjects answers per-key errors."""
+
+    def put_object(self, **kwargs: Any) -> Any:
+        return self._client.put_object(**kwargs)
+
+    def delete_objects(self, **kwargs: Any) -> Any:
+        keys = [o["Key"] for o in kwargs["Delete"]["Objects"]]
+        return {"Errors": [{"Key": k, "Code": "AccessDenied"} for k in keys]}
+
+
+def test_retention_reports_a_refused_delete_instead_of_claiming_success(s3: S3Harness) -> None:
+    ids = [s3.make().publish(files(i), target=TARGET).version for i in range(2)]
+    store = s3.make(client=RefusesDeletes(s3.client), conditional_writes=False)
+    with pytest.raises(StoreError, match=r"v000001/manifest.json: AccessDenied"):
+        store.retain(keep=1)
+    assert store.versions() == ids

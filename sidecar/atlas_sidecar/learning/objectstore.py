@@ -192,9 +192,15 @@ class ObjectStore:
         return True
 
     def _delete(self, keys: list[str]) -> None:
+        """Delete ``keys`` (1000 a request); StoreError naming the first that failed, so
+        retention never reports a version deleted whose manifest is still there."""
         for start in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[start : start + 1000]]
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            done = self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+            )
+            for error in done.get("Errors", [])[:1]:
+                raise StoreError(f"s3://{self.bucket}/{error.get('Key')}: {error.get('Code')}")
 
     # -- listing -------------------------------------------------------------------------
 
@@ -245,14 +251,10 @@ class ObjectStore:
             entries = tuple(self._upload(number, name, src) for name, src in sorted(files.items()))
             self._check_claim(number, token)
             manifest = Manifest(
-                version=version_id(number),
-                parent=parent if parent is not None else self._parent_of(number),
-                target=target,
-                files=entries,
-                window=dict(window or {}),
-                metrics={str(k): float(v) for k, v in (metrics or {}).items()},
-                created_at=_now_iso(),
-            )
+                version_id(number), parent if parent is not None else self._parent_of(number),
+                target, entries, dict(window or {}),
+                {str(k): float(v) for k, v in (metrics or {}).items()}, _now_iso(),
+            )  # fmt: skip
             if not self._put_new(self._key(manifest.version, MANIFEST), manifest.to_json()):
                 raise StoreError(f"{manifest.version} was published by someone else")
         except BaseException:
