@@ -23,6 +23,7 @@ from atlas_sidecar.learning.store import (
     CorruptVersion,
     DirectoryStore,
     StoreError,
+    StoreUnavailable,
     open_store,
 )
 
@@ -322,3 +323,33 @@ def test_upload_of_a_large_file_holds_a_few_parts_not_the_file(
     # measured here: 5-22 MiB (a few 5 MiB parts in flight); a publisher that reads the
     # whole file into memory first grows by ~53 MiB. Noise rules out a tighter bound.
     assert int(grown_mib) < 40, f"a 48 MiB upload grew the publisher by {int(grown_mib)} MiB"
+
+
+class SlowsDown(IgnoresConditions):
+    """A client whose reads of keys containing ``part`` fail as a throttled S3 does."""
+
+    def __init__(self, client: Any, part: str) -> None:
+        super().__init__(client)
+        self._part = part
+
+    def put_object(self, **kwargs: Any) -> Any:
+        return self._client.put_object(**kwargs)
+
+    def get_object(self, **kwargs: Any) -> Any:
+        if self._part in kwargs["Key"]:
+            error = {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+            raise ClientError(error, "GetObject")  # type: ignore[arg-type]
+        return self._client.get_object(**kwargs)
+
+
+def test_unreadable_store_is_no_verdict_no_fallback_and_no_deletion(s3: S3Harness) -> None:
+    store = s3.make()
+    ids = [store.publish(files(i), target=TARGET).version for i in range(3)]
+    store.mark_serving(ids[0], holder="pod-a")
+    throttled = s3.make(client=SlowsDown(s3.client, f"{ids[2]}/suffix.bin"))
+    with pytest.raises(StoreUnavailable, match="SlowDown"):  # not a fallback to ids[1]
+        throttled.latest_verified(TARGET)
+    blind = s3.make(client=SlowsDown(s3.client, ".serving/pod-a"))
+    with pytest.raises(StoreUnavailable, match="SlowDown"):
+        blind.retain(keep=1)
+    assert store.versions() == ids, "retention acted without reading the serving marks"

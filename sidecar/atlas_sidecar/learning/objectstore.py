@@ -44,7 +44,7 @@ from typing import Any
 import boto3
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas_sidecar.learning.store import (
     _CHUNK,
@@ -56,6 +56,7 @@ from atlas_sidecar.learning.store import (
     FileSource,
     Manifest,
     StoreError,
+    StoreUnavailable,
     TargetIdentity,
     Version,
     VersionNotFound,
@@ -169,10 +170,12 @@ class ObjectStore:
         pointer or manifest that large is not one, and is never read into memory)."""
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=key)
+        except BotoCoreError as err:
+            raise StoreUnavailable(f"s3://{self.bucket}/{key}: {err}") from err
         except ClientError as err:
             if _code(err) in _MISSING:
                 return None
-            raise StoreError(f"s3://{self.bucket}/{key}: {_code(err)}") from err
+            raise StoreUnavailable(f"s3://{self.bucket}/{key}: {_code(err)}") from err
         body = obj["Body"]
         try:
             if obj.get("ContentLength", 0) > cap:
@@ -188,7 +191,7 @@ class ObjectStore:
         except ClientError as err:
             if _code(err) in _CONFLICT:
                 return False
-            raise StoreError(f"s3://{self.bucket}/{key}: {_code(err)}") from err
+            raise StoreUnavailable(f"s3://{self.bucket}/{key}: {_code(err)}") from err
         return True
 
     def _delete(self, keys: list[str]) -> None:
@@ -200,7 +203,9 @@ class ObjectStore:
                 Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
             )
             for error in done.get("Errors", [])[:1]:
-                raise StoreError(f"s3://{self.bucket}/{error.get('Key')}: {error.get('Code')}")
+                raise StoreUnavailable(
+                    f"s3://{self.bucket}/{error.get('Key')}: {error.get('Code')}"
+                )
 
     # -- listing -------------------------------------------------------------------------
 
@@ -350,7 +355,7 @@ class ObjectStore:
                 return
             except ClientError as err:
                 if _code(err) not in _CONFLICT:
-                    raise StoreError(f"s3://{self.bucket}/{key}: {_code(err)}") from err
+                    raise StoreUnavailable(f"s3://{self.bucket}/{key}: {_code(err)}") from err
 
     # -- clean-up ------------------------------------------------------------------------
 
@@ -417,7 +422,9 @@ class ObjectStore:
         key = self._key(version, MANIFEST)
         try:
             found = self._get(key, MAX_MANIFEST_BYTES)
-        except StoreError as err:
+        except StoreUnavailable:
+            raise
+        except StoreError as err:  # over the cap: not a manifest
             raise CorruptVersion(str(err)) from err
         if found is None:
             raise VersionNotFound(f"no complete version {version} in s3://{self.bucket}")
@@ -451,28 +458,38 @@ class ObjectStore:
         key = self._key(version, entry.name)
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=key)
+            data, digest = self._read_body(obj["Body"], entry.size + 1)
+        except BotoCoreError as err:  # connection lost mid-stream, timeouts
+            raise StoreUnavailable(f"s3://{self.bucket}/{key}: {err}") from err
         except ClientError as err:
             if _code(err) not in _MISSING:
-                raise StoreError(f"s3://{self.bucket}/{key}: {_code(err)}") from err
+                raise StoreUnavailable(f"s3://{self.bucket}/{key}: {_code(err)}") from err
             if self._get(self._key(version, MANIFEST), MAX_MANIFEST_BYTES) is None:
                 raise VersionNotFound(f"version {version} was deleted while read") from err
             raise CorruptVersion(f"version {version}: file {entry.name!r} is missing") from err
-        body, digest, data = obj["Body"], hashlib.sha256(), bytearray()
+        size = obj.get("ContentLength", len(data)) if len(data) > entry.size else len(data)
+        _check_entry(version, entry, size, digest)
+        return bytes(data)
+
+    @staticmethod
+    def _read_body(body: Any, limit: int) -> tuple[bytearray, str]:
+        """Up to ``limit`` bytes of a streaming body, in chunks, and their sha256."""
+        digest, data = hashlib.sha256(), bytearray()
         try:
-            while len(data) <= entry.size and (chunk := body.read(_CHUNK)):
+            while len(data) < limit and (chunk := body.read(min(_CHUNK, limit - len(data)))):
                 data += chunk
                 digest.update(chunk)
         finally:
             body.close()
-        size = obj.get("ContentLength", len(data)) if len(data) > entry.size else len(data)
-        _check_entry(version, entry, size, digest.hexdigest())
-        return bytes(data)
+        return data, digest.hexdigest()
 
     def latest(self) -> str | None:
         """What the ``latest`` object names (None if nothing was published yet)."""
         try:
             found = self._get(self._key(LATEST), MAX_POINTER_BYTES)
-        except StoreError:
+        except StoreUnavailable:
+            raise
+        except StoreError:  # over the cap: not a pointer
             return None
         if found is None:
             return None
@@ -503,7 +520,9 @@ class ObjectStore:
         for key in self._keys(self._key(SERVING)):
             try:
                 got = self._get(key, MAX_POINTER_BYTES)
-            except StoreError:
+            except StoreUnavailable:
+                raise  # an unread mark must stop retention, not unprotect its version
+            except StoreError:  # over the cap: not a mark
                 continue
             text = got[0].decode(errors="replace").strip() if got else ""
             if version_number(text) is not None:

@@ -52,6 +52,12 @@ class StoreError(Exception):
     """Anything the store refuses."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be read or written (network, throttling, permissions): no
+    verdict on any version, so readers must not fall back to an older one past it, and
+    retention must not act on what it could not read."""
+
+
 class VersionNotFound(StoreError):
     """No complete version by that id (never published, still being written, or deleted)."""
 
@@ -298,6 +304,8 @@ def _latest_verified(
             return store.open_version(version, target)
         except VersionNotFound:
             continue  # deleted by retention while we looked
+        except StoreUnavailable:
+            raise  # says nothing about the version: falling back would downgrade on a blip
         except StoreError as err:
             if on_skip is not None:
                 on_skip(version, err)
