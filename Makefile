@@ -13,6 +13,7 @@ TOOLS := .tools
 venv: $(STAMP)
 
 EXTRAS := serve,triton,kernels,operator,bench,dev
+BOTO := boto3 botocore s3transfer jmespath moto
 LOCK := constraints.txt
 
 $(STAMP): pyproject.toml $(LOCK)
@@ -23,6 +24,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[$(EXTRAS)]'
 	# SGLang's request types for the tests' SGLang stand-in (not its CUDA dependencies).
 	$(BIN)/pip install -q -c $(LOCK) --no-deps sglang==0.5.23
+	# boto3 (the `s3` extra) and moto's S3 server for its tests: botocore declares
+	# python-dateutil<3, the operator's kubernetes needs >=3 (see pyproject.toml).
+	$(BIN)/pip install -q -c $(LOCK) --no-deps $(BOTO)
 	touch $(STAMP)
 
 # Re-resolve every dependency from pyproject.toml in a scratch venv and write the lock.
@@ -33,6 +37,7 @@ lock:
 	.lockvenv/bin/pip install -q torch==2.13.0
 	.lockvenv/bin/pip install -q -e '.[$(EXTRAS)]'
 	.lockvenv/bin/pip install -q --no-deps sglang==0.5.23
+	.lockvenv/bin/pip install -q --no-deps $(BOTO)
 	{ sed -n '1,/^pip==/p' $(LOCK) | sed '$$d'; \
 	  echo "pip==$$(.lockvenv/bin/pip --version | cut -d' ' -f2)"; \
 	  .lockvenv/bin/pip freeze --exclude-editable; } > $(LOCK).new

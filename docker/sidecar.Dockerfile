@@ -12,7 +12,8 @@ COPY pyproject.toml README.md /src/
 COPY sidecar /src/sidecar
 COPY kernels /src/kernels
 COPY operator /src/operator
-RUN pip install "torch==2.13.0" && pip install "/src[serve,triton]"
+# `s3`: boto3, for a weights store on S3 (learning/objectstore.py).
+RUN pip install "torch==2.13.0" && pip install "/src[serve,triton,s3]"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH HOME=/tmp

@@ -13,6 +13,10 @@ COPY sidecar /src/sidecar
 COPY kernels /src/kernels
 COPY operator /src/operator
 RUN pip install "torch==2.13.0" && pip install "/src[operator]"
+# boto3 for a weights store on S3, without its declared dependencies: botocore declares
+# python-dateutil<3, kubernetes 37 needs >=3 (see pyproject.toml's `s3` extra).
+RUN pip install --no-deps "boto3==1.44.18" "botocore==1.44.18" "s3transfer==0.19.3" \
+    "jmespath==1.1.0"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH HOME=/tmp

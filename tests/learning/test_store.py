@@ -1,4 +1,6 @@
-"""The directory weights store: round trips, refusal of bad versions, kill -9 safety, retention."""
+"""The weights stores' contract, run against both ``DirectoryStore`` and ``ObjectStore`` (the
+``harness`` fixture, see conftest.py): round trips, refusal of bad versions, retention; and
+the directory store's own kill -9 safety, staging clean-up and concurrent publishers."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,10 +42,10 @@ def files(seed: int, size: int = 4096) -> dict[str, bytes]:
     }
 
 
-def test_publish_then_open_round_trips_bytes_and_manifest(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_publish_then_open_round_trips_bytes_and_manifest(harness: Any, tmp_path: Path) -> None:
+    store = harness.make()
     payload = files(1)
-    source = tmp_path.parent / "from-path.bin"
+    source = tmp_path / "from-path.bin"
     source.write_bytes(b"copied from a path" * 100)
     manifest = store.publish(
         {**payload, "extra.bin": source},
@@ -60,12 +63,12 @@ def test_publish_then_open_round_trips_bytes_and_manifest(tmp_path: Path) -> Non
     assert version.manifest.metrics == {"acceptance": 0.61, "loss": 1.25}
     assert {f.name: f.size for f in manifest.files}["head.safetensors"] == 4096
     assert manifest.created_at.endswith("Z")
-    on_disk = json.loads((tmp_path / "v000001" / MANIFEST).read_text())
+    on_disk = json.loads(harness.read_raw("v000001", MANIFEST))
     assert on_disk["target"]["hidden_size"] == 576
 
 
-def test_versions_list_in_publish_order_and_latest_and_parent_follow(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_versions_list_in_publish_order_and_latest_and_parent_follow(harness: Any) -> None:
+    store = harness.make()
     published = [store.publish(files(i), target=TARGET).version for i in range(3)]
     assert published == ["v000001", "v000002", "v000003"]
     assert store.versions() == published
@@ -74,26 +77,24 @@ def test_versions_list_in_publish_order_and_latest_and_parent_follow(tmp_path: P
     assert store.latest_verified(TARGET).id == "v000003"  # type: ignore[union-attr]
 
 
-def test_ids_order_by_number_beyond_six_digits(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_ids_order_by_number_beyond_six_digits(harness: Any) -> None:
+    store = harness.make()
     store.publish(files(0), target=TARGET)
-    os.rename(tmp_path / "v000001", tmp_path / "v999999")  # as if a million were published
-    manifest_path = tmp_path / "v999999" / MANIFEST
-    manifest_path.write_text(manifest_path.read_text().replace("v000001", "v999999"))
+    harness.rename_version("v000001", "v999999")  # as if a million were published
+    harness.set_latest("v999999")
     assert store.publish(files(1), target=TARGET).version == "v1000000"
     assert store.versions() == ["v999999", "v1000000"]
 
 
 def test_flipped_byte_is_refused_naming_the_file_and_previous_version_served(
-    tmp_path: Path,
+    harness: Any,
 ) -> None:
-    store = DirectoryStore(tmp_path)
+    store = harness.make()
     good = store.publish(files(1), target=TARGET).version
     bad = store.publish(files(2), target=TARGET).version
-    path = tmp_path / bad / "suffix.bin"
-    data = bytearray(path.read_bytes())
+    data = bytearray(harness.read_raw(bad, "suffix.bin"))
     data[100] ^= 0x01
-    path.write_bytes(bytes(data))
+    harness.write_raw(bad, "suffix.bin", bytes(data))
     with pytest.raises(CorruptVersion, match=r"v000002: file 'suffix.bin' sha256"):
         store.open_version(bad)
     skipped: list[tuple[str, StoreError]] = []
@@ -101,12 +102,11 @@ def test_flipped_byte_is_refused_naming_the_file_and_previous_version_served(
     assert [v for v, _ in skipped] == [bad]
 
 
-def test_truncated_file_is_refused_with_its_sizes(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_truncated_file_is_refused_with_its_sizes(harness: Any) -> None:
+    store = harness.make()
     good = store.publish(files(1), target=TARGET).version
     bad = store.publish(files(2), target=TARGET).version
-    path = tmp_path / bad / "head.safetensors"
-    path.write_bytes(path.read_bytes()[:1000])
+    harness.write_raw(bad, "head.safetensors", harness.read_raw(bad, "head.safetensors")[:1000])
     with pytest.raises(
         CorruptVersion, match=r"'head.safetensors' has 1000 bytes, manifest says 4096"
     ):
@@ -114,18 +114,18 @@ def test_truncated_file_is_refused_with_its_sizes(tmp_path: Path) -> None:
     assert store.latest_verified(TARGET).id == good  # type: ignore[union-attr]
 
 
-def test_missing_file_is_refused_naming_it(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_missing_file_is_refused_naming_it(harness: Any) -> None:
+    store = harness.make()
     good = store.publish(files(1), target=TARGET).version
     bad = store.publish(files(2), target=TARGET).version
-    (tmp_path / bad / "calibration.json").unlink()
+    harness.remove_raw(bad, "calibration.json")
     with pytest.raises(CorruptVersion, match=r"'calibration.json' is missing"):
         store.open_version(bad)
     assert store.latest_verified(TARGET).id == good  # type: ignore[union-attr]
 
 
-def test_version_for_another_target_is_refused_and_skipped(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_version_for_another_target_is_refused_and_skipped(harness: Any) -> None:
+    store = harness.make()
     good = store.publish(files(1), target=TARGET).version
     other = store.publish(files(2), target=OTHER).version
     with pytest.raises(WrongTarget, match=r"made for target 'qwen2.5-coder-1.5b-instruct'"):
@@ -137,18 +137,18 @@ def test_version_for_another_target_is_refused_and_skipped(tmp_path: Path) -> No
         store.open_version(good, same_name)
 
 
-def test_garbled_manifest_is_refused_and_skipped(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_garbled_manifest_is_refused_and_skipped(harness: Any) -> None:
+    store = harness.make()
     good = store.publish(files(1), target=TARGET).version
     bad = store.publish(files(2), target=TARGET).version
-    (tmp_path / bad / MANIFEST).write_text('{"format": "atlas-weights/1", "vers')
+    harness.write_raw(bad, MANIFEST, b'{"format": "atlas-weights/1", "vers')
     with pytest.raises(CorruptVersion, match=r"v000002/manifest.json: unreadable manifest"):
         store.open_version(bad)
     assert store.latest_verified(TARGET).id == good  # type: ignore[union-attr]
 
 
-def test_unsafe_file_names_are_refused_before_anything_is_written(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_unsafe_file_names_are_refused_before_anything_is_written(harness: Any) -> None:
+    store = harness.make()
     for name in ("../escape", "sub/dir", MANIFEST, ".hidden", ""):
         with pytest.raises(StoreError, match="file name"):
             store.publish({name: b"x"}, target=TARGET)
@@ -233,8 +233,8 @@ def test_publisher_killed_at_random_moments_never_leaves_a_torn_version(tmp_path
     assert children > 0, "the child never completed a version: the test proved nothing"
 
 
-def test_retention_keeps_newest_n_and_serving_within_byte_bound(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_retention_keeps_newest_n_and_serving_within_byte_bound(harness: Any) -> None:
+    store = harness.make()
     ids = [store.publish(files(i, size=10_000), target=TARGET).version for i in range(6)]
     per_version = store.manifest(ids[0]).total_bytes
     store.mark_serving(ids[0], holder="pod-a")
@@ -250,17 +250,17 @@ def test_retention_keeps_newest_n_and_serving_within_byte_bound(tmp_path: Path) 
     assert store.versions() == [ids[0], ids[5]]
     deleted = store.retain(keep=2, max_bytes=1)  # newest and serving survive any bound
     assert deleted == [] and store.versions() == [ids[0], ids[5]]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert harness.leftovers() == []
     assert store.publish(files(9), target=TARGET).version == "v000007"  # ids never reused
     with pytest.raises(StoreError, match="keep must be at least 1"):
         store.retain(keep=0)
 
 
-def test_retention_keeps_the_version_latest_names_when_the_pointer_lags(tmp_path: Path) -> None:
-    store = DirectoryStore(tmp_path)
+def test_retention_keeps_the_version_latest_names_when_the_pointer_lags(harness: Any) -> None:
+    store = harness.make()
     ids = [store.publish(files(i), target=TARGET).version for i in range(4)]
-    # a publisher killed after renaming v000004 into place, before moving the pointer
-    (tmp_path / "latest").write_text(ids[2] + "\n")
+    # a publisher killed after making v000004 visible, before moving the pointer
+    harness.set_latest(ids[2])
     assert store.retain(keep=1) == [ids[1], ids[0]]
     assert store.versions() == [ids[2], ids[3]]
     assert store.latest() == ids[2] and store.latest_verified(TARGET).id == ids[3]  # type: ignore[union-attr]

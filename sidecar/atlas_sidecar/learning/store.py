@@ -13,8 +13,9 @@ disagree about the time and publish order must not depend on clocks; zero paddin
 the lexicographic order of directory listings and object keys equal to publish order
 (ids are still compared by their number, so the millionth version sorts right too).
 
-Only the standard library is needed. An object-store implementation of the same
-interface (S3-compatible) comes with its tests against a local S3-compatible server.
+Only the standard library is needed here. ``ObjectStore`` (objectstore.py) implements
+the same interface on an S3-compatible object store with boto3; ``open_store(uri)``
+picks one from a URI, importing boto3 only for ``s3://``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class StoreError(Exception):
     """Anything the store refuses."""
 
 
+class StoreUnavailable(StoreError):
+    """The store could not be read or written (network, throttling, permissions): no
+    verdict on any version, so readers must not fall back to an older one past it, and
+    retention must not act on what it could not read."""
+
+
 class VersionNotFound(StoreError):
     """No complete version by that id (never published, still being written, or deleted)."""
 
@@ -71,6 +78,12 @@ def version_number(version: str) -> int | None:
     """The counter of a version id, or None if ``version`` is not one."""
     match = _VERSION_RE.match(version)
     return int(match.group(1)) if match else None
+
+
+def _check_holder(holder: str) -> str:
+    if not _HOLDER_RE.match(holder):
+        raise StoreError(f"holder {holder!r} must be letters, digits and ._-")
+    return holder
 
 
 def _check_file_name(name: str) -> str:
@@ -291,6 +304,8 @@ def _latest_verified(
             return store.open_version(version, target)
         except VersionNotFound:
             continue  # deleted by retention while we looked
+        except StoreUnavailable:
+            raise  # says nothing about the version: falling back would downgrade on a blip
         except StoreError as err:
             if on_skip is not None:
                 on_skip(version, err)
@@ -545,8 +560,7 @@ class DirectoryStore:
 
     def mark_serving(self, version: str | None, holder: str = "default") -> None:
         """Record that ``holder`` serves ``version`` (None clears it): retention keeps it."""
-        if not _HOLDER_RE.match(holder):
-            raise StoreError(f"holder {holder!r} must be letters, digits and ._-")
+        _check_holder(holder)
         marks = self.root / ".serving"
         marks.mkdir(exist_ok=True)
         if version is None:
@@ -593,3 +607,32 @@ class DirectoryStore:
                 _fsync_dir(self.root)
                 shutil.rmtree(grave, ignore_errors=True)
         return doomed
+
+
+# ---------------------------------------------------------------------------------------
+# Choosing a store
+
+
+def open_store(
+    uri: str | os.PathLike[str], *, endpoint_url: str | None = None, **options: Any
+) -> WeightsStore:
+    """The store a URI names: ``s3://bucket/prefix`` -> ``ObjectStore`` (endpoint from
+    ``endpoint_url`` or env ``AWS_ENDPOINT_URL``, credentials from boto3's standard
+    chain), ``file:///path`` or a plain path -> ``DirectoryStore``. ``options`` go to the
+    store's constructor (e.g. ``stale_after_s``). One entry point, so every component
+    (trainer, sidecar, operator) takes the same configuration string."""
+    text = os.fspath(uri)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return DirectoryStore(text, **options)
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise StoreError(f"{text!r}: a file URI needs an absolute path (file:///...)")
+        return DirectoryStore(rest, **options)
+    if scheme == "s3":
+        from atlas_sidecar.learning.objectstore import ObjectStore
+
+        bucket, _, prefix = rest.partition("/")
+        endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+        return ObjectStore(bucket, prefix, endpoint_url=endpoint, **options)
+    raise StoreError(f"{text!r}: unknown store scheme {scheme!r} (s3://, file:// or a path)")
