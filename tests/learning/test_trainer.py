@@ -9,7 +9,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from atlas_sidecar.engine.controller import parse_calibration
 from atlas_sidecar.engine.speculators.neural import NeuralSpeculator
@@ -22,34 +21,9 @@ from atlas_sidecar.learning.published import (
     target_identity,
 )
 from atlas_sidecar.learning.store import DirectoryStore
-from atlas_sidecar.learning.trainer import CHECKPOINT, Trainer, TrainerConfig
+from atlas_sidecar.learning.trainer import CHECKPOINT, Trainer
 
-from .conftest import MemorySource
-
-FAST = TrainerConfig(
-    max_train_steps=30,
-    max_record_tokens=256,
-    heldout_fraction=0.34,  # two of six records
-    train=TrainConfig(batch_size=64, buffer_tokens=20_000),
-)
-FIRST = 6  # records of the first round; the rest arrive later
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def first_round(tmp_path_factory, target, python_traffic):
-    """One round over the first records into an empty store."""
-    root = tmp_path_factory.mktemp("first")
-    source = MemorySource(python_traffic[:FIRST])
-    trainer = Trainer(source, DirectoryStore(root / "store"), target, root / "state", FAST)
-    return root, source, trainer.run_round()
+from .conftest import FAST, FIRST, MemorySource
 
 
 def _replayed(target, version, records, lookahead=FAST.lookahead) -> float:
