@@ -258,11 +258,11 @@ class Trainer:
               scratch: Path) -> tuple[FileSource | None, dict[str, float]]:  # fmt: skip
         """The head file to publish (new if it beat the parent's, else the parent's) and
         the evaluation's figures."""
-        speculator = self._parent_head(parent)
+        carried = _local_file(parent, HEAD_FILE, scratch)
         held = self._heldout_count(len(records))
-        carried = parent.paths.get(HEAD_FILE) if parent and parent.paths else None
         if held == 0:
             return carried, {"head_published": 0.0}
+        speculator = self._parent_head(carried)
         heldout = self._features(records[-held:])
         before = self._score(speculator, heldout)
         steps = self._distil(speculator, records[:-held], deadline, fresh=carried is None)
@@ -275,12 +275,12 @@ class Trainer:
             return carried, metrics
         return save_weights(speculator.weights, speculator.identity, scratch / HEAD_FILE), metrics
 
-    def _parent_head(self, parent: Version | None) -> NeuralSpeculator:
+    def _parent_head(self, head: Path | None) -> NeuralSpeculator:
         """A speculator serving the parent's head, or what a replica starts from without
         one (the warm-start head cached in ``$ATLAS_HOME``, else the initial head)."""
         speculator = NeuralSpeculator(self.target)
-        if parent is not None and parent.paths and HEAD_FILE in parent.paths:
-            speculator.load(parent.paths[HEAD_FILE])
+        if head is not None:
+            speculator.load(head)
         else:
             load_cached(speculator)
         return speculator
@@ -340,6 +340,18 @@ def _read(version: Version | None, name: str) -> bytes | None:
     if version is None or name not in {f.name for f in version.manifest.files}:
         return None
     return version.read(name)
+
+
+def _local_file(version: Version | None, name: str, scratch: Path) -> Path | None:
+    """A version's file as a local path: its own in a directory store, else its verified
+    bytes written to ``scratch`` (a remote store hands out bytes)."""
+    if version is None or name not in {f.name for f in version.manifest.files}:
+        return None
+    if version.paths is not None:
+        return version.paths[name]
+    path = scratch / f"parent-{name}"
+    path.write_bytes(version.read(name))
+    return path
 
 
 def _window(rows: list[tuple[int, TrafficRecord]], last_seq: int) -> dict[str, Any]:
