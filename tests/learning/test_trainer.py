@@ -168,3 +168,27 @@ def test_corrupt_checkpoint_refused(target, tmp_path):
     (tmp_path / "state" / CHECKPOINT).write_text("{not json")
     with pytest.raises(ValueError, match="corrupt trainer checkpoint"):
         Trainer(MemorySource(), DirectoryStore(tmp_path / "store"), target, tmp_path / "state")
+
+
+def test_a_round_is_bounded_and_the_next_goes_on(target, python_traffic, tmp_path):
+    store = DirectoryStore(tmp_path / "store")
+    source = MemorySource(python_traffic[:5])
+    bounded = dataclasses.replace(NO_HEAD, max_records=2, suffix_tokens=400)
+    trainer = Trainer(source, store, target, tmp_path / "state", bounded)
+    rounds = [trainer.run_round() for _ in range(4)]
+    assert [(r.first_seq, r.last_seq) for r in rounds] == [(1, 2), (3, 4), (5, 5), (None, None)]
+    assert store.versions() == ["v000001", "v000002", "v000003"]
+    suffix = SuffixSpeculator()
+    suffix.load_snapshot_bytes(store.open_version("v000003").read(SUFFIX_FILE))
+    assert 0 < suffix.global_size <= 400  # the trainer's index keeps to its budget
+    assert list(suffix._global_docs[-1]) == list(python_traffic[4].tokens)
+
+
+def test_records_with_ids_outside_the_vocabulary_are_skipped(target, python_traffic, tmp_path):
+    good = python_traffic[0]
+    bad = dataclasses.replace(good, request_id="r/bad", output_ids=(target.vocab_size,))
+    source = MemorySource([bad, good])
+    store = DirectoryStore(tmp_path / "store")
+    result = Trainer(source, store, target, tmp_path / "state", NO_HEAD).run_round()
+    assert (result.records, result.skipped, result.version) == (1, 1, "v000001")
+    assert store.manifest("v000001").window["first_request_id"] == good.request_id
