@@ -115,6 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         streams=args.streams,
         draft_weights=args.draft_weights,
         backend=args.backend,
+        snapshot=args.snapshot,
     )
     # A server's target: waited for and checked before the draft model loads.
     target = None if args.backend == "torch" else load_target(args, args.target)
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="JSON output path (default bench-out/bench.json, or "
                    "bench-out/ablate.json with --ablate)")  # fmt: skip
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
+    p.add_argument("--snapshot", metavar="PATH",
+                   help="a version the trainer published (<store>/v000042): our engines start "
+                   "from its suffix index, neural head and calibration priors, verified "
+                   "against its manifest and the target")  # fmt: skip
     _add_model_args(p)
     add_backend_args(p)
     p.set_defaults(func=cmd_bench)

@@ -193,34 +193,25 @@ def test_rollouts_from_two_threads_are_prepared_one_at_a_time(rollout):
 # -- through a real server ---------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_target():
-    from atlas_sidecar import models
-    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
-
-    models.pull(models.TEST_MODEL)
-    return CausalLMRunner.load(models.TEST_MODEL, dtype="fp32")
-
-
 MAX_TOKENS = 64
 
 
-def test_a_version_swapped_in_mid_stream_leaves_that_stream_exact(small_target, tmp_path):
+def test_a_version_swapped_in_mid_stream_leaves_that_stream_exact(target, tmp_path):
     from atlas_sidecar.engine.core import Engine
     from atlas_sidecar.serving.app import ServerConfig, ServerThread
     from atlas_sidecar.serving.client import AtlasClient
     from atlas_sidecar.tooling.workloads import Prompt, encode
 
-    tok = small_target.tokenizer
+    tok = target.tokenizer
     text = "Write a Python function that returns the square of a number."
     ids = encode(tok, Prompt("t", "t", (("user", text),)))
-    want = Engine(small_target, tok).generate(ids, SamplingParams(max_tokens=MAX_TOKENS)).token_ids
+    want = Engine(target, tok).generate(ids, SamplingParams(max_tokens=MAX_TOKENS)).token_ids
     store = DirectoryStore(tmp_path / "weights")
     # The new version knows this request's answer: its drafts are all accepted.
     version = store.publish({"suffix.json": json.dumps([ids + want]).encode()},
                             target=TARGET).version  # fmt: skip
     drafter = VersionedDrafter("base", SuffixSpeculator())
-    engine = Engine(small_target, tok, drafter, lookahead=8)
+    engine = Engine(target, tok, drafter, lookahead=8)
     rollout = Rollout(store, TARGET, {"suffix": drafter}, {"suffix": load_docs})
     config = ServerConfig(port=0, metrics_port=None, admin_token="admin-secret")
     server = ServerThread(engine, config)

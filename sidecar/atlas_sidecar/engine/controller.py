@@ -17,6 +17,7 @@ priors that the measurements quickly outweigh.
 from __future__ import annotations
 
 import bisect
+import json
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -41,7 +42,38 @@ CONFIDENCE_EDGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.97, 0.99, 1.0
 # request's own are worth (_Steps).
 STEP_PRIOR = 2.0
 
+# The trainer's calibration priors (``parse_calibration``): per speculator, the share
+# of its drafted tokens the target accepted across all replicas' traffic.
+CALIBRATION_FORMAT = "atlas-calibration/1"
+
 K = TypeVar("K")
+
+
+class CalibrationError(ValueError):
+    """Calibration priors that are not valid JSON of ``CALIBRATION_FORMAT``."""
+
+
+def parse_calibration(raw: bytes | str) -> dict[str, float]:
+    """Speculator name -> prior acceptance rate, from the trainer's calibration file.
+
+    Refused whole (CalibrationError) unless every entry has drafted >= accepted >= 0
+    and the rate they give: a bad file must not steer planning."""
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}")
+        priors = {}
+        for name, entry in dict(data["speculators"]).items():
+            drafted, accepted = float(entry["drafted"]), float(entry["accepted"])
+            if not 0 <= accepted <= drafted or not math.isfinite(drafted):
+                raise ValueError(f"{name}: accepted {accepted} of drafted {drafted}")
+            if drafted > 0:
+                priors[str(name)] = accepted / drafted
+        return priors
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CalibrationError(f"not {CALIBRATION_FORMAT} calibration: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -272,6 +304,9 @@ class AcceptanceStats:
 
     def __init__(self) -> None:
         self._cells: dict[tuple[str, int], _Beta] = {}
+        # Per speculator, the acceptance rate seen across the traffic (the trainer's
+        # calibration): the prior of ``rate`` before this process has evidence.
+        self.priors: dict[str, float] = {}
 
     def prob(self, bucket: str, confidence: float) -> float:
         cell = self._cells.get((bucket, _bin(confidence)))
@@ -282,7 +317,11 @@ class AcceptanceStats:
         return (cell.accepted + PRIOR_STRENGTH * prior) / (n + PRIOR_STRENGTH)
 
     def rate(self, bucket: str, prior: float = 0.75) -> float:
-        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft."""
+        """P(accepted) for the bucket's tokens at any confidence: for planning before a draft.
+
+        The prior is the traffic's rate for the bucket's speculator when the trainer
+        published one (``priors``), else ``prior``."""
+        prior = self.priors.get(bucket.split(":", 1)[0], prior)
         accepted = sum(c.accepted for (b, _), c in self._cells.items() if b == bucket)
         rejected = sum(c.rejected for (b, _), c in self._cells.items() if b == bucket)
         return (accepted + PRIOR_STRENGTH * prior) / (accepted + rejected + PRIOR_STRENGTH)
@@ -388,9 +427,6 @@ def expected_tokens(accept_probs: list[float]) -> list[float]:
     return out
 
 
-
-
-
 class Controller:
     """Plans each step for each sequence; learns from what the target accepted.
 
@@ -423,6 +459,13 @@ class Controller:
     @property
     def name(self) -> str:
         return "atlas"
+
+    def load_calibration(self, raw: bytes | str) -> dict[str, float]:
+        """Start from the trainer's calibration priors (``parse_calibration``): planning
+        before this replica has evidence of its own follows all replicas' traffic."""
+        priors = parse_calibration(raw)
+        self.acceptance.priors = {k: min(max(v, 0.0), 0.99) for k, v in priors.items()}
+        return priors
 
     def _state(self, seq_id: str) -> SequenceState:
         return self.sequences.setdefault(seq_id, SequenceState())

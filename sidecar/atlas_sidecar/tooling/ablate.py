@@ -51,11 +51,12 @@ def run(
     """``target``: a ready target backend (a server's), else ``config.target`` is loaded."""
     prompts = bench.load_prompts(config)
     target, draft = bench.load_models(config, need_draft=True, log=log, target=target)
+    published = bench.open_snapshot(config, target, log)
     configs = variants(parts)
     decoders: dict[str, peers.Decoder] = {}
     for name, cfg in configs.items():
         mode = "none" if cfg is None else "atlas"
-        decoders[name] = our_modes.build_engine(mode, target, draft, config.lookahead, config=cfg)
+        decoders[name] = bench.build_ours(config, mode, target, draft, published, cfg)
     encoded = [workloads.encode(target.tokenizer, p) for p in prompts]
     unavailable: dict[str, str] = {}
     try:

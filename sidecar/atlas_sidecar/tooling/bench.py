@@ -28,9 +28,12 @@ from typing import Any
 
 from atlas_sidecar.engine import build as our_modes
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
-from atlas_sidecar.engine.controller import Controller
+from atlas_sidecar.engine.controller import Controller, ControllerConfig
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine, GenerationResult
 from atlas_sidecar.engine.sampling import SamplingParams
+from atlas_sidecar.engine.speculators.neural import WeightsError
+from atlas_sidecar.learning.published import apply_version, open_published
+from atlas_sidecar.learning.store import StoreError, Version
 from atlas_sidecar.tooling import peers, workloads
 from atlas_sidecar.tooling.streams import format_streams, run_streams
 
@@ -64,6 +67,7 @@ class BenchConfig:
     streams: int = 0  # > 0: also decode the prompts this many at a time (our modes)
     draft_weights: str = "auto"  # int8 on CPU (``backends/int8.py``); the target keeps dtype
     backend: str = "torch"  # what ``target`` passed to ``run`` is, for the record
+    snapshot: str | None = None  # a published version directory our engines start from
 
 
 @dataclass
@@ -112,11 +116,12 @@ def run(
     prompts = load_prompts(config)
     need_draft = bool((our_modes.NEEDS_DRAFT | peers.NEEDS_DRAFT) & set(config.modes))
     target, draft = load_models(config, need_draft, log, target)
+    published = open_snapshot(config, target, log)
     decoders: dict[str, peers.Decoder] = {}
     unavailable: dict[str, str] = {}
     for mode in config.modes:
         if mode not in peers.PEERS:
-            decoders[mode] = our_modes.build_engine(mode, target, draft, config.lookahead)
+            decoders[mode] = build_ours(config, mode, target, draft, published)
             continue
         if not isinstance(target, CausalLMRunner):
             unavailable[mode] = f"needs the target in this process, not --backend {config.backend}"
@@ -142,8 +147,12 @@ def run(
             log(f"streams: {len(stream)} requests (the same phases, more prompts of each) "
                 f"so that {config.streams} are live at once")  # fmt: skip
             stream_ids = [workloads.encode(target.tokenizer, p) for p in stream]
-        summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log)
+        summary["streams"] = concurrent(config, target, draft, stream, stream_ids, log, published)
     add_divergences(summary, target, encoded, prompts, runs)
+    if published is not None:
+        summary["snapshot"] = {"version": published.id, "parent": published.manifest.parent,
+                               "window": published.manifest.window,
+                               "metrics": published.manifest.metrics}  # fmt: skip
     return summary
 
 
@@ -152,6 +161,42 @@ def controller_costs(decoder: peers.Decoder) -> dict[str, Any] | None:
     if isinstance(decoder, Engine) and isinstance(decoder.policy, Controller):
         return decoder.policy.costs.snapshot()
     return None
+
+
+def open_snapshot(
+    config: BenchConfig, target: CausalLMRunner, log: Callable[[str], None]
+) -> Version | None:
+    """The version ``--snapshot`` names, verified against its manifest and the target
+    (ValueError naming what is wrong: the command reports it, as a bad flag)."""
+    if config.snapshot is None:
+        return None
+    try:
+        version = open_published(config.snapshot, target)
+    except StoreError as err:
+        raise ValueError(f"--snapshot {config.snapshot}: {err}") from err
+    files = ", ".join(f.name for f in version.manifest.files)
+    log(f"engines start from published version {version.id} ({files})")
+    return version
+
+
+def build_ours(
+    config: BenchConfig,
+    mode: str,
+    target: CausalLMRunner,
+    draft: CausalLMRunner | None,
+    published: Version | None,
+    controller: ControllerConfig | None = None,
+) -> Engine:
+    """One of our engines, started from the published version when there is one: its
+    suffix index, neural head and calibration priors, as a replica would start."""
+    engine = our_modes.build_engine(mode, target, draft, config.lookahead, config=controller)
+    if published is not None:
+        try:
+            apply_version(engine, published, target.vocab_size)
+        except (WeightsError, ValueError) as err:  # the snapshot's and calibration's too
+            our_modes.close_engine(engine)
+            raise ValueError(f"--snapshot {published.id}: {err}") from err
+    return engine
 
 
 def load_models(
@@ -265,6 +310,7 @@ def concurrent(
     prompts: list[workloads.Prompt],
     encoded: list[list[int]],
     log: Callable[[str], None],
+    published: Version | None = None,
 ) -> dict[str, Any]:
     """Our modes on the same prompts, ``config.streams`` sequences per target forward.
 
@@ -275,7 +321,7 @@ def concurrent(
     ours = [m for m in config.modes if m not in peers.PEERS]
     if "none" not in ours:
         ours.insert(0, "none")  # the reference at the same number of streams
-    engines = {m: our_modes.build_engine(m, target, draft, config.lookahead) for m in ours}
+    engines = {m: build_ours(config, m, target, draft, published) for m in ours}
     try:
         result = run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
     finally:

@@ -17,12 +17,18 @@ lookups: microseconds, against a target step of tens to hundreds of milliseconds
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import itertools
+import os
+import struct
 import sys
 from array import array
 from collections import Counter, deque
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from atlas_sidecar.engine.capabilities import SUFFIX
 from atlas_sidecar.engine.speculators.base import DraftRequest
@@ -40,6 +46,15 @@ MAX_LIVE_SEQUENCES = 4096
 # The most an indexed token costs, measured with random ids (every n-gram new; test_suffix
 # keeps it an upper bound): sizes the tail of a document a byte budget can hold.
 WORST_BYTES_PER_TOKEN = 1024
+
+# The global index's snapshot (``save_snapshot``): the documents it holds, oldest first,
+# as little-endian int32 ids; the index is rebuilt from them on load. Layout:
+#   magic(8) format(u32) vocab_size(u32) docs(u32) tokens(u64)
+#   doc lengths(u32 x docs) token ids(i32 x tokens) sha256 of all before(32)
+SNAPSHOT_MAGIC = b"ATLASSFX"
+SNAPSHOT_FORMAT = 1
+_SNAPSHOT_HEADER = struct.Struct("<8sIIIQ")
+_SNAPSHOT_DIGEST = 32
 
 Occurrence = tuple["Doc", int]  # (a document's tokens, index of the next token)
 Doc = list[int] | array
@@ -179,6 +194,51 @@ class NgramIndex:
         return len(self._where)
 
 
+class SnapshotError(ValueError):
+    """A suffix snapshot that is corrupt, truncated, of another format or vocabulary."""
+
+
+def encode_snapshot(docs: list[Doc], vocab_size: int) -> bytes:
+    """The snapshot bytes of ``docs`` (oldest first) for a ``vocab_size`` vocabulary."""
+    lengths = np.array([len(d) for d in docs], dtype="<u4")
+    tokens = np.concatenate([np.asarray(d, dtype="<i4") for d in docs] or [np.zeros(0, "<i4")])
+    header = _SNAPSHOT_HEADER.pack(
+        SNAPSHOT_MAGIC, SNAPSHOT_FORMAT, vocab_size, len(docs), int(tokens.size)
+    )
+    body = header + lengths.tobytes() + tokens.astype("<i4").tobytes()
+    return body + hashlib.sha256(body).digest()
+
+
+def decode_snapshot(data: bytes, vocab_size: int | None = None) -> list[np.ndarray]:
+    """The documents of a snapshot, oldest first; SnapshotError naming what is wrong.
+
+    Checked before anything is used: magic, format, size, checksum, the vocabulary it
+    was made for (``vocab_size`` when given) and every id within it. No pickle: the file
+    may come from anywhere, and ids are plain int32 arrays."""
+    if len(data) < _SNAPSHOT_HEADER.size + _SNAPSHOT_DIGEST:
+        raise SnapshotError(f"suffix snapshot truncated ({len(data)} bytes)")
+    magic, fmt, vocab, docs, tokens = _SNAPSHOT_HEADER.unpack_from(data)
+    if magic != SNAPSHOT_MAGIC:
+        raise SnapshotError("not a suffix snapshot (bad magic)")
+    if fmt != SNAPSHOT_FORMAT:
+        raise SnapshotError(f"suffix snapshot format {fmt}, this reads {SNAPSHOT_FORMAT}")
+    expected = _SNAPSHOT_HEADER.size + 4 * docs + 4 * tokens + _SNAPSHOT_DIGEST
+    if len(data) != expected:
+        raise SnapshotError(f"suffix snapshot has {len(data)} bytes, its header says {expected}")
+    if hashlib.sha256(data[:-_SNAPSHOT_DIGEST]).digest() != data[-_SNAPSHOT_DIGEST:]:
+        raise SnapshotError("suffix snapshot checksum mismatch (corrupt)")
+    if vocab_size is not None and vocab != vocab_size:
+        raise SnapshotError(f"suffix snapshot made for vocabulary {vocab}, this is {vocab_size}")
+    start = _SNAPSHOT_HEADER.size
+    lengths = np.frombuffer(data, dtype="<u4", count=docs, offset=start)
+    ids = np.frombuffer(data, dtype="<i4", count=tokens, offset=start + 4 * docs)
+    if int(lengths.sum(dtype=np.uint64)) != tokens:
+        raise SnapshotError("suffix snapshot document lengths do not add up to its tokens")
+    if tokens and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise SnapshotError(f"suffix snapshot holds ids outside [0, {vocab})")
+    return np.split(ids, np.cumsum(lengths)[:-1]) if docs else []
+
+
 @dataclass
 class _Local:
     doc: list[int]
@@ -246,6 +306,52 @@ class SuffixSpeculator:
             old = self._global_docs.popleft()
             self._global.remove(old)
             self._global_size -= len(old)
+
+    # -- snapshots ---------------------------------------------------------------------
+
+    def snapshot_bytes(self, vocab_size: int) -> bytes:
+        """The global index as a snapshot: a new or restarted replica loads it and
+        drafts from every replica's traffic at once, instead of starting cold."""
+        return encode_snapshot(list(self._global_docs), vocab_size)
+
+    def save_snapshot(self, path: str | os.PathLike[str], vocab_size: int) -> Path:
+        """Write ``snapshot_bytes`` to ``path`` through a temp file and a rename."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(self.snapshot_bytes(vocab_size))
+        os.replace(tmp, path)
+        return path
+
+    def load_snapshot_bytes(self, data: bytes, vocab_size: int | None = None) -> int:
+        """Replace the global index with a snapshot's documents; returns how many.
+
+        Validated whole before the index is touched (a bad file leaves it as it was).
+        Documents are re-added oldest first under this speculator's own budgets, so the
+        index equals the saved one when the budgets are the same; only the newest that
+        the token budget holds are indexed (older ones would be evicted at once)."""
+        docs = decode_snapshot(data, vocab_size)
+        kept, total = 0, 0
+        for doc in reversed(docs):
+            if kept and total + len(doc) > self.global_tokens:
+                break
+            kept, total = kept + 1, total + len(doc)
+        self._global = NgramIndex()
+        self._global_docs.clear()
+        self._global_size = 0
+        for doc in docs[len(docs) - kept :]:
+            self.add_document(doc.tolist())
+        return kept
+
+    def load_snapshot(self, path: str | os.PathLike[str], vocab_size: int | None = None) -> int:
+        """``load_snapshot_bytes`` of a file; SnapshotError if it is not a valid one."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise SnapshotError(f"{path}: cannot read suffix snapshot: {err}") from err
+        try:
+            return self.load_snapshot_bytes(data, vocab_size)
+        except SnapshotError as err:
+            raise SnapshotError(f"{path}: {err}") from err
 
     @property
     def global_size(self) -> int:
