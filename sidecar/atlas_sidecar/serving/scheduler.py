@@ -82,6 +82,9 @@ class FailedEvent:
 
 Event = TokensEvent | DoneEvent | FailedEvent
 Sink = Callable[[Event], None]
+# Told of every finished request (its prompt ids, its result, whether it was sampled),
+# on the worker: it must not block (the mirror only queues).
+FinishHook = Callable[[list[int], GenerationResult, bool], object]
 
 
 @dataclass(eq=False)
@@ -119,9 +122,11 @@ class Scheduler:
         kv_budget_bytes: int = 0,
         on_death: Callable[[BaseException], None] | None = None,
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
+        on_finished: FinishHook | None = None,
     ) -> None:
         """``on_death`` is called (on the worker thread) if the worker dies, after every
-        request has been failed: the server stops serving and exits (see ``_run``)."""
+        request has been failed: the server stops serving and exits (see ``_run``).
+        ``on_finished`` is told of each request that finished (the traffic mirror)."""
         if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
             raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
@@ -144,6 +149,7 @@ class Scheduler:
         self._accepting = True
         self._stopping = False
         self.on_death = on_death
+        self.on_finished = on_finished
         self.failure: BaseException | None = None  # what killed the worker, if it died
         self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
         self._thread = threading.Thread(target=self._run, name="atlas-scheduler", daemon=True)
@@ -362,6 +368,7 @@ class Scheduler:
         assert job.seq is not None
         result = job.seq.result()
         self._release(job)
+        self._tell_finished(job, result)
         tail = ""
         if job.stream:
             tail = result.text[len(job.emitted_text) :]
@@ -370,6 +377,15 @@ class Scheduler:
                             job.request_id)  # fmt: skip
         job.closed = True
         job.sink(DoneEvent(result, added, tail, job.ttft_s))
+
+    def _tell_finished(self, job: Job, result: GenerationResult) -> None:
+        """The hook's failure is logged, never the request's: it already succeeded."""
+        if self.on_finished is None or job.ids is None:
+            return
+        try:
+            self.on_finished(job.ids, result, not job.params.greedy)
+        except Exception:  # noqa: BLE001 - mirroring must never fail serving
+            log.exception("request %s: the finish hook failed", job.request_id)
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)
