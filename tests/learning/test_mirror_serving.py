@@ -13,9 +13,15 @@ from atlas_sidecar import cli
 from atlas_sidecar.serving.commands import server_config_from_args
 from atlas_sidecar.serving.mirror import MirrorConfig
 from atlas_sidecar.tooling.workloads import Prompt, encode
-from tests.sidecar.conftest import _deterministic, chat, client_for, served, serving  # noqa: F401
+from tests.sidecar import conftest as sidecar
+from tests.sidecar.conftest import chat, serving
 
 from .conftest import metric, wait_until
+
+# The sidecar tests' fixtures: the model loaded once, torch seeded, clients closed.
+served = sidecar.served
+client_for = sidecar.client_for
+_deterministic = sidecar._deterministic
 
 MAX_TOKENS = 8
 
