@@ -6,9 +6,11 @@ import logging
 import time
 from pathlib import Path
 
+from atlas_sidecar.engine.core import StepStats
 from atlas_sidecar.learning.ingest import IngestConfig, IngestServerThread
-from atlas_sidecar.learning.wire import encode
-from atlas_sidecar.serving.mirror import sampled_in
+from atlas_sidecar.learning.records import MAX_RECORD_TOKENS
+from atlas_sidecar.learning.wire import decode, encode
+from atlas_sidecar.serving.mirror import build_record, sampled_in
 from atlas_sidecar.serving.spill import Spill
 
 from .conftest import free_port, make_record, metric, wait_until
@@ -145,3 +147,38 @@ def test_close_spills_what_is_unacked_for_the_next_process(tmp_path: Path, mirro
     spill.rewind()
     assert spill.next_frame() is not None
     spill.close()
+
+
+def test_a_torn_spill_left_by_a_crash_is_replayed_up_to_the_tear(
+    tmp_path, store, trainer, mirror_for, caplog
+) -> None:
+    spill = Spill(tmp_path / "spill", 1 << 20)
+    spill.append([encode(make_record(i)) for i in range(3)])
+    spill.close()
+    (segment,) = (tmp_path / "spill").glob("spill-*.log")
+    with segment.open("ab") as f:
+        f.write(encode(make_record(3))[:7])  # the process died mid-write
+    caplog.set_level(logging.WARNING, logger="atlas_sidecar.serving.spill")
+    mirror, registry = mirror_for(trainer.address)
+    wait_until(lambda: store.count() == 3, "the whole frames replayed")
+    wait_until(lambda: not segment.exists(), "the replayed segment deleted")
+    assert sorted(ids_in(store)) == [make_record(i).request_id for i in range(3)]
+    assert any("torn" in r.getMessage() for r in caplog.records)
+    assert metric(registry, "atlas_mirror_spill_bytes") == 0
+
+
+def test_a_long_request_is_mirrored_as_its_tail() -> None:
+    steps = [StepStats("static", 3, 2, 0.0, 0.0)] * 10
+    cap = MAX_RECORD_TOKENS
+    record = build_record("r/1", "r", list(range(cap)), list(range(cap, cap + 100)), steps,
+                          "v1", False)  # fmt: skip
+    assert record.tokens == tuple(range(100, cap + 100))
+    assert record.output_ids == tuple(range(cap, cap + 100))
+    only_output = build_record("r/2", "r", [1, 2], list(range(cap + 5)), steps, "v1", True)
+    assert only_output.prompt_ids == () and only_output.output_ids == tuple(range(5, cap + 5))
+    short = build_record("r/3", "r", [1, 2], [3], steps[:1], "v1", False)
+    assert (short.prompt_ids, short.output_ids) == ((1, 2), (3,))
+    assert (short.step_speculators, short.step_drafted, short.step_accepted) == (
+        ("static",), (3,), (2,),
+    )  # fmt: skip
+    assert decode(encode(record)) == record  # within the wire's bounds

@@ -95,6 +95,7 @@ class _Session:
     last_progress: float
     ended: bool = False
     acked: int = 0
+    spill_bytes: int = 0  # replayed from the spill and in flight (memory ones are queued)
     from_spill: bool = False  # whose turn it is, when both the queue and the spill wait
 
     def stalled(self, now: float, timeout_s: float) -> bool:
@@ -313,6 +314,7 @@ class Mirror:
                     if entry.segment is None:
                         self._queue.appendleft(entry)
             session.inflight.clear()
+            session.spill_bytes = 0
             self._cond.notify_all()
 
     def _requests(self, session: _Session) -> Iterator[bytes]:
@@ -321,7 +323,7 @@ class Mirror:
         while True:
             spill_waiting = self.spill is not None and self.spill.frames_waiting
             with self._cond:
-                while session.ended or len(session.inflight) >= self.config.window:
+                while session.ended or self._window_full(session):
                     if session.ended:
                         return
                     self._cond.wait(0.25)
@@ -333,6 +335,12 @@ class Mirror:
                     self._cond.wait(0.25)
                 continue
             yield entry.data
+
+    def _window_full(self, session: _Session) -> bool:
+        """At most ``window`` records in flight, and replayed ones within the queue's
+        byte bound too (memory ones are already in it)."""
+        full = len(session.inflight) >= self.config.window
+        return full or session.spill_bytes >= self.config.queue_bytes
 
     def _take_memory(self, session: _Session, spill_waiting: bool) -> _Entry | None:
         """The next live record, unless it is the spill's turn (holding the lock)."""
@@ -351,7 +359,12 @@ class Mirror:
         if frame is None:
             return None
         segment, data = frame
-        entry = _Entry(_request_id(data), data, segment)
+        request_id = _request_id(data)
+        if not request_id:  # checksummed, so written so: nothing the trainer could store
+            self.spill.acked(segment)
+            self._drop("corrupt")
+            return None
+        entry = _Entry(request_id, data, segment)
         with self._cond:
             if session.ended:
                 return None  # its segment is rewound by the next stream
@@ -362,6 +375,8 @@ class Mirror:
         if not session.inflight:
             session.last_progress = time.monotonic()  # the stall clock starts now
         session.inflight.setdefault(entry.request_id, []).append(entry)
+        if entry.segment is not None:
+            session.spill_bytes += len(entry.data)
 
     def _read_acks(self, session: _Session, call: grpc.Call) -> None:
         try:
@@ -387,6 +402,7 @@ class Mirror:
             for request_id in ack.rejected_ids:
                 done.extend(session.inflight.pop(request_id, ()))
             self._queue_bytes -= sum(len(e.data) for e in done if e.segment is None)
+            session.spill_bytes -= sum(len(e.data) for e in done if e.segment is not None)
             session.acked += acked
             session.last_progress = time.monotonic()
             self._cond.notify_all()
@@ -416,8 +432,12 @@ class Mirror:
 
 
 def _request_id(data: bytes) -> str:
+    """The id of an encoded record; "" if it does not parse."""
     message = tpb.MirrorRecord()
-    message.ParseFromString(data)
+    try:
+        message.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - whatever the parser raises on bad bytes
+        return ""
     return str(message.request_id)
 
 
