@@ -60,32 +60,40 @@ class Segment:
             self.reader = None
 
     def read_next(self) -> bytes | None:
-        """The next frame's payload; None at the end or at a torn or corrupt frame."""
+        """The next frame's payload; None at the end or at a torn or corrupt frame
+        (logged: the rest of the segment is skipped)."""
+        try:
+            return self._frame()
+        except _Torn as why:
+            log.warning("spill segment %s: %s at byte %d; skipping its %d remaining bytes",
+                        self.path.name, why, self.offset, self.size - self.offset)  # fmt: skip
+            return None
+
+    def _frame(self) -> bytes | None:
         if self.reader is None:
             self.reader = self.path.open("rb")
             if self.reader.read(len(MAGIC)) != MAGIC:
-                return self._bad("not a spill segment (bad magic)")
+                raise _Torn("not a spill segment (bad magic)")
             self.reader.seek(self.offset)
         header = self.reader.read(FRAME.size)
         if not header:
             return None
         if len(header) < FRAME.size:
-            return self._bad("torn frame header")
+            raise _Torn("torn frame header")
         length, crc = FRAME.unpack(header)
         if length > MAX_MESSAGE_BYTES:
-            return self._bad(f"frame length {length} over the bound")
+            raise _Torn(f"frame length {length} over the bound")
         payload = self.reader.read(length)
         if len(payload) < length:
-            return self._bad("torn frame")
+            raise _Torn("torn frame")
         if zlib.crc32(payload) != crc:
-            return self._bad("checksum mismatch")
+            raise _Torn("checksum mismatch")
         self.offset += FRAME.size + length
         return payload
 
-    def _bad(self, why: str) -> None:
-        log.warning("spill segment %s: %s at byte %d; skipping its %d remaining bytes",
-                    self.path.name, why, self.offset, self.size - self.offset)  # fmt: skip
-        return None
+
+class _Torn(Exception):
+    """A frame that cannot be read whole: the segment ends before it."""
 
 
 class Spill:
