@@ -79,3 +79,11 @@ def test_streams_past_the_bound_are_refused(store) -> None:
         second_outbox.put(None)
         first.close()
         second.close()
+
+
+def test_the_api_is_a_bidirectional_stream_in_its_own_versioned_package() -> None:
+    service = tpb.DESCRIPTOR.services_by_name["Trainer"]
+    assert tpb.DESCRIPTOR.package == "atlas.trainer.v1"
+    ingest = service.methods_by_name["Ingest"]
+    assert ingest.client_streaming and ingest.server_streaming
+    assert f"/{service.full_name}/Ingest" == INGEST_METHOD

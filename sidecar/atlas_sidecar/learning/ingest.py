@@ -41,9 +41,11 @@ class IngestConfig:
     port: int = DEFAULT_INGEST_PORT  # 0: any free port
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_concurrent_streams: int = 64  # Ingest calls at once, over all connections
-    read_ahead: int = 32  # messages a stream buffers before its sender is flow-controlled
+    read_ahead: int = 4  # messages a stream buffers before its sender is flow-controlled
     max_batch_records: int = 512
     max_batch_bytes: int = 8 << 20
+    # Memory at worst: max_concurrent_streams x (read_ahead x max_message_bytes +
+    # max_batch_bytes), 1 GiB by default, when every stream sends the largest records.
 
 
 class IngestService:
