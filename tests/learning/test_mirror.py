@@ -182,3 +182,18 @@ def test_a_long_request_is_mirrored_as_its_tail() -> None:
         ("static",), (3,), (2,),
     )  # fmt: skip
     assert decode(encode(record)) == record  # within the wire's bounds
+
+
+def test_a_lagging_trainer_gets_the_queue_excess_through_the_spill(store, trainer, mirror_for):
+    four = sum(len(encode(make_record(i))) for i in range(4))
+    mirror, registry = mirror_for(trainer.address, queue_bytes=four, ack_timeout_s=60)
+    store.gate.clear()  # slow, not gone: the stream stays up, acks just do not come yet
+    for i in range(20):
+        assert mirror.offer(make_record(i)), f"record {i} refused"
+        time.sleep(0.03)
+    assert metric(registry, "atlas_mirror_spilled_records_total") > 0
+    assert mirror.queue_bytes <= four
+    store.gate.set()
+    wait_until(lambda: store.count() == 20, "every record, live and spilled")
+    assert len(set(ids_in(store))) == 20
+    assert metric(registry, "atlas_mirror_dropped_records_total", reason="queue_full") == 0

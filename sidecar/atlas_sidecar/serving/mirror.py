@@ -95,7 +95,8 @@ class _Session:
     last_progress: float
     ended: bool = False
     acked: int = 0
-    spill_bytes: int = 0  # replayed from the spill and in flight (memory ones are queued)
+    spill_bytes: int = 0  # replayed from the spill and in flight
+    memory_bytes: int = 0  # from the queue and in flight (still counted in the queue)
     from_spill: bool = False  # whose turn it is, when both the queue and the spill wait
 
     def stalled(self, now: float, timeout_s: float) -> bool:
@@ -285,17 +286,27 @@ class Mirror:
         reader = threading.Thread(target=self._read_acks, args=(session, call),
                                   name="atlas-mirror-acks", daemon=True)  # fmt: skip
         reader.start()
+        while self._streaming(session):
+            self._spill_memory(seal=True)  # the trainer lags: the queue's excess to disk
+        call.cancel()
+        reader.join(10)
+        self._end(session)
+        return session
+
+    def _streaming(self, session: _Session) -> bool:
+        """Wait a little; False once the stream is over (broken, stalled, closing).
+        True early when the queue is over half its bound, to spill what is unsent."""
         with self._cond:
             while not session.ended and not self._done_locked():
                 self._cond.wait(0.25)
                 if session.stalled(time.monotonic(), self.config.ack_timeout_s):
                     log.warning("mirror: no ack from the trainer for %.0f s; reconnecting",
                                 self.config.ack_timeout_s)  # fmt: skip
-                    break
-        call.cancel()
-        reader.join(10)
-        self._end(session)
-        return session
+                    return False
+                over = self._queue_bytes > self.config.queue_bytes // 2
+                if self.spill is not None and over and self._queue:
+                    return True
+        return False
 
     def _done_locked(self) -> bool:
         if self._accepting:
@@ -314,46 +325,46 @@ class Mirror:
                     if entry.segment is None:
                         self._queue.appendleft(entry)
             session.inflight.clear()
-            session.spill_bytes = 0
+            session.spill_bytes = session.memory_bytes = 0
             self._cond.notify_all()
 
     def _requests(self, session: _Session) -> Iterator[bytes]:
         """The stream's messages (consumed on a gRPC thread): queue and spill in turns,
-        at most ``window`` in flight."""
+        at most ``window`` in flight, and at most half the queue's bytes from each: the
+        other half takes new records while the trainer lags, and is spilled past that
+        (see ``_streaming``)."""
         while True:
             spill_waiting = self.spill is not None and self.spill.frames_waiting
             with self._cond:
-                while session.ended or self._window_full(session):
-                    if session.ended:
-                        return
+                while not session.ended and len(session.inflight) >= self.config.window:
                     self._cond.wait(0.25)
-                entry = self._take_memory(session, spill_waiting)
+                if session.ended:
+                    return
+                spill_first = spill_waiting and session.from_spill
+                session.from_spill = not session.from_spill
+                entry = None if spill_first else self._take_memory(session)
             if entry is None:
                 entry = self._take_spill(session)
+            if entry is None and spill_first:
+                with self._cond:
+                    entry = self._take_memory(session)
             if entry is None:
                 with self._cond:
                     self._cond.wait(0.25)
                 continue
             yield entry.data
 
-    def _window_full(self, session: _Session) -> bool:
-        """At most ``window`` records in flight, and replayed ones within the queue's
-        byte bound too (memory ones are already in it)."""
-        full = len(session.inflight) >= self.config.window
-        return full or session.spill_bytes >= self.config.queue_bytes
-
-    def _take_memory(self, session: _Session, spill_waiting: bool) -> _Entry | None:
-        """The next live record, unless it is the spill's turn (holding the lock)."""
-        spill_turn = session.from_spill and spill_waiting
-        session.from_spill = not session.from_spill
-        if not self._queue or spill_turn:
+    def _take_memory(self, session: _Session) -> _Entry | None:
+        """The next live record (holding the lock)."""
+        half = self.config.queue_bytes // 2
+        if session.ended or not self._queue or session.memory_bytes >= half:
             return None
         entry = self._queue.popleft()
         self._in_flight(session, entry)
         return entry
 
     def _take_spill(self, session: _Session) -> _Entry | None:
-        if self.spill is None:
+        if self.spill is None or session.spill_bytes >= self.config.queue_bytes // 2:
             return None
         frame = self.spill.next_frame()  # disk I/O: outside the mirror's lock
         if frame is None:
@@ -377,6 +388,8 @@ class Mirror:
         session.inflight.setdefault(entry.request_id, []).append(entry)
         if entry.segment is not None:
             session.spill_bytes += len(entry.data)
+        else:
+            session.memory_bytes += len(entry.data)
 
     def _read_acks(self, session: _Session, call: grpc.Call) -> None:
         try:
@@ -403,6 +416,7 @@ class Mirror:
                 done.extend(session.inflight.pop(request_id, ()))
             self._queue_bytes -= sum(len(e.data) for e in done if e.segment is None)
             session.spill_bytes -= sum(len(e.data) for e in done if e.segment is not None)
+            session.memory_bytes -= sum(len(e.data) for e in done if e.segment is None)
             session.acked += acked
             session.last_progress = time.monotonic()
             self._cond.notify_all()
@@ -413,9 +427,10 @@ class Mirror:
         if len(done) > acked:
             self._drop("rejected", len(done) - acked)
 
-    def _spill_memory(self) -> None:
-        """Move the queue to the spill (the trainer is not taking it); without a spill,
-        keep it until the mirror closes, then drop it (counted)."""
+    def _spill_memory(self, seal: bool = False) -> None:
+        """Move the unsent queue to the spill (the trainer is not taking it); without a
+        spill, keep it until the mirror closes, then drop it (counted). ``seal``: during
+        a stream, so that its replay can read the new segment."""
         with self._cond:
             if self.spill is None and self._accepting:
                 return
@@ -423,7 +438,7 @@ class Mirror:
             self._queue.clear()
         if not entries:
             return
-        written = self.spill.append([e.data for e in entries]) if self.spill else 0
+        written = self.spill.append([e.data for e in entries], seal) if self.spill else 0
         with self._cond:
             self._queue_bytes -= sum(len(e.data) for e in entries)
         self.metrics.spilled.inc(written)

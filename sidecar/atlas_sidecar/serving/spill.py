@@ -126,8 +126,9 @@ class Spill:
                 found.append(Segment(int(m.group(1)), path, path.stat().st_size))
         return sorted(found, key=lambda s: s.number)
 
-    def append(self, payloads: list[bytes]) -> int:
-        """Write what fits the bound, durably (fsync); return how many were written."""
+    def append(self, payloads: list[bytes], seal: bool = False) -> int:
+        """Write what fits the bound, durably (fsync); return how many were written.
+        ``seal``: close the segment after, so a replay under way can read it."""
         written = 0
         with self._lock:
             for payload in payloads:
@@ -141,6 +142,8 @@ class Spill:
             if self._writer is not None:
                 self._writer.flush()
                 os.fsync(self._writer.fileno())
+                if seal:
+                    self._seal()
         return written
 
     def _writable(self) -> IO[bytes]:
@@ -197,7 +200,8 @@ class Spill:
     @property
     def frames_waiting(self) -> bool:
         with self._lock:
-            return any(not s.exhausted for s in self.segments)
+            readable = self.segments[:-1] if self._writer else self.segments
+            return any(not s.exhausted for s in readable)
 
     def close(self) -> None:
         with self._lock:
