@@ -91,8 +91,7 @@ class _Session:
     """One Ingest stream: what it has in flight, keyed by request id."""
 
     inflight: dict[str, list[_Entry]]
-    started: float
-    last_progress: float
+    last_progress: float  # monotonic: the last ack, or when the first record went out
     ended: bool = False
     acked: int = 0
     spill_bytes: int = 0  # replayed from the spill and in flight
@@ -276,8 +275,7 @@ class Mirror:
 
     def _stream(self) -> _Session:
         """One Ingest stream, until it breaks, stalls or the mirror closes."""
-        now = time.monotonic()
-        session = _Session(inflight={}, started=now, last_progress=now)
+        session = _Session(inflight={}, last_progress=time.monotonic())
         if self.spill is not None:
             self.spill.rewind()
         with self._cond:
@@ -398,7 +396,8 @@ class Mirror:
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             if code != grpc.StatusCode.CANCELLED:
-                log.info("mirror: ingest stream ended: %s", getattr(code, "name", code))
+                # Every retry while the trainer is down: the transitions are logged above.
+                log.debug("mirror: ingest stream ended: %s", getattr(code, "name", code))
         finally:
             with self._cond:
                 session.ended = True
