@@ -63,10 +63,11 @@ def test_unreachable_trainer_spills_then_catches_up_exactly_once(tmp_path, store
 
 
 def test_past_the_spill_bound_records_are_dropped_and_counted(store, mirror_for) -> None:
-    # Room for 5 frames (8-byte headers) and a segment's magic, with its reserve.
-    bound = sum(len(encode(make_record(i))) + 8 for i in range(5)) + 16
+    # Room for 5 frames (8-byte headers) and a segment's magic, with its reserve; even
+    # numbers only, so that every record has the same size whichever go first.
+    bound = 5 * (len(encode(make_record(0))) + 8) + 16
     mirror, registry = mirror_for(f"127.0.0.1:{free_port()}", spill_bytes=bound)
-    for i in range(12):
+    for i in range(0, 24, 2):
         mirror.offer(make_record(i))
 
     def dropped() -> float:
@@ -85,7 +86,7 @@ def test_past_the_queue_bound_offers_are_refused_at_once(mirror_for) -> None:
                                   queue_bytes=three)  # fmt: skip
     started = time.monotonic()
     accepted = [mirror.offer(make_record(i)) for i in range(5)]
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.0
     assert accepted == [True, True, True, False, False]
     assert metric(registry, "atlas_mirror_dropped_records_total", reason="queue_full") == 2
     assert mirror.queue_bytes == three
@@ -97,7 +98,7 @@ def test_a_stalled_trainer_is_left_for_the_spill_and_caught_up(store, trainer, m
     started = time.monotonic()
     for i in range(10):
         assert mirror.offer(make_record(i))
-    assert time.monotonic() - started < 0.5  # offering never waits on the trainer
+    assert time.monotonic() - started < 1.0  # offering never waits on the trainer
     wait_until(store.waiting.is_set, "the trainer's handler blocked")
     wait_until(lambda: metric(registry, "atlas_mirror_spilled_records_total") > 0,
                "records spilled once the trainer stalled")  # fmt: skip
@@ -162,9 +163,9 @@ def test_a_torn_spill_left_by_a_crash_is_replayed_up_to_the_tear(
     mirror, registry = mirror_for(trainer.address)
     wait_until(lambda: store.count() == 3, "the whole frames replayed")
     wait_until(lambda: not segment.exists(), "the replayed segment deleted")
+    wait_until(lambda: metric(registry, "atlas_mirror_spill_bytes") == 0, "its bytes released")
     assert sorted(ids_in(store)) == [make_record(i).request_id for i in range(3)]
     assert any("torn" in r.getMessage() for r in caplog.records)
-    assert metric(registry, "atlas_mirror_spill_bytes") == 0
 
 
 def test_a_long_request_is_mirrored_as_its_tail() -> None:
@@ -185,14 +186,14 @@ def test_a_long_request_is_mirrored_as_its_tail() -> None:
 
 
 def test_a_lagging_trainer_gets_the_queue_excess_through_the_spill(store, trainer, mirror_for):
-    four = sum(len(encode(make_record(i))) for i in range(4))
-    mirror, registry = mirror_for(trainer.address, queue_bytes=four, ack_timeout_s=60)
+    eight = sum(len(encode(make_record(i))) for i in range(8))
+    mirror, registry = mirror_for(trainer.address, queue_bytes=eight, ack_timeout_s=60)
     store.gate.clear()  # slow, not gone: the stream stays up, acks just do not come yet
     for i in range(20):
         assert mirror.offer(make_record(i)), f"record {i} refused"
-        time.sleep(0.03)
+        time.sleep(0.05)
     assert metric(registry, "atlas_mirror_spilled_records_total") > 0
-    assert mirror.queue_bytes <= four
+    assert mirror.queue_bytes <= eight
     store.gate.set()
     wait_until(lambda: store.count() == 20, "every record, live and spilled")
     assert len(set(ids_in(store))) == 20
