@@ -117,9 +117,9 @@ def test_a_torn_spill_tail_is_skipped_with_a_log_line(tmp_path, store, caplog) -
     segment.write_bytes(whole + encode(make_record(3))[:5])  # a crash mid-frame-write
     caplog.set_level(logging.WARNING, logger="atlas_sidecar.serving.spill")
     reopened = Spill(spill_dir, 1 << 20)
-    reopened.rewind()
+    replay = reopened.rewind()
     frames = []
-    while (frame := reopened.next_frame()) is not None:
+    while (frame := reopened.next_frame(replay)) is not None:
         frames.append(frame[1])
     assert frames == [encode(make_record(i)) for i in range(3)]
     assert any("torn" in r.getMessage() and segment.name in r.getMessage()
@@ -145,8 +145,7 @@ def test_close_spills_what_is_unacked_for_the_next_process(tmp_path: Path, mirro
     mirror.close()
     assert metric(registry, "atlas_mirror_spilled_records_total") == 4
     spill = Spill(tmp_path / "s2", 1 << 20)
-    spill.rewind()
-    assert spill.next_frame() is not None
+    assert spill.next_frame(spill.rewind()) is not None
     spill.close()
 
 
@@ -198,3 +197,21 @@ def test_a_lagging_trainer_gets_the_queue_excess_through_the_spill(store, traine
     wait_until(lambda: store.count() == 20, "every record, live and spilled")
     assert len(set(ids_in(store))) == 20
     assert metric(registry, "atlas_mirror_dropped_records_total", reason="queue_full") == 0
+
+
+def test_a_stale_replay_neither_reads_nor_acks_the_spill(tmp_path) -> None:
+    spill = Spill(tmp_path / "spill", 1 << 20)
+    spill.append([encode(make_record(i)) for i in range(2)])
+    old = spill.rewind()
+    segment, _ = spill.next_frame(old)
+    new = spill.rewind()  # the next stream: the old one's reader may still be running
+    assert spill.next_frame(old) is None
+    spill.acked(segment, old)  # a late ack of the old stream: void
+    frames = [spill.next_frame(new), spill.next_frame(new), spill.next_frame(new)]
+    assert [f[1] for f in frames[:2]] == [encode(make_record(i)) for i in range(2)]
+    assert frames[2] is None and segment.path.exists()
+    spill.acked(segment, new)
+    assert segment.path.exists()  # one frame still unacked
+    spill.acked(segment, new)
+    assert not segment.path.exists() and spill.bytes == 0
+    spill.close()

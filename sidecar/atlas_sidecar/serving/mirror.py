@@ -92,6 +92,7 @@ class _Session:
 
     inflight: dict[str, list[_Entry]]
     last_progress: float  # monotonic: the last ack, or when the first record went out
+    replay: int = 0  # the spill's replay this stream reads
     ended: bool = False
     acked: int = 0
     spill_bytes: int = 0  # replayed from the spill and in flight
@@ -277,7 +278,7 @@ class Mirror:
         """One Ingest stream, until it breaks, stalls or the mirror closes."""
         session = _Session(inflight={}, last_progress=time.monotonic())
         if self.spill is not None:
-            self.spill.rewind()
+            session.replay = self.spill.rewind()
         with self._cond:
             self._session = session
         call = self._ingest(self._requests(session), wait_for_ready=False)
@@ -364,13 +365,13 @@ class Mirror:
     def _take_spill(self, session: _Session) -> _Entry | None:
         if self.spill is None or session.spill_bytes >= self.config.queue_bytes // 2:
             return None
-        frame = self.spill.next_frame()  # disk I/O: outside the mirror's lock
+        frame = self.spill.next_frame(session.replay)  # disk I/O: outside the mirror's lock
         if frame is None:
             return None
         segment, data = frame
         request_id = _request_id(data)
         if not request_id:  # checksummed, so written so: nothing the trainer could store
-            self.spill.acked(segment)
+            self.spill.acked(segment, session.replay)
             self._drop("corrupt")
             return None
         entry = _Entry(request_id, data, segment)
@@ -421,7 +422,7 @@ class Mirror:
             self._cond.notify_all()
         for entry in done:
             if entry.segment is not None and self.spill is not None:
-                self.spill.acked(entry.segment)
+                self.spill.acked(entry.segment, session.replay)
         self.metrics.acked.inc(acked)
         if len(done) > acked:
             self._drop("rejected", len(done) - acked)

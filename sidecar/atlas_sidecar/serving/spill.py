@@ -115,6 +115,7 @@ class Spill:
         self.bytes = sum(s.size for s in self.segments)
         self._next = max((s.number for s in self.segments), default=0) + 1
         self._writer: IO[bytes] | None = None
+        self._replay = 0  # bumped by each rewind: a stale replay's reads and acks are void
         if self.segments:
             log.info("spill %s: %d segments (%d bytes) left to replay",
                      directory, len(self.segments), self.bytes)  # fmt: skip
@@ -164,16 +165,22 @@ class Spill:
             self._writer.close()
             self._writer = None
 
-    def rewind(self) -> None:
-        """Before a replay: seal the segment being written, read every one from its start."""
+    def rewind(self) -> int:
+        """Before a replay: seal the segment being written, read every one from its
+        start; return the replay's number, for ``next_frame`` and ``acked``."""
         with self._lock:
             self._seal()
             for segment in self.segments:
                 segment.rewind()
+            self._replay += 1
+            return self._replay
 
-    def next_frame(self) -> tuple[Segment, bytes] | None:
-        """The oldest unread frame (counted pending until ``acked``), or None."""
+    def next_frame(self, replay: int) -> tuple[Segment, bytes] | None:
+        """The oldest unread frame (counted pending until ``acked``), or None; always
+        None for a replay that a later rewind made stale (a stream's late reader)."""
         with self._lock:
+            if replay != self._replay:
+                return None
             for segment in list(self.segments):
                 if segment.exhausted or (self._writer and segment is self.segments[-1]):
                     continue
@@ -185,8 +192,10 @@ class Spill:
                 self._drop_if_done(segment)
         return None
 
-    def acked(self, segment: Segment) -> None:
+    def acked(self, segment: Segment, replay: int) -> None:
         with self._lock:
+            if replay != self._replay:
+                return  # rewound since: the frame is unread again
             segment.pending -= 1
             self._drop_if_done(segment)
 
