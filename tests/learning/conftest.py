@@ -80,6 +80,7 @@ def store(tmp_path: Path) -> Iterator[GatedStore]:
 def trainer(store: GatedStore) -> Iterator[IngestServerThread]:
     with IngestServerThread(store, IngestConfig(port=0)) as thread:
         yield thread
+        store.gate.set()  # a failed test may leave it shut: the server's writer must finish
 
 
 @pytest.fixture
