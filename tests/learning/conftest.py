@@ -1,8 +1,12 @@
-"""Fixtures of the learning tests: moto's S3 server (a real HTTP server in a subprocess
-on a loopback port, not the in-process mock) with one harness per store kind, so the
-shared contract tests run against ``DirectoryStore`` and ``ObjectStore`` alike; and the
-small real model (SmolLM2-135M, fp32, recording hidden states) with traffic of real
-prompts it answered greedily, for the trainer's tests."""
+"""Fixtures of the learning tests:
+
+- moto's S3 server (a real HTTP server in a subprocess on a loopback port, not the
+  in-process mock) with one harness per store kind, so the shared contract tests run
+  against ``DirectoryStore`` and ``ObjectStore`` alike;
+- the small real model (SmolLM2-135M, fp32, recording hidden states) with traffic of
+  real prompts it answered greedily, for the trainer's tests;
+- a real TrafficStore behind a real ingest server on loopback, for the mirror's tests.
+"""
 
 from __future__ import annotations
 
@@ -10,23 +14,28 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from atlas_sidecar import models
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
 from atlas_sidecar.engine.build import build_engine
 from atlas_sidecar.engine.sampling import SamplingParams
 from atlas_sidecar.engine.speculators.neural_train import TrainConfig
+from atlas_sidecar.learning.ingest import IngestConfig, IngestServerThread
 from atlas_sidecar.learning.records import TrafficRecord
 from atlas_sidecar.learning.store import LATEST, MANIFEST, DirectoryStore, version_number
+from atlas_sidecar.learning.traffic import TrafficStore
 from atlas_sidecar.learning.trainer import Trainer, TrainerConfig
+from atlas_sidecar.serving.mirror import Mirror, MirrorConfig
 from atlas_sidecar.tooling import workloads
 
 # Fake credentials for moto only; set before any client is made, never real ones.
@@ -36,12 +45,6 @@ MOTO_ENV = {
     "AWS_SESSION_TOKEN": "testing",
     "AWS_DEFAULT_REGION": "us-east-1",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _wait_listening(port: int, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -65,7 +68,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """
     workdir = tmp_path_factory.mktemp("moto")
     log = workdir / "server.log"
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as patch:
         for key, value in MOTO_ENV.items():
             patch.setenv(key, value)
@@ -278,3 +281,83 @@ class MemorySource:
 
     def count(self) -> int:
         return len(self.rows)
+
+def make_record(i: int, replica: str = "r0", tokens: int = 8) -> TrafficRecord:
+    return TrafficRecord(
+        request_id=f"{replica}/{i:08x}",
+        replica=replica,
+        prompt_ids=tuple(range(i, i + tokens)),
+        output_ids=(7, 8, 9),
+        step_speculators=("static", "none", "suffix"),
+        step_drafted=(3, 0, 2),
+        step_accepted=(2, 0, 1),
+        weight_version="v000001",
+        finished_at=1700000000.5 + i,
+        sampled=bool(i % 2),
+    )
+
+
+class GatedStore(TrafficStore):
+    """A real store whose ``add`` waits while the gate is closed: a stalled trainer."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.waiting = threading.Event()
+
+    def add(self, records: Iterable[TrafficRecord]) -> int:
+        if not self.gate.is_set():
+            self.waiting.set()
+            self.gate.wait(60)
+        return super().add(records)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], bool], what: str, limit_s: float = 30.0) -> None:
+    """Poll until ``condition`` holds; the limit only guards against a hang."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.02)
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[GatedStore]:
+    s = GatedStore(tmp_path / "traffic.db", max_bytes=64 << 20, max_age_s=3600)
+    yield s
+    s.gate.set()
+    s.close()
+
+
+@pytest.fixture
+def trainer(store: GatedStore) -> Iterator[IngestServerThread]:
+    with IngestServerThread(store, IngestConfig(port=0)) as thread:
+        yield thread
+        store.gate.set()  # a failed test may leave it shut: the server's writer must finish
+
+
+@pytest.fixture
+def mirror_for(tmp_path: Path) -> Iterator[Callable[..., tuple[Mirror, CollectorRegistry]]]:
+    mirrors: list[Mirror] = []
+
+    def make(url: str, **config: Any) -> tuple[Mirror, CollectorRegistry]:
+        config.setdefault("spill_dir", tmp_path / "spill")
+        registry = CollectorRegistry()
+        mirror = Mirror(MirrorConfig(url=url, replica="r0", **config), registry).start()
+        mirrors.append(mirror)
+        return mirror, registry
+
+    yield make
+    for mirror in mirrors:
+        mirror.close()

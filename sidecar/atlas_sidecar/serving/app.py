@@ -33,6 +33,7 @@ from atlas_sidecar.learning.rollout import Rollout
 from atlas_sidecar.serving.auth import TokenAuth
 from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.serving.metrics import ServingStats
+from atlas_sidecar.serving.mirror import Mirror, MirrorConfig
 from atlas_sidecar.serving.requests import Limits
 from atlas_sidecar.serving.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler, WorkerDied
 from atlas_sidecar.serving.service import ADMIN_METHODS, SERVICE_NAME, AtlasService, ModelInfo
@@ -153,6 +154,7 @@ class ServerConfig:
     health_port: int | None = None
     log_prompts: bool = False
     target_model: str = ""
+    mirror: MirrorConfig | None = None  # None: no traffic mirroring to a trainer
 
 
 class SidecarServer:
@@ -161,6 +163,9 @@ class SidecarServer:
         self.config = config
         self.stats = ServingStats()
         self.weights = WeightVersions(config.weight_version_file)
+        self.mirror: Mirror | None = None
+        if config.mirror is not None:
+            self.mirror = Mirror(config.mirror, self.stats.registry, lambda: self.weights.serving)
         self.scheduler = Scheduler(
             engine,
             self.stats,
@@ -176,6 +181,7 @@ class SidecarServer:
             on_death=self._worker_died,
             prefill_budget=config.prefill_budget,
             on_unavailable=self._target_failed,
+            on_finished=self.mirror.observe if self.mirror is not None else None,
         )
         self.service = AtlasService(
             self.scheduler,
@@ -257,6 +263,10 @@ class SidecarServer:
         if cfg.health_port is not None:
             await self._start_health_port(cfg.health_port)
         self._loop = asyncio.get_running_loop()
+        if self.mirror is not None:
+            self.mirror.start()
+            log.info("mirroring %g of finished requests to %s", self.mirror.config.fraction,
+                     self.mirror.config.url)  # fmt: skip
         self.scheduler.start()
         await server.start()
         self._server = server
@@ -349,6 +359,8 @@ class SidecarServer:
         if self._health_server is not None:
             await self._health_server.stop(None)
         await asyncio.get_running_loop().run_in_executor(None, self.scheduler.close, 10.0)
+        if self.mirror is not None:  # after the worker: no more finished requests
+            await asyncio.get_running_loop().run_in_executor(None, self.mirror.close)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

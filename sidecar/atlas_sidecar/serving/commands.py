@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,7 +182,50 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
                    help="seconds in-flight requests get to finish on SIGTERM")  # fmt: skip
     p.add_argument("--log-prompts", action="store_true", help="log prompt text (off: privacy)")
     p.add_argument("--log-level", default="info")
+    add_mirror_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_mirror_args(p: argparse.ArgumentParser) -> None:
+    """Traffic mirroring to the trainer (off unless --mirror-url is given)."""
+    p.add_argument("--mirror-url",
+                   help="the trainer's ingest address host:port (atlas.trainer.v1, "
+                        "plaintext): mirror finished requests' token ids there")  # fmt: skip
+    p.add_argument("--mirror-fraction", type=float, default=1.0,
+                   help="share of finished requests mirrored, 0 to 1 (by request id)")  # fmt: skip
+    p.add_argument("--mirror-spill-dir",
+                   help="directory for records the trainer has not acked while it is "
+                        "unreachable, replayed when it is back (none: they wait in "
+                        "memory, and are dropped past --mirror-queue-bytes)")  # fmt: skip
+    p.add_argument("--mirror-spill-bytes", type=int, default=1 << 30,
+                   help="bound of the spill directory; past it records are dropped")  # fmt: skip
+    p.add_argument("--mirror-queue-bytes", type=int, default=64 << 20,
+                   help="encoded records held in memory, unsent or unacked")  # fmt: skip
+    p.add_argument("--replica-name", default=socket.gethostname(),
+                   help="this replica in mirrored request ids (default: the hostname)")  # fmt: skip
+
+
+def mirror_config_from_args(args: argparse.Namespace) -> Any:
+    """The MirrorConfig the flags ask for; None without --mirror-url."""
+    from atlas_sidecar.serving.mirror import MirrorConfig
+
+    if not args.mirror_url:
+        return None
+    if not 0.0 <= args.mirror_fraction <= 1.0:
+        raise ValueError("--mirror-fraction must be within [0, 1]")
+    if args.mirror_spill_bytes <= 0 or args.mirror_queue_bytes <= 0:
+        raise ValueError("--mirror-spill-bytes and --mirror-queue-bytes must be positive")
+    replica = args.replica_name.strip()
+    if not replica or len(replica) > 128 or "/" in replica:
+        raise ValueError("--replica-name must be 1 to 128 characters, without '/'")
+    return MirrorConfig(
+        url=args.mirror_url,
+        replica=replica,
+        fraction=args.mirror_fraction,
+        queue_bytes=args.mirror_queue_bytes,
+        spill_dir=Path(args.mirror_spill_dir) if args.mirror_spill_dir else None,
+        spill_bytes=args.mirror_spill_bytes,
+    )
 
 
 def server_config_from_args(args: argparse.Namespace) -> Any:
@@ -222,6 +266,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         health_port=args.health_port,
         log_prompts=args.log_prompts,
         target_model=args.target,
+        mirror=mirror_config_from_args(args),
     )
 
 

@@ -84,6 +84,10 @@ class FailedEvent:
 
 Event = TokensEvent | DoneEvent | FailedEvent
 Sink = Callable[[Event], None]
+# Told of every finished request (its prompt ids, its result, whether it was sampled),
+# on the worker: it must not block (the mirror only queues).
+# (prompt ids, result, sampled, the weight version it drafted with or "")
+FinishHook = Callable[[list[int], GenerationResult, bool, str], object]
 
 
 @dataclass(eq=False)
@@ -124,13 +128,15 @@ class Scheduler:
         prefill_budget: int = DEFAULT_PREFILL_BUDGET,
         on_unavailable: Callable[[], None] | None = None,
         pin_version: Callable[[str], str] | None = None,
+        on_finished: FinishHook | None = None,
     ) -> None:
         """``on_death`` is called (on the worker thread) if the worker dies, after every
         request has been failed: the server stops serving and exits (see ``_run``).
         ``on_unavailable`` is called (on the worker thread) when a request failed
         because a remote target did not answer: the server re-checks its health.
         ``pin_version(seq_id)`` pins a new sequence to the adaptive weights it will draft
-        with and names them (hot rollout), so its figures count for that version."""
+        with and names them (hot rollout), so its figures count for that version.
+        ``on_finished`` is told of each request that finished (the traffic mirror)."""
         if max_batch < 1 or max_queue < 0 or prefill_budget < 1:
             raise ValueError("max_batch and prefill_budget must be >= 1, max_queue >= 0")
         self.engine = engine
@@ -155,6 +161,7 @@ class Scheduler:
         self.on_death = on_death
         self.on_unavailable = on_unavailable
         self.pin_version = pin_version
+        self.on_finished = on_finished
         self.failure: BaseException | None = None  # what killed the worker, if it died
         self._admitting: list[Job] = []  # taken off the queue this round (the worker's own)
         self._between: deque[Callable[[], None]] = deque()  # guarded by _cond
@@ -397,6 +404,7 @@ class Scheduler:
         assert job.seq is not None
         result = job.seq.result()
         self._release(job)
+        self._tell_finished(job, result)
         tail = ""
         if job.stream:
             tail = result.text[len(job.emitted_text) :]
@@ -405,6 +413,15 @@ class Scheduler:
                             job.request_id)  # fmt: skip
         job.closed = True
         job.sink(DoneEvent(result, added, tail, job.ttft_s, job.weight_version))
+
+    def _tell_finished(self, job: Job, result: GenerationResult) -> None:
+        """The hook's failure is logged, never the request's: it already succeeded."""
+        if self.on_finished is None or job.ids is None:
+            return
+        try:
+            self.on_finished(job.ids, result, not job.params.greedy, job.weight_version)
+        except Exception:  # noqa: BLE001 - mirroring must never fail serving
+            log.exception("request %s: the finish hook failed", job.request_id)
 
     def _fail(self, job: Job, error: Exception) -> None:
         self._release(job)

@@ -1,4 +1,5 @@
-"""The atlas.v1 gRPC API: the .proto and the Python code generated from it.
+"""The atlas.v1 gRPC API (and the trainer's atlas.trainer.v1): the .protos and the
+Python code generated from them.
 
 Users import the messages and stub from here::
 

@@ -1,4 +1,4 @@
-"""Regenerate (or check) the Python code for atlas_v1.proto with the pinned grpcio-tools.
+"""Regenerate (or check) the Python code for the .proto files with the pinned grpcio-tools.
 
 Reproducible: the same grpcio-tools version (pinned in pyproject's `serve` extra) always
 writes the same bytes, and ``--check`` (run by the tests) fails when the checked-in
@@ -21,7 +21,10 @@ PROTO_DIR = Path(__file__).resolve().parent
 # Compile relative to the folder holding the package, so the generated stub imports
 # its messages as ``atlas_sidecar.serving.proto.atlas_v1_pb2`` rather than a top-level module.
 SOURCE_ROOT = PROTO_DIR.parent.parent.parent
-PROTO_FILES = ("atlas_sidecar/serving/proto/atlas_v1.proto",)
+PROTO_FILES = (
+    "atlas_sidecar/serving/proto/atlas_v1.proto",
+    "atlas_sidecar/serving/proto/trainer_v1.proto",
+)
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 # Generated code is not ours to lint or type-check line by line.
 HEADER = "# ruff: noqa\n# mypy: ignore-errors\n"
