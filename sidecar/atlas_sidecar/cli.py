@@ -12,6 +12,7 @@ from atlas_sidecar import models
 from atlas_sidecar.engine.backends.int8 import WEIGHT_FORMATS
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, MAX_LOOKAHEAD
 from atlas_sidecar.errors import RequestError
+from atlas_sidecar.learning.command import add_trainer_parser
 from atlas_sidecar.serving.commands import (
     add_backend_args,
     add_generate_endpoint_args,
@@ -234,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     add_serve_parser(sub, _add_model_args)
+    add_trainer_parser(sub, _add_model_args)
     add_loadtest_parser(sub)
     return parser
 

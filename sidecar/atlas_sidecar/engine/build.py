@@ -21,6 +21,7 @@ from atlas_sidecar.engine.speculators.neural import NeuralSpeculator, load_cache
 from atlas_sidecar.engine.speculators.neural_train import OnlineLearner
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
+from atlas_sidecar.learning.versioned import BASE_VERSION, VersionedDrafter
 
 # Suffix drafts are nearly free, so they may run long; the controller cuts them.
 SUFFIX_LOOKAHEAD = 16
@@ -60,11 +61,13 @@ def build_engine(
     draft: CausalLMRunner | None = None,
     lookahead: int = DEFAULT_LOOKAHEAD,
     config: ControllerConfig | None = None,
+    versioned: bool = False,
 ) -> Engine:
     """An engine for ``mode``: ``none``, one speculator of ``SPECULATORS``, or ``atlas``
     (the controller over every speculator the target and the loaded models allow).
     ``draft`` is the draft model's runner; ``config`` switches the controller's
-    corrections (default: all on)."""
+    corrections (default: all on). ``versioned``: the suffix index takes published
+    versions while serving (``learning.versioned``; hot rollout)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if needs_draft_model(mode) and draft is None:
@@ -74,19 +77,23 @@ def build_engine(
     if mode != CONTROLLER:
         if not usable(mode, target.capabilities, draft is not None):
             raise ValueError(f"mode {mode!r} needs the target's hidden states, not available here")
-        speculator = _speculator(mode, target, draft)
+        speculator = _speculator(mode, target, draft, versioned)
         reach = SUFFIX_LOOKAHEAD if speculator.capabilities.free else lookahead
         return Engine(target, target.tokenizer, speculator, lookahead=reach)
     names = [n for n in SPECULATORS if usable(n, target.capabilities, draft is not None)]
-    speculators = [_speculator(name, target, draft) for name in names]
+    speculators = [_speculator(name, target, draft, versioned) for name in names]
     return Engine(target, target.tokenizer, policy=_controller(target, draft, speculators, config))
 
 
 def _speculator(
-    name: str, target: CausalLMRunner | SGLangBackend, draft: CausalLMRunner | None
+    name: str,
+    target: CausalLMRunner | SGLangBackend,
+    draft: CausalLMRunner | None,
+    versioned: bool = False,
 ) -> Drafter:
     if name == "suffix":
-        return SuffixSpeculator()
+        suffix = SuffixSpeculator()
+        return VersionedDrafter(BASE_VERSION, suffix) if versioned else suffix
     if name == "static":
         assert draft is not None
         return StaticSpeculator(draft)

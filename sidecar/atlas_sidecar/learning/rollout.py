@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from atlas_sidecar.engine.speculators.base import Drafter
 from atlas_sidecar.learning.store import (
@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # Builds a drafter from a verified version, or None when the version holds nothing for
 # it (that drafter keeps its current version). Raises on files it cannot use.
 Loader = Callable[[Version], Drafter | None]
+# Reads a version's file for something that is not a drafter (the controller's priors)
+# and returns what applies it on the worker, or None when the version has no such file.
+Applier = Callable[[Version], Callable[[], None] | None]
 
 
 class RolloutRefused(Exception):
@@ -58,6 +61,7 @@ class Rollout:
         canary_fraction: float = 0.0,
         on_refused: Callable[[str, str], None] | None = None,
         on_change: Callable[[], None] | None = None,
+        appliers: Mapping[str, Applier] | None = None,
     ) -> None:
         """``identity``: the target the sidecar serves (None: not checked, tests only).
         ``between_steps`` queues a task for the worker's next step boundary (the server
@@ -73,6 +77,7 @@ class Rollout:
         self.canary_fraction = canary_fraction
         self.on_refused = on_refused
         self.on_change = on_change
+        self.appliers = dict(appliers or {})
         self._lock = threading.Lock()  # one rollout prepared at a time
         self.pending: str | None = None  # prepared, waiting for the worker
 
@@ -81,7 +86,7 @@ class Rollout:
         once queued. ``RolloutRefused`` (logged, counted) when it cannot be served."""
         with self._lock:
             try:
-                built = self._build(version)
+                thunks, drafters = self._build(version)
             except RolloutRefused as exc:
                 log.error("rollout of weight version %s refused: %s; serving goes on "
                           "unchanged", version, exc)  # fmt: skip
@@ -90,8 +95,8 @@ class Rollout:
                 raise
             fraction = self.canary_fraction or 1.0
             self.pending = version
-            self._queue(lambda: self._install(version, built, fraction))
-            return RolloutResult(version, tuple(built), fraction)
+            self._queue(lambda: self._install(version, drafters, thunks, fraction))
+            return RolloutResult(version, (*drafters, *thunks), fraction)
 
     def _queue(self, task: Callable[[], None]) -> None:
         if self.between_steps is None:
@@ -104,32 +109,54 @@ class Rollout:
 
         self.between_steps(run)
 
-    def _build(self, version: str) -> dict[str, Drafter]:
+    def _build(self, version: str) -> tuple[dict[str, Callable[[], None]], dict[str, Drafter]]:
+        """(appliers' install thunks, drafters) for ``version``, all validated."""
         try:
-            opened = self.store.open_version(version, self.identity)
+            opened = self.store.open_version(version, self._identity(version))
         except StoreError as exc:  # not found, corrupt, another target's
             raise RolloutRefused(str(exc)) from exc
         built: dict[str, Drafter] = {}
-        for name, loader in self.loaders.items():
-            if name not in self.drafters:
-                continue
-            try:
-                drafter = loader(opened)
-            except Exception as exc:  # noqa: BLE001 - a loader's failure refuses the version
-                raise RolloutRefused(f"{name}: {type(exc).__name__}: {exc}") from exc
-            if drafter is not None:
-                built[name] = drafter
-        if not built:
+        thunks: dict[str, Callable[[], None]] = {}
+        try:
+            for name, loader in self.loaders.items():
+                if name in self.drafters and (drafter := loader(opened)) is not None:
+                    built[name] = drafter
+            for name, applier in self.appliers.items():
+                if (thunk := applier(opened)) is not None:
+                    thunks[name] = thunk
+        except Exception as exc:  # noqa: BLE001 - a loader's failure refuses the version
+            raise RolloutRefused(f"{type(exc).__name__}: {exc}") from exc
+        if not built and not thunks:
             raise RolloutRefused("it holds nothing any running drafter can load")
-        return built
+        return thunks, built
 
-    def _install(self, version: str, built: dict[str, Drafter], fraction: float) -> None:
+    def _identity(self, version: str) -> TargetIdentity | None:
+        """The identity a version must match. A sidecar over a server (SGLang) has no LM
+        head to fingerprint: it checks name, revision and sizes, not the fingerprint."""
+        if self.identity is None or self.identity.fingerprint:
+            return self.identity
+        try:
+            theirs = self.store.manifest(version).target.fingerprint
+        except StoreError as exc:
+            raise RolloutRefused(str(exc)) from exc
+        return replace(self.identity, fingerprint=theirs)
+
+    def _install(
+        self,
+        version: str,
+        built: dict[str, Drafter],
+        thunks: dict[str, Callable[[], None]],
+        fraction: float,
+    ) -> None:
         for name, drafter in built.items():
             self.drafters[name].install(version, drafter, fraction)
+        for thunk in thunks.values():
+            thunk()
         if self.pending == version:
             self.pending = None
         role = "stable" if fraction >= 1.0 else f"canary for {fraction:.0%} of new requests"
-        log.info("weight version %s in service (%s): %s", version, role, ", ".join(built))
+        log.info("weight version %s in service (%s): %s", version, role,
+                 ", ".join([*built, *thunks]))  # fmt: skip
 
     # -- verdicts (queued between steps too) ----------------------------------------------
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
 from atlas_sidecar.engine.tree import DraftTree
 
+BASE_VERSION = "base"  # what a replica drafts with before any published version
+
 
 def canary_share(seq_id: str) -> float:
     """A sequence's place in [0, 1): the canary takes those below its fraction."""

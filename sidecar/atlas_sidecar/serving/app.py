@@ -30,6 +30,8 @@ from prometheus_client import start_http_server
 from atlas_sidecar.engine.backends.base import RemoteTarget
 from atlas_sidecar.engine.core import Engine
 from atlas_sidecar.learning.rollout import Rollout
+from atlas_sidecar.learning.store import StoreError
+from atlas_sidecar.learning.versioned import BASE_VERSION
 from atlas_sidecar.serving.auth import TokenAuth
 from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.serving.metrics import ServingStats
@@ -154,6 +156,8 @@ class ServerConfig:
     health_port: int | None = None
     log_prompts: bool = False
     target_model: str = ""
+    # With a rollout: install each new version the weights store verifies.
+    follow_latest: bool = False
     mirror: MirrorConfig | None = None  # None: no traffic mirroring to a trainer
 
 
@@ -210,6 +214,7 @@ class SidecarServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self.rollout: Rollout | None = None
+        self._follower: asyncio.Task[None] | None = None
         # A remote target (SGLang, Triton) can go away and come back: health follows it.
         self.target_watch: TargetWatch | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -223,6 +228,10 @@ class SidecarServer:
         new sequence is pinned to the weights it drafts with."""
         self.rollout = rollout
         self.service.rollout = rollout
+        # The rollout file's version is installed at start, not assumed: until then the
+        # replica drafts with what it started with.
+        if self.weights.serving != BASE_VERSION:
+            self.weights.requested, self.weights.serving = self.weights.serving, BASE_VERSION
         self.scheduler.pin_version = rollout.pin
         rollout.between_steps = self.scheduler.between_steps
         rollout.on_refused = self._rollout_refused
@@ -274,6 +283,8 @@ class SidecarServer:
         self.stats.set_weight_version("serving", self.weights.serving)
         if cfg.weight_version_file is not None:
             self._poller = asyncio.create_task(self._poll_weight_file())
+        if self.rollout is not None:
+            self._follower = asyncio.create_task(self._start_rollouts())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.target_watch is not None:
             self._watcher = asyncio.create_task(self.target_watch.run())
@@ -341,9 +352,34 @@ class SidecarServer:
             if self.weights.poll_file():
                 log.info("rollout file asks for weight version %s", self.weights.requested)
                 self.stats.set_weight_version("requested", self.weights.requested)
-                applied, message = await self.service.install(self.weights.requested)
-                log.log(logging.INFO if applied else logging.ERROR, "rollout of %s: %s",
-                        self.weights.requested, message)  # fmt: skip
+                await self._install(self.weights.requested)
+
+    async def _start_rollouts(self) -> None:
+        """Install the rollout file's version, then (``follow_latest``) each newer
+        version the store publishes, polled every WEIGHT_FILE_POLL_S."""
+        assert self.rollout is not None
+        if self.weights.requested:
+            await self._install(self.weights.requested)
+        tried = ""
+        while self.config.follow_latest:
+            loop = asyncio.get_running_loop()
+            latest = await loop.run_in_executor(None, self._store_latest)
+            if latest and latest != tried and latest not in self.rollout.roles().values():
+                tried = latest
+                await self._install(latest)
+            await asyncio.sleep(WEIGHT_FILE_POLL_S)
+
+    def _store_latest(self) -> str | None:
+        assert self.rollout is not None
+        try:
+            return self.rollout.store.latest()
+        except StoreError as exc:  # unreachable for now: serving goes on
+            log.warning("weights store: %s", exc)
+            return None
+
+    async def _install(self, version: str) -> None:
+        applied, message = await self.service.install(version)
+        log.log(logging.INFO if applied else logging.ERROR, "rollout of %s: %s", version, message)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain: refuse new requests, let those in flight finish, then stop."""
@@ -351,7 +387,7 @@ class SidecarServer:
         self._stopping = True
         await self.health.enter_graceful_shutdown()
         self.scheduler.stop_accepting()
-        for task in (self._poller, self._watcher):
+        for task in (self._poller, self._watcher, self._follower):
             if task is not None:
                 task.cancel()
         if self._server is not None:
@@ -419,10 +455,12 @@ def _live(engine: Engine) -> Callable[[], int]:
     return count
 
 
-async def serve(engine: Engine, config: ServerConfig) -> None:
+async def serve(engine: Engine, config: ServerConfig, rollout: Rollout | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain and return; raise ``WorkerDied`` (after
-    a short stop) if the scheduler's worker dies."""
+    a short stop) if the scheduler's worker dies. ``rollout``: hot rollout of versions."""
     server = SidecarServer(engine, config)
+    if rollout is not None:
+        server.use_rollout(rollout)
     await server.start()
     loop = asyncio.get_running_loop()
     stopping: asyncio.Task[None] | None = None

@@ -183,7 +183,31 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--log-prompts", action="store_true", help="log prompt text (off: privacy)")
     p.add_argument("--log-level", default="info")
     add_mirror_args(p)
+    add_rollout_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_rollout_args(p: argparse.ArgumentParser) -> None:
+    """Hot rollout of published versions (off unless --weights-store is given)."""
+    p.add_argument("--weights-store",
+                   help="the trainer's weights store (a directory, file:///path or "
+                        "s3://bucket/prefix): versions the rollout file, RolloutWeights or "
+                        "--follow-latest name are verified there and swapped in live")  # fmt: skip
+    p.add_argument("--canary-fraction", type=float, default=0.0,
+                   help="share of new requests a new version drafts for until promoted "
+                        "(0: it serves every new request at once)")  # fmt: skip
+    p.add_argument("--follow-latest", action="store_true",
+                   help="install each new version the store verifies (a laptop or a "
+                        "single replica; in a cluster the operator picks versions)")  # fmt: skip
+
+
+def rollout_settings(args: argparse.Namespace) -> tuple[str | None, float, bool]:
+    """(store URI, canary fraction, follow latest), checked."""
+    if not 0.0 <= args.canary_fraction < 1.0:
+        raise ValueError("--canary-fraction must be within [0, 1)")
+    if (args.canary_fraction or args.follow_latest) and not args.weights_store:
+        raise ValueError("--canary-fraction and --follow-latest need --weights-store")
+    return args.weights_store, args.canary_fraction, args.follow_latest
 
 
 def add_mirror_args(p: argparse.ArgumentParser) -> None:
@@ -267,6 +291,7 @@ def server_config_from_args(args: argparse.Namespace) -> Any:
         log_prompts=args.log_prompts,
         target_model=args.target,
         mirror=mirror_config_from_args(args),
+        follow_latest=rollout_settings(args)[2],
     )
 
 
@@ -349,7 +374,28 @@ def build_engine(args: argparse.Namespace, refs: ModelRefs) -> Any:
             num_layers=args.draft_num_layers,
             weights=args.draft_weights,
         )
-    return build_mode(args.speculator, target, draft, args.lookahead)
+    return build_mode(args.speculator, target, draft, args.lookahead,
+                      versioned=bool(args.weights_store))  # fmt: skip
+
+
+def build_rollout(args: argparse.Namespace, refs: ModelRefs, engine: Any) -> Any:
+    """The hot rollout over the engine's versioned drafters; None without a store."""
+    from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+    from atlas_sidecar.learning import replica
+    from atlas_sidecar.learning.published import target_identity
+    from atlas_sidecar.learning.store import TargetIdentity, open_store
+
+    uri, fraction, _ = rollout_settings(args)
+    if uri is None:
+        return None
+    revision = os.environ.get(MODEL_REVISION_ENV) or ""
+    target = engine.target
+    if isinstance(target, CausalLMRunner):
+        identity = target_identity(target, revision)
+    else:  # a server's: no LM head here to fingerprint
+        spec = target.spec
+        identity = TargetIdentity(spec.name, revision, spec.hidden_size, spec.vocab_size)
+    return replica.build_rollout(open_store(uri), identity, engine, target.vocab_size, fraction)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -370,9 +416,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from atlas_sidecar.engine.backends.sglang import wait_healthy
 
         wait_healthy(args.sglang_url, args.sglang_wait)
-    engine = build_engine(args, model_refs(args))
+    refs = model_refs(args)
+    engine = build_engine(args, refs)
     try:
-        asyncio.run(serve(engine, config))
+        asyncio.run(serve(engine, config, build_rollout(args, refs, engine)))
     except WorkerDied as exc:
         # Non-zero, so that Kubernetes restarts the container; the cause was logged.
         logging.getLogger(__name__).critical("exiting: %s (%r)", exc, exc.__cause__)

@@ -12,9 +12,9 @@ import threading
 from pathlib import Path
 
 from atlas_sidecar.errors import RequestError
+from atlas_sidecar.learning.versioned import BASE_VERSION
 
 DEFAULT_VERSION_FILE = Path("/etc/atlas/rollout/weight-version")
-BASE_VERSION = "base"
 MAX_VERSION_CHARS = 128
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 

@@ -8,6 +8,7 @@ the server has seen of it) and the sequences whose last call went unanswered.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # A fixed text the sidecar's tokenizer and the server's must split the same way.
@@ -22,6 +23,8 @@ class TargetSpec:
     vocab_size: int
     max_context: int
     eos_token_ids: frozenset[int]
+    name: str = ""  # the model folder's name (what a published version's identity names)
+    hidden_size: int = 0
 
 
 def target_spec(ref: str) -> TargetSpec:
@@ -56,6 +59,8 @@ def target_spec(ref: str) -> TargetSpec:
         vocab_size=int(getattr(text, "vocab_size", 0) or len(tokenizer)),
         max_context=int(getattr(text, "max_position_embeddings", 0) or 32768),
         eos_token_ids=frozenset(eos),
+        name=Path(str(getattr(config, "_name_or_path", "") or location)).name,
+        hidden_size=int(getattr(text, "hidden_size", 0) or 0),
     )
 
 
@@ -63,7 +68,8 @@ class RemoteSequences:
     """The TargetBackend calls that touch no server: each sequence is its token list.
     ``verifies_trees`` is False for these backends, so ``keep`` is never called."""
 
-    def __init__(self) -> None:
+    def __init__(self, spec: TargetSpec) -> None:
+        self.spec = spec
         self._tokens: dict[str, list[int]] = {}
         self._poisoned: set[str] = set()  # their last call went unanswered: fail fast
 

@@ -167,7 +167,7 @@ class SGLangBackend(RemoteSequences):
         self.device = torch.device("cpu")
         self.timeout_s = timeout_s
         self.retries = retries
-        RemoteSequences.__init__(self)
+        RemoteSequences.__init__(self, spec)
         self._local = threading.local()
         self.calls = 0  # /generate calls made (tests and overhead figures read it)
         # Whether SGLang's output logprobs are of the tempered softmax it samples from

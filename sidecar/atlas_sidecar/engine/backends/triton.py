@@ -146,7 +146,7 @@ class TritonBackend(RemoteSequences):
         self.exclude_input_in_output = False  # tensorrtllm_backend's default
         self._types = {name: "INT32" for name in (*REQUIRED_INPUTS, "runtime_top_k")}
         self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
-        RemoteSequences.__init__(self)
+        RemoteSequences.__init__(self, spec)
         self.calls = 0  # ModelInfer calls made (tests and overhead figures read it)
 
     # -- start-up --------------------------------------------------------------------
