@@ -36,6 +36,11 @@ Spec = Mapping[str, Any]
 DATA_MOUNT_PATH = "/data"
 WEIGHTS_DIR = f"{DATA_MOUNT_PATH}/weights"
 MIRROR_DIR = f"{DATA_MOUNT_PATH}/mirror"
+TRAFFIC_DB = f"{MIRROR_DIR}/traffic.sqlite"
+TRAINER_STATE_DIR = f"{DATA_MOUNT_PATH}/trainer"
+TRAINER_PORT = 50060  # the trainer's ingest (atlas.trainer.v1), behind <name>-trainer
+SPILL_MOUNT_PATH = "/spill"  # the sidecar's mirror spill: an emptyDir, one per pod
+SPILL_LIMIT_BYTES = 1 << 30
 HF_HOME = f"{DATA_MOUNT_PATH}/hf-cache"
 TLS_MOUNT_PATH = "/etc/atlas/tls"
 # With TLS, the sidecar also serves grpc.health.v1 in plaintext on this loopback port,
@@ -196,7 +201,7 @@ def sglang_container(spec: Spec) -> dict[str, Any]:
 SIDECAR_DTYPES = {"auto": "bf16", "bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
 
-def sidecar_args(spec: Spec) -> list[str]:
+def sidecar_args(owner: Owner, spec: Spec) -> list[str]:
     """`atlas serve` flags: only flags its CLI has, each reaching its serve configuration
     (tests/operator/test_contract.py parses them with the sidecar's own parser)."""
     model, sidecar = spec["model"], spec["sidecar"]
@@ -213,14 +218,38 @@ def sidecar_args(spec: Spec) -> list[str]:
             # The whole rollout ConfigMap is mounted there (weight-version, canary-version,
             # canary-fraction); kubelet refreshes the files in place, no restart.
             "--weight-version-file", f"{ROLLOUT_MOUNT_PATH}/{WEIGHT_VERSION_KEY}"]
+    adaptive = spec["speculators"]["adaptive"]["enabled"]
     if static.get("model"):
-        args += ["--speculator", "static", "--draft", static["model"]]
+        # The controller over the static speculator and (adaptive) the suffix index.
+        args += ["--speculator", "atlas" if adaptive else "static", "--draft", static["model"]]
     else:
-        args += ["--speculator", "none"]
+        args += ["--speculator", "suffix" if adaptive else "none"]
+    if adaptive:
+        args += learning_args(owner, spec)
     if sidecar.get("tls"):
         args += ["--tls-cert", f"{TLS_MOUNT_PATH}/tls.crt",
                  "--tls-key", f"{TLS_MOUNT_PATH}/tls.key",
                  "--health-port", str(sidecar_health_port(spec))]
+    return args
+
+
+def mirrors(spec: Spec) -> bool:
+    """Whether the serving pods mirror traffic: to a trainer, which adaptive needs."""
+    return bool(spec["speculators"]["adaptive"]["enabled"] and spec["trainer"]["enabled"])
+
+
+def learning_args(owner: Owner, spec: Spec) -> list[str]:
+    """The adaptive speculator's side of the learning loop: published versions from the
+    weights store (the version the rollout ConfigMap names), and, with the trainer,
+    every finished request's token ids mirrored to it, spilled to the pod's own
+    emptyDir while it is away."""
+    args = ["--weights-store", WEIGHTS_DIR]
+    if mirrors(spec):
+        host = f"{trainer_name(owner)}.{owner.namespace}.svc"
+        args += ["--mirror-url", f"{host}:{TRAINER_PORT}",
+                 "--mirror-fraction", str(spec["speculators"]["adaptive"]["mirrorFraction"]),
+                 "--mirror-spill-dir", SPILL_MOUNT_PATH,
+                 "--mirror-spill-bytes", str(SPILL_LIMIT_BYTES)]  # fmt: skip
     return args
 
 
@@ -273,19 +302,21 @@ def _sidecar_probe(spec: Spec, period: int, failures: int) -> dict[str, Any]:
     return {**check, "periodSeconds": period, "timeoutSeconds": 3, "failureThreshold": failures}
 
 
-def sidecar_container(spec: Spec) -> dict[str, Any]:
+def sidecar_container(owner: Owner, spec: Spec) -> dict[str, Any]:
     sidecar = spec["sidecar"]
     mounts = [{"name": "rollout", "mountPath": ROLLOUT_MOUNT_PATH, "readOnly": True},
               {"name": "data", "mountPath": DATA_MOUNT_PATH},
               {"name": "tmp", "mountPath": "/tmp"}]
     if sidecar.get("tls"):
         mounts.append({"name": "tls", "mountPath": TLS_MOUNT_PATH, "readOnly": True})
+    if mirrors(spec):
+        mounts.append({"name": "spill", "mountPath": SPILL_MOUNT_PATH})
     return {
         "name": "sidecar",
         "image": sidecar["image"],
         "imagePullPolicy": sidecar["imagePullPolicy"],
         "command": ["atlas"],
-        "args": sidecar_args(spec),
+        "args": sidecar_args(owner, spec),
         "env": sidecar_env(spec),
         "ports": [{"name": "grpc", "containerPort": sidecar["port"], "protocol": "TCP"},
                   {"name": "metrics", "containerPort": sidecar["metricsPort"],
@@ -330,6 +361,10 @@ def render_deployment(owner: Owner, spec: Spec) -> Manifest:
     ]
     if sidecar.get("tls"):
         volumes.append({"name": "tls", "secret": {"secretName": sidecar["tls"]["secretName"]}})
+    if mirrors(spec):
+        # Room for the spill bound plus its segment slack; kubelet evicts past it.
+        volumes.append({"name": "spill",
+                        "emptyDir": {"sizeLimit": f"{2 * SPILL_LIMIT_BYTES >> 20}Mi"}})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -355,7 +390,7 @@ def render_deployment(owner: Owner, spec: Spec) -> Manifest:
                     # Lets in-flight generations finish before the pod goes away.
                     "terminationGracePeriodSeconds": 60,
                     "securityContext": pod_security_context(),
-                    "containers": [sglang_container(spec), sidecar_container(spec)],
+                    "containers": [sglang_container(spec), sidecar_container(owner, spec)],
                     "volumes": volumes,
                 },
             },
@@ -407,25 +442,46 @@ def render_data_pvc(owner: Owner, spec: Spec) -> Manifest:
             "metadata": _metadata(owner, data_pvc_name(owner), "storage"), "spec": pvc_spec}
 
 
-def trainer_args() -> list[str]:
-    return ["trainer", "--mirror-dir", MIRROR_DIR, "--weights-dir", WEIGHTS_DIR]
+def trainer_args(spec: Spec) -> list[str]:
+    """`atlas trainer` flags, each reaching its configuration (tests/operator/
+    test_contract.py parses them with the trainer's own parser). The Job runs ingest and
+    training rounds until a minute before its deadline, then exits 0; sidecars spill
+    their mirrored traffic until the next Job is up."""
+    model, trainer = spec["model"], spec["trainer"]
+    schedule = trainer["schedule"]
+    deadline = schedule["maxRoundSeconds"]
+    return ["trainer", "--host", "0.0.0.0", "--port", str(TRAINER_PORT),
+            "--traffic-db", TRAFFIC_DB, "--weights-store", WEIGHTS_DIR,
+            "--state-dir", TRAINER_STATE_DIR,
+            "--target", model["source"], "--revision", model["revision"],
+            "--dtype", SIDECAR_DTYPES[model["dtype"]],
+            "--device", "cuda" if trainer["gpuCount"] > 0 else "cpu",
+            "--round-interval", str(max(schedule["roundIntervalSeconds"], 1)),
+            "--max-train-steps", str(schedule["maxStepsPerRound"]),
+            "--max-round-seconds", str(max(60, deadline // 2)),
+            "--max-runtime", str(max(deadline - 60, 60))]  # fmt: skip
 
 
-def trainer_env(owner: Owner, spec: Spec) -> list[dict[str, Any]]:
-    """What a training round needs beyond its two directories, and where to report."""
-    schedule = spec["trainer"]["schedule"]
-    return [
-        {"name": "HOME", "value": "/tmp"},
-        {"name": "HF_HOME", "value": HF_HOME},
-        {"name": "ATLAS_TARGET_MODEL", "value": spec["model"]["source"]},
-        {"name": "ATLAS_MODEL_REVISION", "value": spec["model"]["revision"]},
-        {"name": "ATLAS_MAX_STEPS", "value": str(schedule["maxStepsPerRound"])},
-        # Stop cleanly a minute before the Job's deadline kills the pod.
-        {"name": "ATLAS_MAX_SECONDS", "value": str(max(schedule["maxRoundSeconds"] - 60, 60))},
-        # Publish by patching this endpoint (status.latestPublishedVersion) in-cluster.
-        {"name": "ATLAS_ENDPOINT", "value": f"{owner.namespace}/{owner.name}"},
-        {"name": "ATLAS_ENDPOINT_RESOURCE", "value": f"{PLURAL}.{GROUP}"},
-    ]
+def trainer_env() -> list[dict[str, Any]]:
+    """Only what the trainer's libraries read: HOME, and the Hugging Face cache SGLang
+    filled (the target's files at the same revision)."""
+    return [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": HF_HOME}]
+
+
+def render_trainer_service(owner: Owner) -> Manifest:
+    """Where the sidecars mirror traffic: the trainer pod's ingest port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, trainer_name(owner), "trainer"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": {f"{GROUP}/endpoint": owner.name,
+                         "app.kubernetes.io/component": "trainer"},
+            "ports": [{"name": "ingest", "port": TRAINER_PORT, "targetPort": "ingest",
+                       "protocol": "TCP"}],
+        },
+    }  # fmt: skip
 
 
 def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
@@ -442,8 +498,9 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
             "name": "trainer",
             "image": trainer["image"],
             "command": ["atlas"],
-            "args": trainer_args(),
-            "env": trainer_env(owner, spec),
+            "args": trainer_args(spec),
+            "env": trainer_env(),
+            "ports": [{"name": "ingest", "containerPort": TRAINER_PORT, "protocol": "TCP"}],
             "resources": _resources(trainer["resources"], placement["gpuResourceName"],
                                     trainer["gpuCount"]),
             "volumeMounts": [{"name": "data", "mountPath": DATA_MOUNT_PATH},
@@ -470,7 +527,7 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
 
 def render_trainer_rbac(owner: Owner) -> list[Manifest]:
     """The trainer's identity: it may read its own endpoint and patch its status (to report
-    a published version and accept lengths), and nothing else."""
+    a published version and accept lengths), never its spec, and nothing else."""
     name = trainer_name(owner)
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount",
@@ -479,7 +536,7 @@ def render_trainer_rbac(owner: Owner) -> list[Manifest]:
          "metadata": _metadata(owner, name, "trainer"),
          "rules": [
              {"apiGroups": [GROUP], "resources": [PLURAL], "resourceNames": [owner.name],
-              "verbs": ["get", "patch"]},
+              "verbs": ["get"]},
              {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"],
               "resourceNames": [owner.name], "verbs": ["get", "patch"]},
          ]},
@@ -499,7 +556,7 @@ def render_children(owner: Owner, spec: Spec) -> list[Manifest]:
                 render_rollout_configmap(owner, initial_rollout_data()),
                 render_deployment(owner, spec), render_service(owner, spec)]
     if spec["trainer"]["enabled"]:
-        children += render_trainer_rbac(owner)
+        children += [*render_trainer_rbac(owner), render_trainer_service(owner)]
     return children
 
 

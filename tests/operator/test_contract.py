@@ -4,8 +4,9 @@ sidecar's own), the parsed values reach that program's configuration, and every
 environment variable rendered for the sidecar is one it reads (``SERVE_ENV``) and has an
 effect there. A flag or variable the sidecar does not take fails here, not in a pod.
 
-The trainer Job's command (``atlas trainer``) is not checked: that command does not
-exist yet (the learning loop's issue builds it).
+The trainer Job's command (``atlas trainer``) is parsed by the trainer's own parser the
+same way, and its ingest port is the one the trainer Service and the sidecars' mirror
+URL name.
 """
 
 from __future__ import annotations
@@ -300,3 +301,65 @@ def test_each_env_var_the_sidecar_reads_has_an_effect(
     assert name in HONOURED, f"{name} is in SERVE_ENV but nothing shows it has an effect"
     clear_atlas_env(monkeypatch)
     HONOURED[name](tmp_path, monkeypatch)
+
+
+# -- the trainer ----------------------------------------------------------------------
+
+LEARNING = {
+    "trainer": {},
+    "trainer-gpu-schedule": {"trainer": {"gpuCount": 1, "schedule": {
+        "roundIntervalSeconds": 120, "maxRoundSeconds": 1800, "maxStepsPerRound": 50}}},
+    "no-trainer": {"trainer": {"enabled": False}},
+    "no-adaptive": {"trainer": {"enabled": False}, "speculators": {"adaptive": {
+        "enabled": False}}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["trainer", "trainer-gpu-schedule"])
+def test_trainer_command_line_parses_with_the_trainers_parser(variant: str) -> None:
+    from atlas_sidecar.learning.command import check_args
+
+    endpoint_spec = spec(**LEARNING[variant])
+    job = render.render_trainer_job(OWNER, endpoint_spec)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["atlas"]
+    args = cli.build_parser().parse_args(container["args"])
+    check_args(args)
+    assert args.func.__name__ == "cmd_trainer"
+    model, trainer = endpoint_spec["model"], endpoint_spec["trainer"]
+    assert (args.target, args.revision) == (model["source"], model["revision"])
+    assert args.device == ("cuda" if trainer["gpuCount"] else "cpu")
+    assert args.max_train_steps == trainer["schedule"]["maxStepsPerRound"]
+    # It stops cleanly before the Job's deadline kills it.
+    assert args.max_runtime < job["spec"]["activeDeadlineSeconds"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for path in (args.traffic_db, args.weights_store, args.state_dir):
+        assert any(str(path).startswith(m + "/") for m in mounts), path
+    port = container["ports"][0]["containerPort"]
+    assert args.port == port and args.host == "0.0.0.0"
+    service = render.render_trainer_service(OWNER)
+    assert service["spec"]["ports"][0]["port"] == port
+    assert {e["name"] for e in container["env"]} == {"HOME", "HF_HOME"}
+
+
+@pytest.mark.parametrize("variant", LEARNING)
+def test_the_sidecars_learning_flags_reach_its_configuration(variant: str) -> None:
+    endpoint_spec = spec(**LEARNING[variant])
+    pod = containers(endpoint_spec)
+    args = serve_args(pod["sidecar"])
+    config = commands.server_config_from_args(args)
+    adaptive = endpoint_spec["speculators"]["adaptive"]["enabled"]
+    mirrors = adaptive and endpoint_spec["trainer"]["enabled"]
+    assert (args.weights_store is not None) == adaptive
+    assert args.speculator == ("suffix" if adaptive else "none")
+    if not mirrors:
+        assert config.mirror is None
+        return
+    trainer = render.render_trainer_job(OWNER, endpoint_spec)["spec"]["template"]["spec"]
+    port = trainer["containers"][0]["ports"][0]["containerPort"]
+    assert config.mirror.url == f"{OWNER.name}-trainer.{OWNER.namespace}.svc:{port}"
+    assert config.mirror.fraction == endpoint_spec["speculators"]["adaptive"]["mirrorFraction"]
+    mounts = {m["name"]: m["mountPath"] for m in pod["sidecar"]["volumeMounts"]}
+    assert str(config.mirror.spill_dir) == mounts["spill"]
+    volumes = render.render_deployment(OWNER, endpoint_spec)["spec"]["template"]["spec"]
+    assert any(v["name"] == "spill" and "emptyDir" in v for v in volumes["volumes"])

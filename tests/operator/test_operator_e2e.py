@@ -24,7 +24,7 @@ NAME = "coder"
 pytestmark = pytest.mark.flaky(reruns=1)
 CHILDREN = {  # resource -> names the operator must create for NAME
     "apps/v1/deployments": [NAME],
-    "v1/services": [NAME],
+    "v1/services": [NAME, f"{NAME}-trainer"],
     "v1/configmaps": [f"{NAME}-rollout"],
     "v1/persistentvolumeclaims": [f"{NAME}-data"],
     "batch/v1/jobs": [f"{NAME}-trainer"],
@@ -98,8 +98,10 @@ async def test_create_renders_children_with_specs_and_owner_references(
                                                                        "metrics": 9090}
     job = apiserver.get("batch/v1/jobs", f"{NAME}-trainer")
     args = job["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[:5] == ["trainer", "--mirror-dir", "/data/mirror", "--weights-dir",
-                        "/data/weights"]
+    assert args[0] == "trainer" and "--traffic-db" in args  # the contract test parses them
+    trainer = apiserver.get("v1/services", f"{NAME}-trainer")
+    assert {p["name"]: p["port"] for p in trainer["spec"]["ports"]} == {"ingest": 50060}
+    assert f"{NAME}-trainer.{NAMESPACE}.svc:50060" in sidecar["args"]
     assert apiserver.get("v1/configmaps", f"{NAME}-rollout")["data"]["weight-version"] == ""
 
 

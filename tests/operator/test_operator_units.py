@@ -29,7 +29,7 @@ def test_pod_template_does_not_depend_on_weight_versions() -> None:
 
 def test_sidecar_args_parse_with_the_real_sidecar_cli() -> None:
     cli = pytest.importorskip("atlas_sidecar.cli")
-    args = render.sidecar_args(spec(speculators={"static": {"model": "Qwen/Qwen2.5-0.5B"}},
+    args = render.sidecar_args(OWNER, spec(speculators={"static": {"model": "Qwen/Qwen2.5-0.5B"}},
                                     sidecar={"tls": {"secretName": "t"}}))
     parsed = cli.build_parser().parse_args(args)
     assert parsed.command == "serve" and parsed.port == 50051 and parsed.lookahead == 8
@@ -37,7 +37,7 @@ def test_sidecar_args_parse_with_the_real_sidecar_cli() -> None:
 
 
 def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_reference() -> None:
-    container = render.sidecar_container(spec(sidecar={"tls": {"secretName": "t"},
+    container = render.sidecar_container(OWNER, spec(sidecar={"tls": {"secretName": "t"},
                                                         "auth": {"secretName": "tok"}}))
     # kubelet's gRPC probe cannot do TLS: an exec probe asks the plaintext loopback port
     # that the same container's args open.
@@ -46,8 +46,8 @@ def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_ref
         assert command[:3] == ["python", "-m", "atlas_sidecar.serving.healthcheck"]
         port = command[command.index("--port") + 1]
         assert container["args"][container["args"].index("--health-port") + 1] == port
-    assert "--health-port" not in render.sidecar_args(spec())  # plaintext: kubelet's gRPC probe
-    assert render.sidecar_container(spec())["readinessProbe"]["grpc"] == {"port": 50051}
+    assert "--health-port" not in render.sidecar_args(OWNER, spec())  # plaintext: kubelet's gRPC probe
+    assert render.sidecar_container(OWNER, spec())["readinessProbe"]["grpc"] == {"port": 50051}
     clash = spec(sidecar={"tls": {"secretName": "t"}, "metricsPort": 50052})
     assert render.sidecar_health_port(clash) == 50053
     token = next(e for e in container["env"] if e["name"] == "ATLAS_AUTH_TOKEN")
@@ -174,7 +174,7 @@ def test_the_sidecar_reads_the_tokens_and_metrics_address_the_operator_renders(
 ) -> None:
     cli = pytest.importorskip("atlas_sidecar.cli")
     commands = pytest.importorskip("atlas_sidecar.serving.commands")
-    container = render.sidecar_container(spec(sidecar={"auth": {"secretName": "tok"}}))
+    container = render.sidecar_container(OWNER, spec(sidecar={"auth": {"secretName": "tok"}}))
     parsed = cli.build_parser().parse_args(container["args"])
     # Prometheus scrapes the pod IP: the sidecar's loopback default must be overridden.
     assert parsed.metrics_host == "0.0.0.0"

@@ -4,14 +4,18 @@ process, its command, args and environment unchanged) beside the SGLang stand-in
 port the render names, answers gRPC health SERVING on the port its probe asks and a
 greedy Generate equal to the target's own output.
 
-What differs from a pod goes through documented settings, never an edited command:
+What differs from a pod goes through documented settings, never a hand-written command:
 - the CR's model names are mapped to the cached small test model by
   ``ATLAS_MODEL_OVERRIDES`` (README, "Kubernetes"), and the registry cache is this
   machine's (``ATLAS_HOME``: the rendered ``HOME`` is the pod's ``/tmp``);
 - ports the render names that are taken here are moved by rendering a CR that names free
-  ones (the command is still rendered, never written by hand).
-The pod's mounts do not exist here, which the sidecar takes as a pod's first start does:
-no rollout file yet, so it serves the ``base`` weight version. The stand-in runs the
+  ones (the command is still rendered, never written by hand);
+- the pod's volume mounts are empty directories under the test's tmp, as the kubelet
+  gives a pod's first start: an argument naming a path under a container mountPath
+  names the same path under its directory there (nothing else in the command changes).
+So there is no rollout file yet and the sidecar serves the ``base`` weight version; the
+weights store is empty, and the trainer the mirror names is not there, so finished
+requests wait in the spill directory. The stand-in runs the
 target in float32 (the SGLang args say bfloat16) so that its answers and the reference,
 computed on the same weights, agree to the token.
 """
@@ -117,6 +121,20 @@ def target_reference(runner: CausalLMRunner) -> list[int]:
     return Engine(own, own.tokenizer).generate(ids, SamplingParams(max_tokens=MAX_TOKENS)).token_ids
 
 
+def mounted(container: dict[str, Any], root: Path) -> list[str]:
+    """The container's args with each path under one of its mountPaths moved under
+    ``root`` (the volumes a kubelet would mount there, empty)."""
+    mounts = sorted((m["mountPath"] for m in container["volumeMounts"]), key=len, reverse=True)
+    args = []
+    for arg in container["args"]:
+        base = next((m for m in mounts if arg == m or arg.startswith(m + "/")), None)
+        if base is not None:
+            (root / base.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            arg = str(root / arg.lstrip("/"))
+        args.append(arg)
+    return args
+
+
 def wait_serving(process: subprocess.Popen[str], port: int, log: list[str]) -> None:
     """Poll the gRPC health service as the readiness probe does, until SERVING."""
     deadline = time.monotonic() + START_LIMIT_S
@@ -138,7 +156,7 @@ def test_the_rendered_sidecar_command_serves_the_targets_greedy_output(tmp_path:
     reference = target_reference(runner)
     standin = SGLangStandin(runner, sglang.model_path, port=sglang.port).start()
     env = process_env(sidecar, body, spec)
-    command = [*sidecar["command"], *sidecar["args"]]
+    command = [*sidecar["command"], *mounted(sidecar, tmp_path / "mounts")]
     process = subprocess.Popen(command, env=env, cwd=tmp_path, text=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     log: list[str] = []
@@ -151,9 +169,13 @@ def test_the_rendered_sidecar_command_serves_the_targets_greedy_output(tmp_path:
                                      max_tokens=MAX_TOKENS)  # fmt: skip
         assert list(result.token_ids) == reference
         assert result.weight_version == "base"  # no rollout file mounted here
+        spill = Path(mounted(sidecar, tmp_path / "mounts")[
+            sidecar["args"].index("--mirror-spill-dir") + 1])
         assert standin.rejected == [], "the sidecar sent requests SGLang would refuse"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0, "".join(log[-30:])
+        # The trainer was never there: the request waits in the spill for the next one.
+        assert sum(f.stat().st_size for f in spill.iterdir() if f.is_file()) > 0
     finally:
         if process.poll() is None:
             process.kill()
