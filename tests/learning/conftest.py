@@ -282,6 +282,7 @@ class MemorySource:
     def count(self) -> int:
         return len(self.rows)
 
+
 def make_record(i: int, replica: str = "r0", tokens: int = 8) -> TrafficRecord:
     return TrafficRecord(
         request_id=f"{replica}/{i:08x}",

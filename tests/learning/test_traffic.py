@@ -12,20 +12,7 @@ from atlas_sidecar.learning.records import MAX_RECORD_TOKENS, TrafficRecord
 from atlas_sidecar.learning.traffic import TrafficStore
 from atlas_sidecar.learning.wire import BadRecord, decode, encode, to_proto
 
-
-def record(i: int, replica: str = "r0", tokens: int = 8) -> TrafficRecord:
-    return TrafficRecord(
-        request_id=f"{replica}/{i:08x}",
-        replica=replica,
-        prompt_ids=tuple(range(i, i + tokens)),
-        output_ids=(7, 8, 9),
-        step_speculators=("static", "none", "suffix"),
-        step_drafted=(3, 0, 2),
-        step_accepted=(2, 0, 1),
-        weight_version="v000001",
-        finished_at=1700000000.5 + i,
-        sampled=bool(i % 2),
-    )
+from .conftest import make_record as record
 
 
 def test_records_round_trip_in_ingest_order_with_a_cursor(tmp_path: Path) -> None:

@@ -398,6 +398,17 @@ def test_atlas_serve_backend_sglang_answers_like_the_torch_backend(
             process.kill()
 
 
+def test_top2_gap_through_sglang_is_the_targets_logit_gap(backend, torch_target, prompts):
+    ids = prompts[0]
+    torch_target.start("gap")
+    try:
+        logits = torch_target.forward("gap", ids)[-1]
+    finally:
+        torch_target.release("gap")
+    top = logits.topk(2).values.tolist()
+    assert backend.top2_gap(ids) == pytest.approx(top[0] - top[1], abs=1e-3)
+
+
 def test_atlas_bench_backend_sglang_verifies_through_the_server(standin, no_rejections, tmp_path):
     from atlas_sidecar.cli import main
 

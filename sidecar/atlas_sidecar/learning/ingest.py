@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import grpc
 
 from atlas_sidecar.learning.traffic import TrafficStore
 from atlas_sidecar.learning.wire import MAX_MESSAGE_BYTES, BadRecord, decode
+from atlas_sidecar.serving.loopthread import LoopThread
 from atlas_sidecar.serving.proto import trainer_v1_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -197,28 +197,18 @@ class IngestServerThread:
 
     def __init__(self, store: TrafficStore, config: IngestConfig) -> None:
         self.server = IngestServer(store, config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="atlas-ingest",
-                                        daemon=True)  # fmt: skip
+        self._runner = LoopThread("atlas-ingest")
 
     @property
     def address(self) -> str:
         return f"{self.server.config.host}:{self.server.port}"
 
     def start(self) -> IngestServerThread:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(30)
+        self._runner.start(self.server.start(), 30)
         return self
 
     def stop(self, grace_s: float = 1.0) -> None:
-        if not self._thread.is_alive():
-            return
-        future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
-        with contextlib.suppress(Exception):
-            future.result(grace_s + 30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._runner.stop(lambda: self.server.stop(grace_s), grace_s + 30)
 
     def __enter__(self) -> IngestServerThread:
         return self.start()

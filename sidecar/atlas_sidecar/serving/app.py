@@ -13,7 +13,6 @@ back (``targetwatch``); the sidecar stays up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
@@ -33,6 +32,7 @@ from atlas_sidecar.learning.rollout import Rollout
 from atlas_sidecar.learning.store import StoreError
 from atlas_sidecar.learning.versioned import BASE_VERSION
 from atlas_sidecar.serving.auth import TokenAuth
+from atlas_sidecar.serving.loopthread import LoopThread
 from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metrics
 from atlas_sidecar.serving.metrics import ServingStats
 from atlas_sidecar.serving.mirror import Mirror, MirrorConfig
@@ -489,9 +489,7 @@ class ServerThread:
 
     def __init__(self, engine: Engine, config: ServerConfig) -> None:
         self.server = SidecarServer(engine, config)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="atlas-grpc",
-                                        daemon=True)  # fmt: skip
+        self._runner = LoopThread("atlas-grpc")
 
     @property
     def address(self) -> str:
@@ -499,19 +497,11 @@ class ServerThread:
         return f"{'localhost' if host in ('127.0.0.1', '::1') else host}:{self.server.port}"
 
     def start(self) -> ServerThread:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(60)
+        self._runner.start(self.server.start(), 60)
         return self
 
     def stop(self, grace_s: float = 5.0) -> None:
-        if not self._thread.is_alive():
-            return
-        future = asyncio.run_coroutine_threadsafe(self.server.stop(grace_s), self._loop)
-        with contextlib.suppress(Exception):
-            future.result(grace_s + 30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
+        self._runner.stop(lambda: self.server.stop(grace_s), grace_s + 30)
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -353,9 +353,11 @@ def divergences(
             continue
         pairs = zip(ref, got, strict=False)
         position = next((i for i, (a, b) in enumerate(pairs) if a != b), min(len(ref), len(got)))
-        if not target.capabilities.exact_logits:  # a server's rows: its argmax only
+        if target.capabilities.remote:  # a server's rows carry its argmax only: ask it
+            gap = target.top2_gap(ids + ref[:position])
             found.append({"prompt": prompt.prompt_id, "position": position,
-                          "top2_gap": None, "near_tie": False})  # fmt: skip
+                          "top2_gap": None if gap is None else round(gap, 4),
+                          "near_tie": gap is not None and gap <= NEAR_TIE_LOGITS})  # fmt: skip
             continue
         target.start("__divergence__")
         try:
@@ -562,8 +564,8 @@ def cost_lines(modes: dict[str, Any]) -> list[str]:
 
 def divergence_line(d: dict[str, Any]) -> str:
     if d["top2_gap"] is None:
-        return (f"{d['prompt']} diverges at token {d['position']} (a remote target: "
-                "its top-2 gap is not readable, so it counts as a bug)")  # fmt: skip
+        return (f"{d['prompt']} diverges at token {d['position']} (the server does not "
+                "tell its top-2 gap, so it counts as a bug)")  # fmt: skip
     tie = "near-tie" if d["near_tie"] else "NOT a near-tie: a bug"
     return (f"{d['prompt']} diverges at token {d['position']}, "
             f"target top-2 gap {d['top2_gap']} ({tie})")  # fmt: skip

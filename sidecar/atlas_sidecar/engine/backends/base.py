@@ -93,3 +93,8 @@ class RemoteTarget(TargetBackend, Protocol):
         """None when the server answers its health check within ``timeout_s``, else why
         not, in a few words (a log line; never a secret)."""
         ...
+
+    def top2_gap(self, ids: list[int]) -> float | None:
+        """The target's top-2 logit gap after ``ids``, where the server can tell it
+        (tooling: is a divergence a near-tie?); None where it cannot."""
+        ...

@@ -255,6 +255,16 @@ class SGLangBackend(RemoteSequences):
                         "a drafter's probabilities go unused", raw, scaled, PROBE_TEMPERATURE)
         return tempered_ok
 
+    def top2_gap(self, ids: list[int]) -> float | None:
+        """The target's top-2 logit gap after ``ids`` (``RemoteTarget``): a logprob
+        difference is the logit difference, so two output top logprobs give it."""
+        body = {"input_ids": [list(ids)], "return_logprob": True, "top_logprobs_num": 2,
+                "logprob_start_len": len(ids) - 1, "sampling_params": [_GREEDY_ONE]}  # fmt: skip
+        top = _output_top(self._generate(body, 1)[0])
+        if len(top) < 2:
+            raise SGLangError(f"SGLang answered {len(top)} top logprobs, not 2")
+        return float(top[0][0]) - float(top[1][0])
+
     # -- TargetBackend ---------------------------------------------------------------
 
     def forward(self, seq_id: str, tokens: list[int]) -> torch.Tensor:

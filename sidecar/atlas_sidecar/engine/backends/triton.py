@@ -167,6 +167,10 @@ class TritonBackend(RemoteSequences):
         self.check_model()
         self.check_tokenizer()
 
+    def top2_gap(self, ids: list[int]) -> float | None:
+        """None (``RemoteTarget``): the draft-tokens model returns tokens, no logits."""
+        return None
+
     def probe(self, timeout_s: float) -> str | None:
         """None while the server is live and the model ready, else why not
         (``RemoteTarget``)."""
