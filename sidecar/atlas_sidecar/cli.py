@@ -124,8 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from atlas_sidecar.tooling import ablate
 
         return ablate.main(config, ablate.parse_parts(args.ablate),
-                           args.out or "bench-out/ablate.json", target)  # fmt: skip
-    return bench.main(config, args.out or "bench-out/bench.json", args.plot, target)
+                           args.out or "bench-out/ablate.json", target=target)  # fmt: skip
+    return bench.main(config, args.out or "bench-out/bench.json", args.plot, target=target)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -52,14 +52,15 @@ def test_ablate_runs_the_parts_asked_and_matches_none(tmp_path, capsys):
 def test_ablate_flag_selects_parts_and_reaches_the_ablation(monkeypatch, tmp_path):
     called = {}
 
-    def fake_main(config, parts, out):
-        called.update(config=config, parts=parts, out=out)
+    def fake_main(config, parts, out, target=None):
+        called.update(config=config, parts=parts, out=out, target=target)
         return 0
 
     monkeypatch.setattr(ablate, "main", fake_main)
     assert cli.main(["bench", "--quick", "--ablate", "calibration,early_exit"]) == 0
     assert called["parts"] == ("calibration", "early_exit")
     assert called["out"] == "bench-out/ablate.json"
+    assert called["target"] is None  # --backend torch: the bench loads the target itself
     assert isinstance(called["config"], bench.BenchConfig)
     assert (called["config"].per_phase, called["config"].max_new_tokens) == (2, 64)
     out = str(tmp_path / "a.json")
