@@ -129,7 +129,8 @@ def test_the_rendered_tls_probe_asks_the_health_port_the_sidecar_serves(served, 
     """Both ends: the operator's exec probe, run as kubelet would, against a sidecar
     configured from the operator's own rendered args (with TLS on the main port)."""
     spec = validate_spec({"model": {"source": "m"}, "sidecar": {"tls": {"secretName": "t"}}})
-    container = render.sidecar_container(spec)
+    owner = render.Owner(name="coder", namespace="serving", uid="u-1")
+    container = render.sidecar_container(owner, spec)
     args = cli.build_parser().parse_args(container["args"])
     args.backend = "torch"  # the rendered SGLang backend is not what this test is about
     config = dataclasses.replace(
