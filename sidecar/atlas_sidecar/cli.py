@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "bench-out/ablate.json with --ablate)")  # fmt: skip
     p.add_argument("--plot", help="PNG of the per-request curves (default: --out as .png)")
     p.add_argument("--snapshot", metavar="PATH",
-                   help="a version the trainer published (<store>/v000042): our engines start "
-                   "from its suffix index, neural head and calibration priors, verified "
-                   "against its manifest and the target")  # fmt: skip
+                   help="a version the trainer published (<store>/v000042): each of our "
+                   "modes also runs as <mode>+snapshot, started from its suffix index, "
+                   "neural head and calibration priors (verified against its manifest and "
+                   "the target), beside its cold twin")  # fmt: skip
     _add_model_args(p)
     add_backend_args(p)
     p.set_defaults(func=cmd_bench)

@@ -53,15 +53,19 @@ def _bench(tmp_path, trace, name, *extra) -> dict:
 
 def test_bench_snapshot_starts_warm(first_round, tmp_path):
     """A prompt the traffic asked before: from the snapshot, the suffix index drafts its
-    answer from the first step; a cold engine has only the prompt to go on."""
+    answer from the first step; its cold twin in the same run has only the prompt."""
     prompt = workloads.humaneval(TRAFFIC_SKIP + 1)[TRAFFIC_SKIP]
     trace = tmp_path / "trace.jsonl"
     trace.write_text(json.dumps({"phase": "python", "prompt": prompt.messages[0][1]}) + "\n")
-    cold = _bench(tmp_path, trace, "cold")
-    warm = _bench(tmp_path, trace, "warm", "--snapshot", str(_version_dir(first_round)))
-    assert warm["snapshot"]["version"] == first_round[2].version
-    assert warm["modes"]["suffix"]["outputs_match"] is True
-    assert warm["modes"]["suffix"]["accept_len"] > cold["modes"]["suffix"]["accept_len"] + 1
+    result = _bench(tmp_path, trace, "warm", "--snapshot", str(_version_dir(first_round)))
+    cold, warm = result["modes"]["suffix"], result["modes"]["suffix" + bench.WARM_SUFFIX]
+    assert set(result["modes"]) == {"none", "suffix", "suffix" + bench.WARM_SUFFIX}
+    assert result["snapshot"]["version"] == first_round[2].version
+    assert cold["outputs_match"] is True and warm["outputs_match"] is True
+    assert warm["accept_len"] > cold["accept_len"] + 1
+    (row,) = result["snapshot"]["first_requests"]
+    assert (row["phase"], row["mode"], row["requests"]) == ("python", "suffix", 1)
+    assert row["warm_accept_len"] == warm["accept_len"]
 
 
 def test_bench_refuses_a_directory_that_is_not_a_version(tmp_path, target, capsys):
@@ -87,3 +91,14 @@ def test_bench_refuses_a_tampered_version(first_round, target, tmp_path):
                                snapshot=str(version))  # fmt: skip
     with pytest.raises(ValueError, match="sha256"):
         bench.open_snapshot(config, target, print)
+
+
+def test_learnbench_traffic_is_not_what_the_bench_asks():
+    """The loop learns from other prompts of the same phases: a warm start measured on
+    prompts it was trained on would show memory, not learning."""
+    from atlas_sidecar.tooling import learnbench
+
+    traffic = learnbench.traffic_prompts(skip=3, per_phase=4)
+    asked = workloads.drift(3)
+    assert [p.phase for p in traffic] == ["python"] * 4 + ["rust"] * 4 + ["chat"] * 4
+    assert not {p.prompt_id for p in traffic} & {p.prompt_id for p in asked}

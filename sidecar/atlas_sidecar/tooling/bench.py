@@ -67,7 +67,7 @@ class BenchConfig:
     streams: int = 0  # > 0: also decode the prompts this many at a time (our modes)
     draft_weights: str = "auto"  # int8 on CPU (``backends/int8.py``); the target keeps dtype
     backend: str = "torch"  # what ``target`` passed to ``run`` is, for the record
-    snapshot: str | None = None  # a published version directory our engines start from
+    snapshot: str | None = None  # a published version: our modes also run started from it
 
 
 @dataclass
@@ -121,7 +121,7 @@ def run(
     unavailable: dict[str, str] = {}
     for mode in config.modes:
         if mode not in peers.PEERS:
-            decoders[mode] = build_ours(config, mode, target, draft, published)
+            decoders.update(ours_cold_and_warm(config, mode, target, draft, published))
             continue
         if not isinstance(target, CausalLMRunner):
             unavailable[mode] = f"needs the target in this process, not --backend {config.backend}"
@@ -152,8 +152,79 @@ def run(
     if published is not None:
         summary["snapshot"] = {"version": published.id, "parent": published.manifest.parent,
                                "window": published.manifest.window,
-                               "metrics": published.manifest.metrics}  # fmt: skip
+                               "metrics": published.manifest.metrics,
+                               "first_requests": first_requests(prompts, runs)}  # fmt: skip
     return summary
+
+
+WARM_SUFFIX = "+snapshot"  # a mode started from --snapshot's version, beside its cold twin
+FIRST_REQUESTS = 2  # of each phase: where a warm start shows, before online learning caught up
+
+
+def ours_cold_and_warm(
+    config: BenchConfig,
+    mode: str,
+    target: Any,
+    draft: CausalLMRunner | None,
+    published: Version | None,
+) -> dict[str, Engine]:
+    """One of our modes cold, and, with a snapshot, the same mode started from it as
+    ``<mode>+snapshot`` (only where the version holds something that mode uses): the two
+    decode the same prompts interleaved, so the learning loop's gain is measured side by
+    side in one run, not across two runs on a machine whose speed drifts."""
+    engines = {mode: build_ours(config, mode, target, draft, None)}
+    if published is None:
+        return engines
+    warm = our_modes.build_engine(mode, target, draft, config.lookahead)
+    try:
+        loaded = apply_version(warm, published, target.vocab_size)
+    except (WeightsError, ValueError) as err:  # the snapshot's and calibration's too
+        our_modes.close_engine(warm)
+        for engine in engines.values():
+            our_modes.close_engine(engine)
+        raise ValueError(f"--snapshot {published.id}: {err}") from err
+    if not loaded:  # nothing in the version for this mode: its twin would be the same
+        our_modes.close_engine(warm)
+        return engines
+    engines[mode + WARM_SUFFIX] = warm
+    return engines
+
+
+def first_requests(
+    prompts: list[workloads.Prompt], runs: dict[str, ModeRun]
+) -> list[dict[str, Any]]:
+    """Per phase and mode with a warm twin: accept_len and tok/s over the phase's first
+    FIRST_REQUESTS requests, cold against started from the snapshot."""
+    out = []
+    for start, end, phase in phase_segments([p.phase for p in prompts]):
+        picked = range(start, min(end, start + FIRST_REQUESTS))
+        for mode, mode_run in runs.items():
+            warm_run = runs.get(mode + WARM_SUFFIX)
+            if warm_run is None:
+                continue
+            cold = _aggregate([mode_run.results[i] for i in picked])
+            warm = _aggregate([warm_run.results[i] for i in picked])
+            out.append({"phase": phase, "mode": mode, "requests": len(picked),
+                        "cold_accept_len": cold["accept_len"],
+                        "warm_accept_len": warm["accept_len"],
+                        "cold_tokens_per_s": cold["tokens_per_s"],
+                        "warm_tokens_per_s": warm["tokens_per_s"]})  # fmt: skip
+    return out
+
+
+def first_request_lines(result: dict[str, Any]) -> list[str]:
+    rows = (result.get("snapshot") or {}).get("first_requests") or []
+    if not rows:
+        return []
+    lines = [f"from snapshot {result['snapshot']['version']} vs cold, the first "
+             f"{FIRST_REQUESTS} requests of each phase (accept_len, tok/s):"]  # fmt: skip
+    for r in rows:
+        gain = (r["warm_tokens_per_s"] / r["cold_tokens_per_s"]
+                if r["cold_tokens_per_s"] else None)  # fmt: skip
+        lines.append(f"  {r['phase']:<7} {r['mode']:<8} accept_len {r['cold_accept_len']:.2f}"
+                     f" -> {r['warm_accept_len']:.2f}, tok/s {r['cold_tokens_per_s']:.2f} -> "
+                     f"{r['warm_tokens_per_s']:.2f} ({_fmt(gain)})")  # fmt: skip
+    return lines
 
 
 def controller_costs(decoder: peers.Decoder) -> dict[str, Any] | None:
@@ -321,7 +392,9 @@ def concurrent(
     ours = [m for m in config.modes if m not in peers.PEERS]
     if "none" not in ours:
         ours.insert(0, "none")  # the reference at the same number of streams
-    engines = {m: build_ours(config, m, target, draft, published) for m in ours}
+    engines: dict[str, Engine] = {}
+    for mode in ours:
+        engines.update(ours_cold_and_warm(config, mode, target, draft, published))
     try:
         result = run_streams(engines, encoded, config.streams, config.max_new_tokens, log)
     finally:
@@ -539,6 +612,7 @@ def format_table(result: dict[str, Any]) -> str:
                      "of the phase's later mean")  # fmt: skip
         table += recoveries
     table += cost_lines(result["modes"])
+    table += first_request_lines(result)
     if result.get("best_peer"):
         ratio = result.get("atlas_vs_best_peer")
         vs = "" if ratio is None else f"; atlas vs best peer: {ratio:.2f}x tok/s"
