@@ -18,7 +18,7 @@ from atlas_sidecar.engine.controller import Controller, ControllerConfig, CostMo
 from atlas_sidecar.engine.core import DEFAULT_LOOKAHEAD, Engine
 from atlas_sidecar.engine.speculators.base import Drafter
 from atlas_sidecar.engine.speculators.neural import NeuralSpeculator, load_cached
-from atlas_sidecar.engine.speculators.neural_train import OnlineLearner
+from atlas_sidecar.engine.speculators.neural_train import OnlineLearner, hand_over_learning
 from atlas_sidecar.engine.speculators.static import StaticSpeculator
 from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
 from atlas_sidecar.learning.versioned import BASE_VERSION, VersionedDrafter
@@ -66,8 +66,8 @@ def build_engine(
     """An engine for ``mode``: ``none``, one speculator of ``SPECULATORS``, or ``atlas``
     (the controller over every speculator the target and the loaded models allow).
     ``draft`` is the draft model's runner; ``config`` switches the controller's
-    corrections (default: all on). ``versioned``: the suffix index takes published
-    versions while serving (``learning.versioned``; hot rollout)."""
+    corrections (default: all on). ``versioned``: the suffix index and the neural head
+    take published versions while serving (``learning.versioned``; hot rollout)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
     if needs_draft_model(mode) and draft is None:
@@ -98,7 +98,10 @@ def _speculator(
         assert draft is not None
         return StaticSpeculator(draft)
     assert name == "neural" and isinstance(target, CausalLMRunner)
-    return neural_speculator(target)
+    neural = neural_speculator(target)
+    if versioned:  # its learner follows the stable instance (``hand_over_learning``)
+        return VersionedDrafter(BASE_VERSION, neural, on_stable=hand_over_learning)
+    return neural
 
 
 def _controller(
@@ -123,12 +126,22 @@ def neural_learners(engine: Engine) -> list[OnlineLearner]:
     """The online learners behind an engine's neural speculators.
 
     A benchmark that wants the learning a server does in its idle time between requests
-    calls ``wait_idle()`` on each after a request, and reports their ``stats()``."""
-    return [
-        d.learner
-        for d in engine.policy.drafters()
-        if isinstance(d, NeuralSpeculator) and isinstance(d.learner, OnlineLearner)
-    ]
+    calls ``wait_idle()`` on each after a request, and reports their ``stats()``. A
+    versioned head's instances share one learner: it is listed once."""
+    found: list[OnlineLearner] = []
+    for d in drafter_instances(engine):
+        learner = d.learner if isinstance(d, NeuralSpeculator) else None
+        if isinstance(learner, OnlineLearner) and all(learner is not x for x in found):
+            found.append(learner)
+    return found
+
+
+def drafter_instances(engine: Engine) -> list[Drafter]:
+    """An engine's drafters, a versioned one's instances in its place."""
+    found: list[Drafter] = []
+    for d in engine.policy.drafters():
+        found.extend(d.instances() if isinstance(d, VersionedDrafter) else [d])
+    return found
 
 
 def close_engine(engine: Engine) -> None:

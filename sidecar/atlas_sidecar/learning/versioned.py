@@ -11,11 +11,19 @@ kept, so a rollback is a pointer swap, not a reload.
 
 Every method runs on the engine's worker thread (``install`` and the verdicts too: the
 server queues them between steps), so there is no lock.
+
+Memory: at most three instances are held (stable, canary, previous); one dropped by a
+verdict or a newer install lives on only while sequences pinned to it finish.
+
+A drafter that learns online in the replica (the neural head) has one learner for all
+its instances; ``on_stable(old, new)`` runs whenever the stable instance changes, so the
+learner can move to the new one (``neural_train.hand_over_learning``).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from atlas_sidecar.engine.speculators.base import Drafter, DraftRequest
@@ -38,15 +46,27 @@ class Slot:
 
 class VersionedDrafter:
     """A Drafter (same name and capabilities as its versions) that routes each sequence
-    to the version it was pinned to when first seen."""
+    to the version it was pinned to when first seen.
 
-    def __init__(self, version: str, drafter: Drafter) -> None:
+    The engine calls a drafter only through the ``Drafter`` protocol, and each of those
+    calls names its sequence, so routing them is enough: the neural head reads the
+    target's recorded features itself, by sequence id, whichever instance drafts."""
+
+    def __init__(
+        self,
+        version: str,
+        drafter: Drafter,
+        on_stable: Callable[[Drafter, Drafter], None] | None = None,
+    ) -> None:
+        """``on_stable(old, new)``: called on the worker right after the stable instance
+        changes (an install at fraction 1.0, a promotion, a rollback to the previous)."""
         self.name = drafter.name
         self.capabilities = drafter.capabilities
         self.stable = Slot(version, drafter)
         self.canary: Slot | None = None
         self.previous: Slot | None = None
         self.canary_fraction = 0.0
+        self.on_stable = on_stable
         self._pinned: dict[str, Slot] = {}
 
     # -- versions ------------------------------------------------------------------------
@@ -59,7 +79,9 @@ class VersionedDrafter:
         if not 0.0 <= canary_fraction <= 1.0:
             raise ValueError(f"canary fraction {canary_fraction} is not in [0, 1]")
         if canary_fraction >= 1.0:
-            self.previous, self.stable, self.canary = self.stable, Slot(version, drafter), None
+            old = self.stable
+            self.previous, self.stable, self.canary = old, Slot(version, drafter), None
+            self._stable_changed(old)
             return
         self.canary, self.canary_fraction = Slot(version, drafter), canary_fraction
 
@@ -67,7 +89,9 @@ class VersionedDrafter:
         """The canary becomes stable; return its version."""
         if self.canary is None:
             raise ValueError(f"{self.name}: no canary to promote")
-        self.previous, self.stable, self.canary = self.stable, self.canary, None
+        old = self.stable
+        self.previous, self.stable, self.canary = old, self.canary, None
+        self._stable_changed(old)
         return self.stable.version
 
     def roll_back(self) -> str:
@@ -76,7 +100,8 @@ class VersionedDrafter:
         if self.canary is not None:
             self.canary = None
         elif self.previous is not None:
-            self.stable, self.previous = self.previous, None
+            old, self.stable, self.previous = self.stable, self.previous, None
+            self._stable_changed(old)
         else:
             raise ValueError(f"{self.name}: nothing to roll back to")
         return self.stable.version
@@ -88,6 +113,19 @@ class VersionedDrafter:
 
     def version_of(self, seq_id: str) -> str:
         return self._slot(seq_id).version
+
+    def instances(self) -> list[Drafter]:
+        """The drafter instances held (stable first), each once: what a caller that
+        needs the drafters themselves (their learners, their memory) looks through."""
+        found: list[Drafter] = []
+        for slot in (self.stable, self.canary, self.previous):
+            if slot is not None and all(slot.drafter is not d for d in found):
+                found.append(slot.drafter)
+        return found
+
+    def _stable_changed(self, old: Slot) -> None:
+        if self.on_stable is not None and old.drafter is not self.stable.drafter:
+            self.on_stable(old.drafter, self.stable.drafter)
 
     # -- the drafter interface -----------------------------------------------------------
 

@@ -97,7 +97,7 @@ def register_memory_metrics(stats: Any, engine: Any, scheduler: Any, service: An
                       "the live requests' own (local)", ["scope"], registry=r)  # fmt: skip
         index.labels("global").set_function(lambda: sum(d.global_nbytes for d in suffix))
         index.labels("local").set_function(lambda: sum(d.local_nbytes for d in suffix))
-    learners = [d.learner for d in drafters if getattr(d, "learner", None) is not None]
+    learners = _learners(drafters)
     if learners:
         learner = Gauge("atlas_learner_buffer_bytes", "Neural learner bytes: replay buffer, "
                         "and finished requests queued for it", ["buffer"], registry=r)  # fmt: skip
@@ -116,6 +116,19 @@ def register_memory_metrics(stats: Any, engine: Any, scheduler: Any, service: An
     streams.labels("tokens").set_function(
         lambda: sum(b.pending_tokens for b in list(service.buffers))
     )
+
+
+def _learners(drafters: list[Any]) -> list[Any]:
+    """The online learners behind the drafters, each once: a versioned head's instances
+    (``VersionedDrafter.instances``) share one, whichever instance is stable."""
+    found: list[Any] = []
+    for drafter in drafters:
+        instances = drafter.instances() if hasattr(drafter, "instances") else [drafter]
+        for instance in instances:
+            learner = getattr(instance, "learner", None)
+            if learner is not None and all(learner is not x for x in found):
+                found.append(learner)
+    return found
 
 
 def _drafters(engine: Any) -> list[Any]:

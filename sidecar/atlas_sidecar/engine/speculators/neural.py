@@ -456,39 +456,70 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
         raise WeightsError(f"{path}: not an atlas neural head (no metadata {exc})") from exc
     except Exception as exc:  # safetensors raises its own error types for bad bytes
         raise WeightsError(f"{path}: corrupt or truncated weights file ({exc})") from exc
+    return tensors, _checked_format(meta, path)
+
+
+def read_weights_bytes(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``read_weights_file`` for a file's bytes (a version read from a remote store);
+    ``where`` names it in errors."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        # safetensors: an 8-byte little-endian header length, then the JSON header.
+        size = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+        meta = json.loads(header["atlas"])
+    except KeyError as exc:
+        raise WeightsError(f"{where}: not an atlas neural head (no metadata {exc})") from exc
+    except Exception as exc:  # safetensors raises its own error types for bad bytes
+        raise WeightsError(f"{where}: corrupt or truncated weights file ({exc})") from exc
+    return tensors, _checked_format(meta, where)
+
+
+def _checked_format(meta: Any, where: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise WeightsError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT}")
-    return tensors, meta
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise WeightsError(f"{where}: unknown format {found!r}, expected {FORMAT}")
+    return meta
 
 
-def load_weights(speculator: NeuralSpeculator, path: str | Path) -> HeadWeights:
-    """Check a weights file against the speculator's target and build a serving snapshot."""
-    tensors, meta = read_weights_file(path)
+def load_weights(
+    speculator: NeuralSpeculator, path: str | Path | bytes, where: str = ""
+) -> HeadWeights:
+    """Check a weights file (a path, or its bytes named ``where``) against the
+    speculator's target and build a serving snapshot; WeightsError on anything wrong."""
+    if isinstance(path, bytes):
+        name = where or "weights"
+        tensors, meta = read_weights_bytes(path, name)
+    else:
+        name = str(path)
+        tensors, meta = read_weights_file(path)
     problem = speculator.identity.mismatch(meta.get("target", {}))
     if problem:
-        raise WeightsError(f"{path}: {problem}")
+        raise WeightsError(f"{name}: {problem}")
     config = meta.get("config", {})
     if config.get("intermediate_size") != speculator.config.intermediate_size:
         raise WeightsError(
-            f"{path}: head intermediate size {config.get('intermediate_size')}, "
+            f"{name}: head intermediate size {config.get('intermediate_size')}, "
             f"this speculator's is {speculator.config.intermediate_size}"
         )
     state = {k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")}
     if "vocab" not in tensors:
-        raise WeightsError(f"{path}: no draft vocabulary")
+        raise WeightsError(f"{name}: no draft vocabulary")
     expected = DraftHead(speculator.config).state_dict()
     for key, value in expected.items():
         got = state.get(key)
         if got is None or got.shape != value.shape:
             shape = None if got is None else tuple(got.shape)
-            raise WeightsError(f"{path}: {key} has shape {shape}, expected {tuple(value.shape)}")
+            raise WeightsError(f"{name}: {key} has shape {shape}, expected {tuple(value.shape)}")
         if not torch.isfinite(got).all():
-            raise WeightsError(f"{path}: {key} holds non-finite values")
+            raise WeightsError(f"{name}: {key} holds non-finite values")
     if set(state) != set(expected):
-        raise WeightsError(f"{path}: unexpected tensors {sorted(set(state) - set(expected))}")
+        raise WeightsError(f"{name}: unexpected tensors {sorted(set(state) - set(expected))}")
     version = meta.get("version")
     if not isinstance(version, int):
-        raise WeightsError(f"{path}: no version")
+        raise WeightsError(f"{name}: no version")
     return speculator.make_weights(state, tensors["vocab"], version, meta.get("meta") or {})
 
 

@@ -35,6 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from atlas_sidecar.engine.backends.torch_backend import CausalLMRunner
+from atlas_sidecar.engine.speculators.base import Drafter
 from atlas_sidecar.engine.speculators.neural import (
     DraftHead,
     FinishedSequence,
@@ -282,6 +283,19 @@ class Distiller:
         self.speculator.swap(weights)
         return weights
 
+    def restart_from(self, speculator: NeuralSpeculator) -> None:
+        """Train ``speculator``'s head from its current weights on, and publish to it.
+
+        The replay buffer and the token counts stay: they hold the target's features
+        and tokens, whichever head drafted those requests. The optimizer starts afresh:
+        its moments were those of other weights."""
+        current = speculator.weights
+        self.speculator = speculator
+        self.head.load_state_dict({k: v.float() for k, v in current.head.state_dict().items()})
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.config.lr)
+        self.version = current.version
+        self._set_vocab(current.vocab)
+
     def stats(self) -> dict[str, Any]:
         return {
             "sequences_seen": self.sequences_seen,
@@ -304,6 +318,12 @@ class OnlineLearner:
     ``steps_per_request`` steps while no sequence is live on the target, and publishes a
     new weights version. ``background=False`` does the same in the caller of ``submit``
     (deterministic, for tests and benchmarks).
+
+    One learner serves every instance of a hot-swapped head (``VersionedDrafter``): all
+    of them hand it their finished sequences (the features are the target's, whichever
+    head drafted), and it trains and publishes to one, the stable instance
+    (``adopt``). A canary's head stays exactly the published one, so its acceptance
+    judges that version; an instance no longer stable stops changing.
     """
 
     def __init__(
@@ -325,6 +345,8 @@ class OnlineLearner:
         self._queued_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._adopting: NeuralSpeculator | None = None  # set by adopt, taken under _lock
+        self._adopt_lock = threading.Lock()  # held only to set or take _adopting
         speculator.learner = self
         if background:
             self._thread = threading.Thread(
@@ -357,15 +379,49 @@ class OnlineLearner:
             with self._queued_lock:
                 self.queued_bytes -= sequence_bytes(sequence)
 
+    def adopt(self, speculator: NeuralSpeculator) -> None:
+        """From now on, train ``speculator``'s head (from its weights: a published head
+        goes on learning from this replica's traffic) and publish to it, no longer to
+        the one trained so far; its finished sequences come here too.
+
+        Called on the worker as the stable instance changes, which must not wait for a
+        training step: when a step holds the lock, the trainer takes the new head over
+        before its next step or publication, so nothing trained on the old head is
+        ever published to the new one."""
+        speculator.learner = self
+        with self._adopt_lock:
+            self._adopting = speculator
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_over()
+            finally:
+                self._lock.release()
+
+    def _take_over(self) -> None:
+        """With ``_lock`` held: switch to the head ``adopt`` named, if any."""
+        with self._adopt_lock:
+            speculator, self._adopting = self._adopting, None
+        if speculator is not None and speculator is not self.distiller.speculator:
+            self.distiller.restart_from(speculator)
+
+    @property
+    def speculator(self) -> NeuralSpeculator:
+        """The head trained and published to (after any ``adopt`` still pending)."""
+        with self._adopt_lock:
+            return self._adopting or self.distiller.speculator
+
     def _learn(self, sequence: FinishedSequence) -> None:
         with self._lock:
+            self._take_over()
             self.distiller.add(sequence)
         for _ in range(self.config.steps_per_request):
             if self.background and not self._wait_for_idle_serving():
                 break
             with self._lock:
+                self._take_over()
                 self.distiller.step()
         with self._lock:
+            self._take_over()
             self.distiller.publish()
 
     def _wait_for_idle_serving(self) -> bool:
@@ -407,6 +463,7 @@ class OnlineLearner:
     def train_now(self, steps: int) -> float | None:
         """Synchronously: take in whatever is queued, run ``steps`` steps, publish."""
         with self._lock:
+            self._take_over()
             while True:
                 try:
                     sequence = self._queue.get_nowait()
@@ -452,6 +509,15 @@ class OnlineLearner:
             "errors": self.errors,
             "last_error": self.last_error,
         }
+
+
+def hand_over_learning(old: Drafter, new: Drafter) -> None:
+    """``VersionedDrafter``'s ``on_stable`` for the neural head: the replica's learner
+    moves to the new stable instance (it goes on learning from the installed head), and
+    the old one stops changing (kept as it was, for a rollback)."""
+    learner = getattr(old, "learner", None)
+    if isinstance(learner, OnlineLearner) and isinstance(new, NeuralSpeculator):
+        learner.adopt(new)
 
 
 # Stopped at exit: a daemon thread killed inside a torch op aborts the interpreter.
