@@ -156,3 +156,19 @@ def test_metrics_export_process_memory_and_the_bounded_structures_in_bytes(
     glob = after[("atlas_suffix_index_bytes", (("scope", "global"),))]
     assert glob == suffix.global_nbytes and 0 < glob < suffix.global_bytes
     assert after[("atlas_stream_pending", (("unit", "events"),))] == 0
+
+
+def test_the_suffix_gauge_counts_every_version_a_rollout_holds():
+    """A versioned index (hot rollout) holds stable, canary and previous instances: all
+    are in memory, so all count, whichever changed since the gauge was registered."""
+    from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
+    from atlas_sidecar.learning.versioned import VersionedDrafter
+    from atlas_sidecar.serving.memory import _suffix_indexes
+
+    base, new = SuffixSpeculator(), SuffixSpeculator()
+    versioned = VersionedDrafter("base", base)
+    assert _suffix_indexes([versioned]) == [base]
+    versioned.install("v000001", new, 0.5)
+    assert _suffix_indexes([versioned]) == [base, new]
+    versioned.promote()
+    assert _suffix_indexes([versioned]) == [new, base]  # the previous one is kept

@@ -91,12 +91,17 @@ def register_memory_metrics(stats: Any, engine: Any, scheduler: Any, service: An
     kv.labels("reserved").set_function(lambda: scheduler.kv_reserved)
     kv.labels("budget").set_function(lambda: scheduler.kv_budget_bytes)
     drafters = _drafters(engine)
-    suffix = [d for d in drafters if hasattr(d, "global_nbytes")]
-    if suffix:
+    if _suffix_indexes(drafters):
+        # Listed at each scrape: a versioned index's instances change with rollouts (a
+        # canary and the previous version are held in memory too, and count).
         index = Gauge("atlas_suffix_index_bytes", "Suffix n-gram index bytes: global, and "
                       "the live requests' own (local)", ["scope"], registry=r)  # fmt: skip
-        index.labels("global").set_function(lambda: sum(d.global_nbytes for d in suffix))
-        index.labels("local").set_function(lambda: sum(d.local_nbytes for d in suffix))
+        index.labels("global").set_function(
+            lambda: sum(d.global_nbytes for d in _suffix_indexes(drafters))
+        )
+        index.labels("local").set_function(
+            lambda: sum(d.local_nbytes for d in _suffix_indexes(drafters))
+        )
     learners = _learners(drafters)
     if learners:
         learner = Gauge("atlas_learner_buffer_bytes", "Neural learner bytes: replay buffer, "
@@ -116,6 +121,15 @@ def register_memory_metrics(stats: Any, engine: Any, scheduler: Any, service: An
     streams.labels("tokens").set_function(
         lambda: sum(b.pending_tokens for b in list(service.buffers))
     )
+
+
+def _suffix_indexes(drafters: list[Any]) -> list[Any]:
+    """The suffix indexes behind the drafters, a versioned one's instances included."""
+    found = []
+    for drafter in drafters:
+        instances = drafter.instances() if hasattr(drafter, "instances") else [drafter]
+        found += [d for d in instances if hasattr(d, "global_nbytes")]
+    return found
 
 
 def _learners(drafters: list[Any]) -> list[Any]:
