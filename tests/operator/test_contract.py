@@ -4,6 +4,10 @@ sidecar's own), the parsed values reach that program's configuration, and every
 environment variable rendered for the sidecar is one it reads (``SERVE_ENV``) and has an
 effect there. A flag or variable the sidecar does not take fails here, not in a pod.
 
+The rollout ConfigMap the operator writes (its three keys, as kubelet mounts them) is
+read by the sidecar into the state the operator meant: the canary at its fraction, the
+promotion, the rollback.
+
 The trainer Job's command (``atlas trainer``) is parsed by the trainer's own parser the
 same way, and its ingest port is the one the trainer Service and the sidecars' mirror
 URL name.
@@ -24,11 +28,14 @@ import pytest
 import torch
 from rendered import sglang_parse
 
+import atlas_operator
 from atlas_operator import ROLLOUT_MOUNT_PATH, WEIGHT_VERSION_KEY, crd, render
+from atlas_operator import rollout as rollouts
 from atlas_operator.spec import validate_spec
 from atlas_sidecar import cli, models
 from atlas_sidecar.engine.backends.torch_backend import parse_dtype
-from atlas_sidecar.serving import commands, healthcheck
+from atlas_sidecar.serving import commands, healthcheck, rolloutfiles, weights
+from tests.learning.test_rollout_files import kubelet_write
 
 OWNER = render.Owner(name="coder", namespace="serving", uid="u-1")
 TARGET = "Qwen/Qwen2.5-Coder-1.5B-Instruct"
@@ -363,3 +370,48 @@ def test_the_sidecars_learning_flags_reach_its_configuration(variant: str) -> No
     assert str(config.mirror.spill_dir) == mounts["spill"]
     volumes = render.render_deployment(OWNER, endpoint_spec)["spec"]["template"]["spec"]
     assert any(v["name"] == "spill" and "emptyDir" in v for v in volumes["volumes"])
+
+
+def test_the_sidecar_names_the_operators_rollout_keys() -> None:
+    for name in ("WEIGHT_VERSION_KEY", "CANARY_VERSION_KEY", "CANARY_FRACTION_KEY"):
+        assert getattr(weights, name) == getattr(atlas_operator, name), name
+    assert set(rolloutfiles.ROLLOUT_KEYS) == set(render.initial_rollout_data())
+    assert weights.DEFAULT_ROLLOUT_DIR == Path(ROLLOUT_MOUNT_PATH)
+    serve = cli.build_parser().parse_args(["serve"])
+    assert serve.weight_version_file == str(weights.DEFAULT_VERSION_FILE)
+
+
+def test_the_rollout_configmap_the_operator_writes_is_what_the_sidecar_reads(
+    tmp_path: Path,
+) -> None:
+    """Each of the operator's rollout decisions, rendered into the ConfigMap and written
+    as kubelet mounts it, parsed by the sidecar into the state the operator meant."""
+    policy = validate_spec({"model": {"source": TARGET}, "rollout": {
+        "canaryFraction": 0.25, "canaryDurationSeconds": 600}})["rollout"]  # fmt: skip
+    now = rollouts.parse_time("2026-01-01T00:00:00Z")
+    assert now is not None
+    later = now + rollouts.dt.timedelta(seconds=601)
+    files = rolloutfiles.RolloutDir(tmp_path)
+    Files = rolloutfiles.RolloutFiles
+
+    def written(plan: rollouts.RolloutPlan) -> rolloutfiles.RolloutFiles | None:
+        data = render.render_rollout_configmap(OWNER, plan.configmap_data())["data"]
+        kubelet_write(tmp_path, data[WEIGHT_VERSION_KEY],
+                      data[atlas_operator.CANARY_VERSION_KEY],
+                      data[atlas_operator.CANARY_FRACTION_KEY])  # fmt: skip
+        return files.read()
+
+    kubelet_write(tmp_path, *render.initial_rollout_data().values())
+    assert files.read() == Files()  # nothing published: the replica serves what it has
+    first = rollouts.plan_rollout(policy, rollouts.RolloutState(), "v000001", {}, now)
+    assert written(first) == Files("v000001")  # the first version: stable at once
+    canary = rollouts.plan_rollout(policy, first.state, "v000002", {}, now)
+    assert written(canary) == Files("v000001", "v000002", 0.25)
+    promoted = rollouts.plan_rollout(policy, canary.state, "v000002", {}, later)
+    assert written(promoted) == Files("v000002")
+    again = rollouts.plan_rollout(policy, promoted.state, "v000003", {}, later)
+    assert written(again) == Files("v000002", "v000003", 0.25)
+    accept = {"v000002": 3.0, "v000003": 1.0}
+    rolled_back = rollouts.plan_rollout(policy, again.state, "v000003", accept, later)
+    assert rolled_back.events[0].reason == "CanaryRolledBack"
+    assert written(rolled_back) == Files("v000002")

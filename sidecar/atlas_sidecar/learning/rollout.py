@@ -47,7 +47,8 @@ class RolloutRefused(Exception):
 class RolloutResult:
     version: str
     installed: tuple[str, ...]  # the drafters that took it
-    canary_fraction: float
+    canary_fraction: float  # 1.0 when stable
+    stable: bool
 
 
 class Rollout:
@@ -80,10 +81,26 @@ class Rollout:
         self.appliers = dict(appliers or {})
         self._lock = threading.Lock()  # one rollout prepared at a time
         self.pending: str | None = None  # prepared, waiting for the worker
+        self._queued = 0  # tasks queued for the worker and not yet run
+        self._queued_lock = threading.Lock()
 
-    def request(self, version: str) -> RolloutResult:
+    def request(
+        self, version: str, canary_fraction: float | None = None, stable: bool = False
+    ) -> RolloutResult:
         """Verify and load ``version``, then queue its install between steps; return
-        once queued. ``RolloutRefused`` (logged, counted) when it cannot be served."""
+        once queued. ``RolloutRefused`` (logged, counted) when it cannot be served.
+
+        ``stable``: it serves every new sequence at once. Else ``canary_fraction``: a
+        canary for that share of new sequences, even 1.0 (it stays a canary until a
+        verdict); None: the configured fraction, where 0 means stable at once."""
+        if canary_fraction is not None and not 0.0 <= canary_fraction <= 1.0:
+            raise ValueError(f"canary fraction {canary_fraction} is not in [0, 1]")
+        if stable:
+            fraction, canary = 1.0, False
+        elif canary_fraction is not None:
+            fraction, canary = canary_fraction, True
+        else:
+            fraction, canary = self.canary_fraction or 1.0, self.canary_fraction > 0
         with self._lock:
             try:
                 thunks, drafters = self._build(version)
@@ -93,21 +110,37 @@ class Rollout:
                 if self.on_refused is not None:
                     self.on_refused(version, str(exc))
                 raise
-            fraction = self.canary_fraction or 1.0
             self.pending = version
-            self._queue(lambda: self._install(version, drafters, thunks, fraction))
-            return RolloutResult(version, (*drafters, *thunks), fraction)
+            self._queue(lambda: self._install(version, drafters, thunks, fraction, canary))
+            return RolloutResult(version, (*drafters, *thunks),
+                                 fraction if canary else 1.0, not canary)  # fmt: skip
+
+    def settled(self) -> bool:
+        """No install or verdict waits for the worker: ``roles()`` is what was asked."""
+        with self._queued_lock:
+            return self._queued == 0
 
     def _queue(self, task: Callable[[], None]) -> None:
         if self.between_steps is None:
             raise RuntimeError("the rollout is not attached to a server's worker")
 
         def run() -> None:
-            task()
-            if self.on_change is not None:
-                self.on_change()
+            try:
+                task()
+                if self.on_change is not None:
+                    self.on_change()
+            finally:
+                with self._queued_lock:
+                    self._queued -= 1
 
-        self.between_steps(run)
+        with self._queued_lock:
+            self._queued += 1
+        try:
+            self.between_steps(run)
+        except BaseException:
+            with self._queued_lock:
+                self._queued -= 1
+            raise
 
     def _build(self, version: str) -> tuple[dict[str, Callable[[], None]], dict[str, Drafter]]:
         """(appliers' install thunks, drafters) for ``version``, all validated."""
@@ -147,14 +180,15 @@ class Rollout:
         built: dict[str, Drafter],
         thunks: dict[str, Callable[[], None]],
         fraction: float,
+        canary: bool,
     ) -> None:
         for name, drafter in built.items():
-            self.drafters[name].install(version, drafter, fraction)
+            self.drafters[name].install(version, drafter, fraction, canary)
         for thunk in thunks.values():
             thunk()
         if self.pending == version:
             self.pending = None
-        role = "stable" if fraction >= 1.0 else f"canary for {fraction:.0%} of new requests"
+        role = f"canary for {fraction:.0%} of new requests" if canary else "stable"
         log.info("weight version %s in service (%s): %s", version, role,
                  ", ".join([*built, *thunks]))  # fmt: skip
 
@@ -163,12 +197,35 @@ class Rollout:
     def promote(self) -> None:
         self._queue(lambda: self._each("promote"))
 
-    def roll_back(self) -> None:
-        self._queue(lambda: self._each("roll_back"))
+    def roll_back(self, canary_only: bool = False) -> None:
+        """Drop the canary, or, with none, go back to the previous version.
+        ``canary_only``: a drafter with no canary keeps its stable version (the
+        operator's rollback drops a candidate, never what serves)."""
+        self._queue(lambda: self._each("roll_back", canary_only))
 
-    def _each(self, verdict: str) -> None:
+    def set_canary_fraction(self, fraction: float) -> None:
+        """The canary's share of new sequences from now on (sequences keep their pin)."""
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"canary fraction {fraction} is not in [0, 1]")
+
+        def apply() -> None:
+            for drafter in self.drafters.values():
+                if drafter.canary is not None:
+                    drafter.set_canary_fraction(fraction)
+            log.info("canary now drafts for %.0f%% of new requests", fraction * 100)
+
+        self._queue(apply)
+
+    def canary_fraction_in_service(self) -> float | None:
+        """The share of new sequences the canary takes; None with no canary."""
+        shares = [d.canary_fraction for d in self.drafters.values() if d.canary is not None]
+        return max(shares, default=None)
+
+    def _each(self, verdict: str, canary_only: bool = False) -> None:
         done = {}
         for name, drafter in self.drafters.items():
+            if canary_only and drafter.canary is None:
+                continue
             action = drafter.promote if verdict == "promote" else drafter.roll_back
             try:
                 done[name] = action()

@@ -71,19 +71,31 @@ class VersionedDrafter:
 
     # -- versions ------------------------------------------------------------------------
 
-    def install(self, version: str, drafter: Drafter, canary_fraction: float) -> None:
-        """A new version: the canary for ``canary_fraction`` of new sequences, or, at
-        1.0, the stable version at once (the old stable becomes the previous)."""
+    def install(
+        self, version: str, drafter: Drafter, canary_fraction: float, canary: bool | None = None
+    ) -> None:
+        """A new version: the canary for ``canary_fraction`` of new sequences, or the
+        stable version at once (the old stable becomes the previous). ``canary`` None:
+        a canary below 1.0, stable at 1.0; True: a canary even at 1.0 (the operator's
+        canary may take every new request and still be rolled back)."""
         if drafter.name != self.name:
             raise ValueError(f"version {version} drafts as {drafter.name!r}, not {self.name!r}")
         if not 0.0 <= canary_fraction <= 1.0:
             raise ValueError(f"canary fraction {canary_fraction} is not in [0, 1]")
-        if canary_fraction >= 1.0:
+        if not (canary_fraction < 1.0 if canary is None else canary):
             old = self.stable
             self.previous, self.stable, self.canary = old, Slot(version, drafter), None
             self._stable_changed(old)
             return
         self.canary, self.canary_fraction = Slot(version, drafter), canary_fraction
+
+    def set_canary_fraction(self, fraction: float) -> None:
+        """The canary's share of new sequences from now on; those pinned keep theirs."""
+        if self.canary is None:
+            raise ValueError(f"{self.name}: no canary to give a fraction")
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"canary fraction {fraction} is not in [0, 1]")
+        self.canary_fraction = fraction
 
     def promote(self) -> str:
         """The canary becomes stable; return its version."""

@@ -37,6 +37,7 @@ from atlas_sidecar.serving.memory import default_kv_budget, register_memory_metr
 from atlas_sidecar.serving.metrics import ServingStats
 from atlas_sidecar.serving.mirror import Mirror, MirrorConfig
 from atlas_sidecar.serving.requests import Limits
+from atlas_sidecar.serving.rolloutfiles import RolloutDir, RolloutFollower
 from atlas_sidecar.serving.scheduler import DEFAULT_PREFILL_BUDGET, Scheduler, WorkerDied
 from atlas_sidecar.serving.service import ADMIN_METHODS, SERVICE_NAME, AtlasService, ModelInfo
 from atlas_sidecar.serving.targetwatch import TargetWatch
@@ -156,8 +157,10 @@ class ServerConfig:
     health_port: int | None = None
     log_prompts: bool = False
     target_model: str = ""
-    # With a rollout: install each new version the weights store verifies.
+    # With a rollout: install each new version the weights store verifies, as long as
+    # the rollout directory names none (there, the operator picks versions).
     follow_latest: bool = False
+    rollout_poll_s: float = WEIGHT_FILE_POLL_S  # how often the rollout files are read
     mirror: MirrorConfig | None = None  # None: no traffic mirroring to a trainer
 
 
@@ -167,6 +170,11 @@ class SidecarServer:
         self.config = config
         self.stats = ServingStats()
         self.weights = WeightVersions(config.weight_version_file)
+        # The whole rollout ConfigMap: the directory holding the weight-version file.
+        self.rollout_dir: RolloutDir | None = None
+        if config.weight_version_file is not None:
+            path = config.weight_version_file
+            self.rollout_dir = RolloutDir(path.parent, path.name)
         self.mirror: Mirror | None = None
         if config.mirror is not None:
             self.mirror = Mirror(config.mirror, self.stats.registry, lambda: self.weights.serving)
@@ -281,10 +289,10 @@ class SidecarServer:
         self._server = server
         self._start_metrics()
         self.stats.set_weight_version("serving", self.weights.serving)
-        if cfg.weight_version_file is not None:
-            self._poller = asyncio.create_task(self._poll_weight_file())
         if self.rollout is not None:
-            self._follower = asyncio.create_task(self._start_rollouts())
+            self._follower = asyncio.create_task(self._follow_rollouts())
+        elif cfg.weight_version_file is not None:
+            self._poller = asyncio.create_task(self._poll_weight_file())
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if self.target_watch is not None:
             self._watcher = asyncio.create_task(self.target_watch.run())
@@ -346,28 +354,59 @@ class SidecarServer:
         log.info("metrics on http://%s:%d/metrics", self.config.metrics_host, self.metrics_port)
 
     async def _poll_weight_file(self) -> None:
-        # The operator updates a mounted ConfigMap; the kubelet swaps the file under us.
+        """With no rollout: record the weight-version the operator asks for (GetStats,
+        metrics); nothing is installed."""
         while True:
-            await asyncio.sleep(WEIGHT_FILE_POLL_S)
+            await asyncio.sleep(self.config.rollout_poll_s)
             if self.weights.poll_file():
                 log.info("rollout file asks for weight version %s", self.weights.requested)
                 self.stats.set_weight_version("requested", self.weights.requested)
                 await self._install(self.weights.requested)
 
-    async def _start_rollouts(self) -> None:
-        """Install the rollout file's version, then (``follow_latest``) each newer
-        version the store publishes, polled every WEIGHT_FILE_POLL_S."""
+    async def _follow_rollouts(self) -> None:
+        """Serve what the rollout directory says (stable, then canary, at start; each
+        change after), read every ``rollout_poll_s``. Once the files have named a
+        version they drive alone; until then (a laptop, no ConfigMap) ``follow_latest``
+        installs each newer version the store publishes."""
         assert self.rollout is not None
-        if self.weights.requested:
-            await self._install(self.weights.requested)
+        follower = RolloutFollower(self.rollout, self._install_as)
+        loop = asyncio.get_running_loop()
+        files_drive = False
         tried = ""
-        while self.config.follow_latest:
-            loop = asyncio.get_running_loop()
-            latest = await loop.run_in_executor(None, self._store_latest)
-            if latest and latest != tried and latest not in self.rollout.roles().values():
-                tried = latest
-                await self._install(latest)
-            await asyncio.sleep(WEIGHT_FILE_POLL_S)
+        files = self.rollout_dir
+        while True:
+            want = None if files is None else await loop.run_in_executor(None, files.read)
+            if want is not None and want.names_a_version:
+                if not files_drive and self.config.follow_latest:
+                    log.info("the rollout files name versions: they drive rollouts, "
+                             "--follow-latest stands by")  # fmt: skip
+                files_drive = True
+                if want.stable and want.stable != self.weights.requested:
+                    self.weights.requested = want.stable
+                    self.stats.set_weight_version("requested", want.stable)
+                try:
+                    await follower.follow(want)
+                except Exception:  # noqa: BLE001 - e.g. the worker's queue full: next poll
+                    log.exception("following the rollout files failed; tried again next poll")
+            elif self.config.follow_latest and not files_drive:
+                latest = await loop.run_in_executor(None, self._store_latest)
+                if latest and latest != tried and latest not in self.rollout.roles().values():
+                    tried = latest
+                    await self._install(latest)
+            await asyncio.sleep(self.config.rollout_poll_s)
+
+    async def _install_as(
+        self, version: str, canary_fraction: float | None, stable: bool
+    ) -> bool | None:
+        """The follower's install: True queued, False refused (logged, counted), None
+        failed for a passing reason (the worker's queue full): tried again next poll."""
+        try:
+            applied, message = await self.service.install(version, canary_fraction, stable)
+        except Exception as exc:  # noqa: BLE001 - serving goes on; the next poll retries
+            log.error("rollout of %s failed, tried again next poll: %r", version, exc)
+            return None
+        log.log(logging.INFO if applied else logging.ERROR, "rollout of %s: %s", version, message)
+        return applied
 
     def _store_latest(self) -> str | None:
         assert self.rollout is not None

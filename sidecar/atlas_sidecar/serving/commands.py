@@ -177,7 +177,10 @@ def add_serve_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser
     p.add_argument("--admin-token-file",
                    help=f"admin RPC token (or ${ADMIN_TOKEN_ENV}); none: admin off")  # fmt: skip
     p.add_argument("--weight-version-file", default="/etc/atlas/rollout/weight-version",
-                   help="the rollout ConfigMap's weight version (read if present)")  # fmt: skip
+                   help="the rollout ConfigMap's weight-version file (read if present); "
+                        "with --weights-store its directory's canary-version and "
+                        "canary-fraction are followed too: a canary, promoted or rolled "
+                        "back as the operator decides")  # fmt: skip
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM")  # fmt: skip
     p.add_argument("--log-prompts", action="store_true", help="log prompt text (off: privacy)")
@@ -194,11 +197,14 @@ def add_rollout_args(p: argparse.ArgumentParser) -> None:
                         "s3://bucket/prefix): versions the rollout file, RolloutWeights or "
                         "--follow-latest name are verified there and swapped in live")  # fmt: skip
     p.add_argument("--canary-fraction", type=float, default=0.0,
-                   help="share of new requests a new version drafts for until promoted "
-                        "(0: it serves every new request at once)")  # fmt: skip
+                   help="share of new requests a version from RolloutWeights or "
+                        "--follow-latest drafts for until promoted (0: it serves every "
+                        "new request at once); the rollout files' canary has their own "
+                        "canary-fraction")  # fmt: skip
     p.add_argument("--follow-latest", action="store_true",
                    help="install each new version the store verifies (a laptop or a "
-                        "single replica; in a cluster the operator picks versions)")  # fmt: skip
+                        "single replica); stands by once the rollout files name a "
+                        "version: in a cluster the operator picks versions")  # fmt: skip
 
 
 def rollout_settings(args: argparse.Namespace) -> tuple[str | None, float, bool]:

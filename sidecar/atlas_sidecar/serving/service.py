@@ -9,6 +9,7 @@ way an RPC ends (finished, bad input, client gone, deadline, shutdown), the
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -328,17 +329,20 @@ class AtlasService:
             applied=applied, message=message,
         )  # fmt: skip
 
-    async def install(self, version: str) -> tuple[bool, str]:
-        """Hand ``version`` to the rollout (verified and loaded on a worker thread);
-        (queued, what happened)."""
+    async def install(
+        self, version: str, canary_fraction: float | None = None, stable: bool = False
+    ) -> tuple[bool, str]:
+        """Hand ``version`` to the rollout (verified and loaded on a worker thread), as
+        ``Rollout.request`` takes it; (queued, what happened)."""
         if self.rollout is None:
             return False, "recorded only: this sidecar has no weights store (--weights-store)"
         loop = asyncio.get_running_loop()
+        request = functools.partial(self.rollout.request, version, canary_fraction, stable)
         try:
-            result = await loop.run_in_executor(None, self.rollout.request, version)
+            result = await loop.run_in_executor(None, request)
         except RolloutRefused as exc:
             return False, f"refused: {exc}"
-        role = ("stable" if result.canary_fraction >= 1.0
+        role = ("stable" if result.stable
                 else f"canary for {result.canary_fraction:.0%} of new requests")  # fmt: skip
         return True, f"queued for the next step boundary as {role}: {', '.join(result.installed)}"
 

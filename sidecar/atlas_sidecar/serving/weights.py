@@ -1,8 +1,9 @@
 """Which weight version the sidecar serves, and which one a rollout last asked for.
 
 The operator mounts a ConfigMap holding the version to serve; ``RolloutWeights`` asks
-for one directly. Hot-swapping weights lands in a later issue: until then a requested
-version is recorded and exposed (GetStats, metrics), and serving stays as it started.
+for one directly. A sidecar with a weights store installs them (``rolloutfiles.py``
+follows the ConfigMap's three keys); one without records the requested version and
+exposes it (GetStats, metrics), and serving stays as it started.
 """
 
 from __future__ import annotations
@@ -14,7 +15,14 @@ from pathlib import Path
 from atlas_sidecar.errors import RequestError
 from atlas_sidecar.learning.versioned import BASE_VERSION
 
-DEFAULT_VERSION_FILE = Path("/etc/atlas/rollout/weight-version")
+# The rollout ConfigMap's keys, the file names in its mounted directory: the same as the
+# operator's (atlas_operator WEIGHT_VERSION_KEY, ...; tests/operator/test_contract.py),
+# kept here because the sidecar does not import the operator. See rolloutfiles.py.
+WEIGHT_VERSION_KEY = "weight-version"
+CANARY_VERSION_KEY = "canary-version"
+CANARY_FRACTION_KEY = "canary-fraction"
+DEFAULT_ROLLOUT_DIR = Path("/etc/atlas/rollout")
+DEFAULT_VERSION_FILE = DEFAULT_ROLLOUT_DIR / WEIGHT_VERSION_KEY
 MAX_VERSION_CHARS = 128
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
 
