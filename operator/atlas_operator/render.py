@@ -442,11 +442,13 @@ def render_data_pvc(owner: Owner, spec: Spec) -> Manifest:
             "metadata": _metadata(owner, data_pvc_name(owner), "storage"), "spec": pvc_spec}
 
 
-def trainer_args(spec: Spec) -> list[str]:
+def trainer_args(owner: Owner, spec: Spec) -> list[str]:
     """`atlas trainer` flags, each reaching its configuration (tests/operator/
     test_contract.py parses them with the trainer's own parser). The Job runs ingest and
     training rounds until a minute before its deadline, then exits 0; sidecars spill
-    their mirrored traffic until the next Job is up."""
+    their mirrored traffic until the next Job is up. After each round the trainer patches
+    its endpoint's status (the newest version, accept lengths per version), which drives
+    the rollout: the only write its Role allows."""
     model, trainer = spec["model"], spec["trainer"]
     schedule = trainer["schedule"]
     deadline = schedule["maxRoundSeconds"]
@@ -459,7 +461,8 @@ def trainer_args(spec: Spec) -> list[str]:
             "--round-interval", str(max(schedule["roundIntervalSeconds"], 1)),
             "--max-train-steps", str(schedule["maxStepsPerRound"]),
             "--max-round-seconds", str(max(60, deadline // 2)),
-            "--max-runtime", str(max(deadline - 60, 60))]  # fmt: skip
+            "--max-runtime", str(max(deadline - 60, 60)),
+            "--report-endpoint", owner.name, "--report-namespace", owner.namespace]  # fmt: skip
 
 
 def trainer_env() -> list[dict[str, Any]]:
@@ -498,7 +501,7 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
             "name": "trainer",
             "image": trainer["image"],
             "command": ["atlas"],
-            "args": trainer_args(spec),
+            "args": trainer_args(owner, spec),
             "env": trainer_env(),
             "ports": [{"name": "ingest", "containerPort": TRAINER_PORT, "protocol": "TCP"}],
             "resources": _resources(trainer["resources"], placement["gpuResourceName"],

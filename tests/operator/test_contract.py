@@ -324,7 +324,8 @@ LEARNING = {
 
 @pytest.mark.parametrize("variant", ["trainer", "trainer-gpu-schedule"])
 def test_trainer_command_line_parses_with_the_trainers_parser(variant: str) -> None:
-    from atlas_sidecar.learning.command import check_args
+    from atlas_sidecar.learning import report
+    from atlas_sidecar.learning.command import check_args, report_namespace
 
     endpoint_spec = spec(**LEARNING[variant])
     job = render.render_trainer_job(OWNER, endpoint_spec)
@@ -347,6 +348,13 @@ def test_trainer_command_line_parses_with_the_trainers_parser(variant: str) -> N
     service = render.render_trainer_service(OWNER)
     assert service["spec"]["ports"][0]["port"] == port
     assert {e["name"] for e in container["env"]} == {"HOME", "HF_HOME"}
+    # It reports to its own endpoint, the one object its Role lets it patch (the status).
+    assert (args.report_endpoint, report_namespace(args)) == (OWNER.name, OWNER.namespace)
+    role = next(r for r in render.render_trainer_rbac(OWNER) if r["kind"] == "Role")
+    patchable = [rule for rule in role["rules"] if "patch" in rule["verbs"]]
+    assert patchable == [{"apiGroups": [report.GROUP], "resources": [f"{report.PLURAL}/status"],
+                          "resourceNames": [args.report_endpoint], "verbs": ["get", "patch"]}]
+    assert job["metadata"]["namespace"] == args.report_namespace
 
 
 @pytest.mark.parametrize("variant", LEARNING)

@@ -8,7 +8,9 @@ global suffix index, the neural head, calibration priors) and publishes a versio
 weights store (a directory, the PVC in the cluster, or ``s3://``). SIGTERM stops
 ingest first (replicas spill and re-send), lets the running round finish (its bound is
 ``--max-round-seconds``) and exits 0; ``--max-runtime`` does the same on a clock, so a
-Job ends before its deadline kills it.
+Job ends before its deadline kills it. With ``--report-endpoint`` each round ends with a
+report to the operator (``report.py``): the newest version and accept lengths per
+version, patched into the AtlasEndpoint's status, which drives the rollout.
 
 A SIGKILL at any moment loses nothing acked (the store commits before the ack) and
 leaves no torn version (the manifest is written last), and the trainer resumes from its
@@ -26,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from atlas_sidecar.learning.report import AcceptWindow, pod_namespace
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +62,17 @@ def add_trainer_parser(sub: Any, add_model_args: Any) -> None:
                    help="feature collection and training time per round")  # fmt: skip
     p.add_argument("--max-runtime", type=float, default=None,
                    help="stop cleanly after this many seconds (a Job's deadline)")  # fmt: skip
+    p.add_argument("--report-endpoint", default=None, metavar="NAME",
+                   help="after each round, patch this AtlasEndpoint's status with the "
+                        "newest version and accept lengths per version (default: off)")  # fmt: skip
+    p.add_argument("--report-namespace", default=None, metavar="NS",
+                   help="the endpoint's namespace (default: $POD_NAMESPACE, else the "
+                        "pod's service-account namespace)")  # fmt: skip
+    p.add_argument("--report-window", type=float, default=AcceptWindow.max_age_s,
+                   help="seconds of recent traffic an accept length is measured on")  # fmt: skip
+    p.add_argument("--report-min-steps", type=int, default=AcceptWindow.min_steps,
+                   help="drafting steps a version needs before its accept length is "
+                        "reported")  # fmt: skip
     p.add_argument("--log-level", default="info")
     add_model_args(p)
     p.set_defaults(func=cmd_trainer)
@@ -70,6 +85,19 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--max-records must be >= 1 and --max-train-steps >= 0")
     if args.max_runtime is not None and args.max_runtime <= 0:
         raise ValueError("--max-runtime must be positive")
+    if args.report_namespace and not args.report_endpoint:
+        raise ValueError("--report-namespace needs --report-endpoint")
+    if args.report_window <= 0 or args.report_min_steps < 1:
+        raise ValueError("--report-window must be positive and --report-min-steps >= 1")
+
+
+def report_namespace(args: argparse.Namespace) -> str:
+    """The endpoint's namespace: the flag, else the pod's own (a trainer reports to the
+    endpoint that runs it, in its namespace)."""
+    namespace = args.report_namespace or pod_namespace()
+    if not namespace:
+        raise ValueError("--report-endpoint needs --report-namespace outside a pod")
+    return namespace
 
 
 def cmd_trainer(args: argparse.Namespace) -> int:
@@ -89,8 +117,16 @@ def cmd_trainer(args: argparse.Namespace) -> int:
     config = TrainerConfig(max_records=args.max_records, max_train_steps=args.max_train_steps,
                            max_seconds=args.max_round_seconds)  # fmt: skip
     trainer = Trainer(traffic, store, target, args.state_dir, config, revision=args.revision)
+    reporter = None
+    if args.report_endpoint:
+        from atlas_sidecar.learning.report import StatusReporter, newest_version
+
+        window = AcceptWindow(max_age_s=args.report_window, min_steps=args.report_min_steps)
+        reporter = StatusReporter(
+            args.report_endpoint, report_namespace(args), traffic,
+            lambda: newest_version(store, trainer.identity), window)  # fmt: skip
     stop = threading.Event()
-    rounds = threading.Thread(target=_rounds, args=(trainer, args.round_interval, stop),
+    rounds = threading.Thread(target=_rounds, args=(trainer, args.round_interval, stop, reporter),
                               name="atlas-trainer-rounds")  # fmt: skip
     rounds.start()
     try:
@@ -122,9 +158,12 @@ async def _serve(traffic: Any, config: Any, max_runtime: float | None) -> None:
     await server.stop()
 
 
-def _rounds(trainer: Any, interval_s: float, stop: threading.Event) -> None:
+def _rounds(trainer: Any, interval_s: float, stop: threading.Event,
+            reporter: Any = None) -> None:  # fmt: skip
     """A round every ``interval_s`` (from the start of the last), until ``stop``; a
-    failed round is logged and the next one tries again from the checkpoint."""
+    failed round is logged and the next one tries again from the checkpoint. After each
+    round, published or not, the reporter (if any) tells the operator where things are:
+    the newest version, and accept lengths that move with the traffic between publishes."""
     while not stop.is_set():
         started = time.monotonic()
         try:
@@ -134,4 +173,6 @@ def _rounds(trainer: Any, interval_s: float, stop: threading.Event) -> None:
                          result.version, result.records, result.metrics)  # fmt: skip
         except Exception:  # noqa: BLE001 - a bad round must not end the trainer
             log.exception("training round failed; retrying at the next interval")
+        if reporter is not None:
+            reporter.report()  # never raises: a failed report waits for a later round
         stop.wait(max(0.0, interval_s - (time.monotonic() - started)))

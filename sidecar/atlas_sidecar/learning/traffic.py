@@ -104,6 +104,21 @@ class TrafficStore:
             ).fetchall()
         return [(int(seq), decode(body)) for seq, body in rows]
 
+    def read_newest(self, before: int | None = None, limit: int = 1000,
+                    since: float = 0.0) -> list[tuple[int, TrafficRecord]]:
+        """Up to ``limit`` (at most MAX_READ) records with seq < ``before`` (any if None)
+        stored at or after ``since`` (unix seconds, this store's clock, not a replica's),
+        newest first. A reader of recent traffic pages backwards, passing the last seq it
+        got as ``before``: memory stays one page, however much is kept."""
+        limit = max(0, min(limit, MAX_READ))
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, body FROM traffic WHERE seq < ? AND stored_at >= ?"
+                " ORDER BY seq DESC LIMIT ?",
+                (before if before is not None else 2**63 - 1, since, limit),
+            ).fetchall()
+        return [(int(seq), decode(body)) for seq, body in rows]
+
     def count(self) -> int:
         with self._lock:
             return int(self._db.execute("SELECT COUNT(*) FROM traffic").fetchone()[0])
