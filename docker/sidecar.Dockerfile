@@ -8,12 +8,15 @@ FROM python:3.11-slim AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md constraints.txt /src/
 COPY sidecar /src/sidecar
 COPY kernels /src/kernels
 COPY operator /src/operator
 # `s3`: boto3, for a weights store on S3 (learning/objectstore.py).
-RUN pip install "torch==2.13.0" && pip install "/src[serve,triton,s3]"
+# The lock, less its CPU build of torch (the image takes torch's default CUDA wheel).
+RUN grep -v '^torch==' /src/constraints.txt > /tmp/lock.txt \
+    && pip install -c /tmp/lock.txt "torch==2.13.0" \
+    && pip install -c /tmp/lock.txt "/src[serve,triton,s3]"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH HOME=/tmp
