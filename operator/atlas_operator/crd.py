@@ -241,6 +241,11 @@ def spec_schema() -> Schema:
                                with_key=False),
             "auth": _secret_ref("Bearer-token auth for gRPC: the Secret and key of the token.",
                                 with_key=True),
+            "adminAuth": _secret_ref("Token of the admin RPCs (RolloutWeights, ResetStats): "
+                                     "the Secret and key. Unset: admin RPCs are refused. It "
+                                     "must be another token than auth (never defaulted to "
+                                     "it): the data token opens no admin RPC.",
+                                     with_key=True),
         }, default={}),
         "rollout": _obj("How new adaptive weight versions reach the sidecars (hot, no pod "
                         "restart).", {
@@ -320,7 +325,22 @@ CROSS_FIELD_RULES: list[tuple[str, str, Any]] = [
      "sidecar.port, sidecar.metricsPort and serving.port must differ",
      lambda spec: len({spec["sidecar"]["port"], spec["sidecar"]["metricsPort"],
                        spec["serving"]["port"]}) == 3),
+    # The admin token opens rollouts and stat resets: every client holding the data token
+    # would hold it too if both named the same Secret key.
+    ("!has(self.sidecar.adminAuth) || !has(self.sidecar.auth)"
+     " || self.sidecar.adminAuth.secretName != self.sidecar.auth.secretName"
+     " || self.sidecar.adminAuth.key != self.sidecar.auth.key",
+     "sidecar.adminAuth must name another Secret or key than sidecar.auth: the admin token "
+     "must not be the data token",
+     lambda spec: _distinct_tokens(spec["sidecar"])),
 ]
+
+
+def _distinct_tokens(sidecar: dict[str, Any]) -> bool:
+    admin, data = sidecar.get("adminAuth"), sidecar.get("auth")
+    if not admin or not data:
+        return True
+    return bool((admin["secretName"], admin["key"]) != (data["secretName"], data["key"]))
 
 
 # The name becomes a Service name (a DNS-1035 label) and gets "-trainer" appended (63 max).

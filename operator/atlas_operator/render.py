@@ -43,6 +43,10 @@ SPILL_MOUNT_PATH = "/spill"  # the sidecar's mirror spill: an emptyDir, one per 
 SPILL_LIMIT_BYTES = 1 << 30
 HF_HOME = f"{DATA_MOUNT_PATH}/hf-cache"
 TLS_MOUNT_PATH = "/etc/atlas/tls"
+# What `atlas serve` reads its tokens from (atlas_sidecar.serving.commands; the contract
+# test checks the names against it).
+AUTH_TOKEN_ENV = "ATLAS_AUTH_TOKEN"
+ADMIN_TOKEN_ENV = "ATLAS_ADMIN_TOKEN"
 # With TLS, the sidecar also serves grpc.health.v1 in plaintext on this loopback port,
 # for its exec probe (the next free one if the spec's ports take it).
 SIDECAR_HEALTH_PORT = 50052
@@ -266,7 +270,12 @@ def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
     """Only variables `atlas serve` reads (its SERVE_ENV; tests/operator/test_contract.py
     checks): one it ignores would look like configuration and change nothing. The
     adaptive speculator's settings (weights and mirror directories, mirror fraction)
-    come back with the learning loop that reads them."""
+    come back with the learning loop that reads them.
+
+    The admin token comes only from `sidecar.adminAuth`, never from `sidecar.auth`:
+    without it the sidecar refuses admin RPCs (rollouts still go by the ConfigMap), and
+    validation refuses an adminAuth naming the data token's Secret key, since every
+    client holding the data token could then roll out weights."""
     static = spec["speculators"]["static"]
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
@@ -278,13 +287,12 @@ def sidecar_env(spec: Spec) -> list[dict[str, Any]]:
     if static.get("model"):
         env += [{"name": "ATLAS_DRAFT_REVISION", "value": static["revision"]},
                 {"name": "ATLAS_DRAFT_ARCHITECTURE", "value": static["architecture"]}]
-    if spec["sidecar"].get("auth"):
-        # By reference: the token never appears in the spec, the args or any log. Only the
-        # data token: with no admin token the sidecar refuses admin RPCs (rollouts go by
-        # the ConfigMap), and it never lets this token open them.
-        auth = spec["sidecar"]["auth"]
-        env.append({"name": "ATLAS_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {
-            "name": auth["secretName"], "key": auth["key"]}}})
+    # Tokens by reference: they never appear in the spec, the args or any log.
+    for field, name in (("auth", AUTH_TOKEN_ENV), ("adminAuth", ADMIN_TOKEN_ENV)):
+        ref = spec["sidecar"].get(field)
+        if ref:
+            env.append({"name": name, "valueFrom": {"secretKeyRef": {
+                "name": ref["secretName"], "key": ref["key"]}}})
     return env
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 import torch
-from rendered import sglang_parse
+from rendered import kubelet_env, sglang_parse
 
 import atlas_operator
 from atlas_operator import ROLLOUT_MOUNT_PATH, WEIGHT_VERSION_KEY, crd, render
@@ -43,6 +43,7 @@ DRAFT = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
 STATIC = {"static": {"model": DRAFT, "revision": "d-rev"}}
 TLS = {"tls": {"secretName": "tls"}}
 AUTH = {"auth": {"secretName": "tok", "key": "token"}}
+ADMIN = {"adminAuth": {"secretName": "admin", "key": "admin-token"}}
 # Every switch of the render: static speculator on/off, TLS, auth, GPU or CPU drafters,
 # quantization, extra SGLang arguments, a pinned revision, ports off their defaults.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -50,6 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "static": {"speculators": STATIC},
     "tls": {"sidecar": TLS},
     "auth": {"sidecar": AUTH},
+    "admin": {"sidecar": {**AUTH, **ADMIN}},
+    "admin-only": {"sidecar": ADMIN},
     "gpu": {"sidecar": {"gpuCount": 1}, "placement": {"gpuCount": 2},
             "serving": {"tensorParallelSize": 2}},
     "everything": {
@@ -197,6 +200,30 @@ def rendered_env(**overrides: Any) -> dict[str, str]:
     """The sidecar's rendered env with its literal values (secrets left out)."""
     env = containers(spec(**overrides))["sidecar"]["env"]
     return {e["name"]: e["value"] for e in env if "value" in e}
+
+
+# What the kubelet would find in the Secrets the rendered env names.
+SECRETS = {"tok": {"token": "data-token"}, "admin": {"admin-token": "admin-token"}}
+
+
+@pytest.mark.parametrize("variant", ["minimal", "auth", "admin", "admin-only"])
+def test_rendered_token_refs_reach_the_sidecars_auth_configuration(
+    variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each token Secret reaches the field of the serve configuration it is for: the
+    data token never becomes the admin token, and no admin token is rendered unless
+    sidecar.adminAuth names one (the sidecar then refuses admin RPCs)."""
+    clear_atlas_env(monkeypatch)
+    container = containers(spec(**VARIANTS[variant]))["sidecar"]
+    for name, value in kubelet_env(container, {}, SECRETS).items():
+        if name.startswith("ATLAS_"):
+            monkeypatch.setenv(name, value)
+    config = commands.server_config_from_args(serve_args(container))
+    sidecar = VARIANTS[variant].get("sidecar", {})
+    assert config.auth_token == ("data-token" if "auth" in sidecar else None)
+    assert config.admin_token == ("admin-token" if "adminAuth" in sidecar else None)
+    assert (render.AUTH_TOKEN_ENV, render.ADMIN_TOKEN_ENV) == (
+        commands.AUTH_TOKEN_ENV, commands.ADMIN_TOKEN_ENV)
 
 
 def fake_hub_cache(home: Path, repo: str, revisions: dict[str, str]) -> dict[str, Path]:

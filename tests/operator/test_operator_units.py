@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from atlas_operator import kube, render, rollout, status
-from atlas_operator.spec import validate_spec
+from atlas_operator.spec import InvalidSpecError, validate_spec
 
 OWNER = render.Owner(name="coder", namespace="serving", uid="u-1")
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -52,6 +52,24 @@ def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_ref
     assert render.sidecar_health_port(clash) == 50053
     token = next(e for e in container["env"] if e["name"] == "ATLAS_AUTH_TOKEN")
     assert token["valueFrom"]["secretKeyRef"] == {"name": "tok", "key": "token"}
+
+
+def test_admin_token_is_its_own_secret() -> None:
+    def env(**sidecar: Any) -> dict[str, Any]:
+        container = render.sidecar_container(OWNER, spec(sidecar=sidecar))
+        return {e["name"]: e.get("valueFrom") for e in container["env"]}
+
+    # Never defaulted from the data token: no adminAuth, no admin token (admin RPCs off).
+    assert "ATLAS_ADMIN_TOKEN" not in env(auth={"secretName": "tok"})
+    both = env(auth={"secretName": "tok"}, adminAuth={"secretName": "adm"})
+    assert both["ATLAS_AUTH_TOKEN"] == {"secretKeyRef": {"name": "tok", "key": "token"}}
+    assert both["ATLAS_ADMIN_TOKEN"] == {"secretKeyRef": {"name": "adm", "key": "token"}}
+    # Another key of the same Secret is another token; the same Secret key is not.
+    env(auth={"secretName": "tok"}, adminAuth={"secretName": "tok", "key": "admin"})
+    for admin in ({"secretName": "tok"}, {"secretName": "tok", "key": "token"}):
+        with pytest.raises(InvalidSpecError, match="sidecar.adminAuth must name another "
+                                                   "Secret or key than sidecar.auth"):
+            spec(sidecar={"auth": {"secretName": "tok"}, "adminAuth": admin})
 
 
 def test_gpus_go_to_limits_of_the_right_containers() -> None:
