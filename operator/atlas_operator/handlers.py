@@ -30,12 +30,14 @@ from atlas_operator import status as statuses
 from atlas_operator.kube import Kube, apply, load_api_client
 from atlas_operator.render import (
     Owner,
+    controlled_by,
     owner_from_body,
     render_children,
     render_trainer_job,
     rollout_configmap_name,
     selector_labels,
     selector_string,
+    trainer_children,
     trainer_name,
 )
 from atlas_operator.spec import InvalidSpecError, validate_endpoint
@@ -271,11 +273,14 @@ def _grow_pvc(api: Kube, desired: dict[str, Any], live: dict[str, Any]) -> None:
 def _sync_trainer(api: Kube, body: dict[str, Any], owner: Owner, spec: dict[str, Any],
                   trainer_status: dict[str, Any], now: dt.datetime) -> dict[str, Any]:
     """Keep one trainer Job: create it, recreate it after a finished round (schedule) or a
-    failure (exponential backoff), and delete it when the trainer is disabled."""
+    failure (exponential backoff). When the trainer is disabled, delete the Job and the
+    rest of the trainer's children (Service, ServiceAccount, Role, RoleBinding), which
+    render_children no longer renders."""
     name = trainer_name(owner)
     restarts = int(trainer_status.get("restarts") or 0)
     if not spec["trainer"]["enabled"]:
-        api.delete("batch/v1", "Job", owner.namespace, name)
+        for api_version, kind, child in trainer_children(owner):
+            _delete_controlled(api, owner, api_version, kind, child)
         return {"phase": "Disabled", "restarts": 0}
     desired = render_trainer_job(owner, spec)
     live = api.get("batch/v1", "Job", owner.namespace, name)
@@ -314,6 +319,15 @@ def _sync_trainer(api: Kube, body: dict[str, Any], owner: Owner, spec: dict[str,
     # changed trainer spec recreates the Job).
     apply(api, desired, recreate_on_change=("spec",))
     return result
+
+
+def _delete_controlled(api: Kube, owner: Owner, api_version: str, kind: str,
+                       name: str) -> None:
+    """Delete a child only if this endpoint controls it (render.controlled_by): reading
+    first costs a GET per resync, and never deletes what the operator did not make."""
+    live = api.get(api_version, kind, owner.namespace, name)
+    if live is not None and controlled_by(live, owner):
+        api.delete(api_version, kind, owner.namespace, name)
 
 
 def _observe_trainer(api: Kube, owner: Owner, spec: dict[str, Any],

@@ -8,7 +8,10 @@ manifests, so the tests can check them without any Kubernetes. Children and thei
     ConfigMap   <name>-rollout      weight version the sidecars serve (changed hot)
     PVC         <name>-data         /data/weights (adaptive weights), /data/mirror (traffic)
     Job         <name>-trainer      `atlas trainer`, when trainer.enabled
+    Service     <name>-trainer      the trainer's ingest (mirrored traffic), likewise
     ServiceAccount/Role/RoleBinding <name>-trainer   lets the trainer report new versions
+The trainer's children are deleted again when trainer.enabled turns false
+(trainer_children()).
 """
 
 from __future__ import annotations
@@ -557,6 +560,26 @@ def render_trainer_rbac(owner: Owner) -> list[Manifest]:
          "subjects": [{"kind": "ServiceAccount", "name": name,
                        "namespace": owner.namespace}]},
     ]
+
+
+def trainer_children(owner: Owner) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every child that exists only with trainer.enabled, in
+    the order to delete them (the Job before the identity its pod runs as). Their
+    ownerReferences hand them to the garbage collector only when the endpoint goes: the
+    operator deletes them itself when the trainer is turned off."""
+    name = trainer_name(owner)
+    return [("batch/v1", "Job", name), ("v1", "Service", name),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding", name),
+            ("rbac.authorization.k8s.io/v1", "Role", name), ("v1", "ServiceAccount", name)]
+
+
+def controlled_by(obj: Mapping[str, Any], owner: Owner) -> bool:
+    """Whether `obj` is this endpoint's child: its controller ownerReference names the
+    endpoint's uid. Only such objects are ever deleted: an object of the same name made
+    by someone else (or by an earlier endpoint of the same name) is left alone."""
+    return any(ref.get("uid") == owner.uid and ref.get("controller")
+               and ref.get("kind") == KIND
+               for ref in (obj.get("metadata") or {}).get("ownerReferences") or [])
 
 
 def render_children(owner: Owner, spec: Spec) -> list[Manifest]:

@@ -211,9 +211,17 @@ def test_chart_rbac_is_least_privilege() -> None:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], rule
     granted = {(g, r, v) for rule in rules for g in rule["apiGroups"]
                for r in rule["resources"] for v in rule["verbs"]}
-    # No secrets at all, no deletes beyond the trainer Jobs, no pod mutations.
+    # No secrets at all, no deletes beyond the trainer's children (its Job, recreated each
+    # round; its Service and RBAC, deleted when the trainer is turned off), no pod
+    # mutations.
     assert not any(r == "secrets" for _, r, _ in granted)
-    assert {(g, r) for g, r, v in granted if v == "delete"} == {("batch", "jobs")}
+    from atlas_operator import kube, render
+
+    trainer = {(api_version.rpartition("/")[0], kube.PLURALS[kind])
+               for api_version, kind, _ in render.trainer_children(render.Owner("a", "b", "c"))}
+    assert {(g, r) for g, r, v in granted if v == "delete"} == trainer == {
+        ("batch", "jobs"), ("", "services"), ("", "serviceaccounts"),
+        ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings")}
     assert {v for g, r, v in granted if r == "pods"} == {"list"}
     # blockOwnerDeletion on the children's ownerReferences needs this where it is enforced.
     assert ("atlas.ai", "atlasendpoints/finalizers", "update") in granted

@@ -214,6 +214,54 @@ async def test_delete_removes_children(apiserver: ApiServer, operator: Any) -> N
     assert apiserver.get("atlas.ai/v1alpha1/atlasendpoints", NAME) is None
 
 
+TRAINER_CHILDREN = {res: [n for n in names if n == f"{NAME}-trainer"]
+                    for res, names in CHILDREN.items() if f"{NAME}-trainer" in names}
+
+
+def trainer_children_gone(api: ApiServer) -> bool:
+    return not any(api.get(res, name) for res, names in TRAINER_CHILDREN.items()
+                   for name in names)
+
+
+async def test_disabling_the_trainer_deletes_its_children_only(
+        apiserver: ApiServer, operator: Any) -> None:
+    trainer_off = {"spec": {"trainer": {"enabled": False}}}
+    await send(apiserver, "POST", ENDPOINTS, endpoint())
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    serving_uids = {res: apiserver.get(res, names[0])["metadata"]["uid"]
+                    for res, names in CHILDREN.items() if names[0] != f"{NAME}-trainer"}
+
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}", trainer_off)
+    await eventually(lambda: trainer_children_gone(apiserver), message="trainer children gone")
+    # Serving goes on with the same objects, no longer mirroring to a trainer.
+    for res, uid in serving_uids.items():
+        assert apiserver.get(res, CHILDREN[res][0])["metadata"]["uid"] == uid, res
+    trainer = await eventually(lambda: condition(apiserver, "TrainerReady")["reason"]
+                               == "Disabled" and condition(apiserver, "TrainerReady"),
+                               message="TrainerReady=Disabled")
+    assert trainer["status"] == "True"
+    await eventually(lambda: "--mirror-url" not in apiserver.get("apps/v1/deployments", NAME)
+                     ["spec"]["template"]["spec"]["containers"][1]["args"],
+                     message="no mirroring")
+
+    # Turned on again, they come back; off again, they go again.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}", {"spec": {"trainer": {
+        "enabled": True}}})
+    await eventually(lambda: all_children_exist(apiserver), message="trainer children back")
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}", trainer_off)
+    await eventually(lambda: trainer_children_gone(apiserver), message="gone again")
+
+    # An object of the same name that the endpoint does not control is never deleted.
+    foreign = {"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": f"{NAME}-trainer", "namespace": NAMESPACE}}
+    await send(apiserver, "POST", f"/api/v1/namespaces/{NAMESPACE}/serviceaccounts", foreign)
+    reads = apiserver.count_requests("GET", "v1/serviceaccounts")
+    await eventually(lambda: apiserver.count_requests("GET", "v1/serviceaccounts") >= reads + 3,
+                     message="resyncs that looked at it")
+    assert apiserver.get("v1/serviceaccounts", f"{NAME}-trainer") is not None
+    assert apiserver.count_requests("DELETE", "v1/serviceaccounts") == 2
+
+
 async def test_restart_mid_way_converges_without_duplicates(apiserver: ApiServer) -> None:
     # The first operator dies while the apiserver refuses Jobs: it got half-way.
     apiserver.fail_creates.add("jobs")
@@ -274,6 +322,9 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
         await eventually(lambda: [e for e in apiserver.live("v1/events")
                                   if e.get("reason") == "TrainerRestarted"], timeout=15,
                          message="trainer restart")
+        await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}", {"spec": {"trainer": {
+            "enabled": False}}})
+        await eventually(lambda: trainer_children_gone(apiserver), message="trainer off")
         async with apiserver.clients[0].delete(f"{ENDPOINTS}/{NAME}") as response:
             assert response.status < 300
         await eventually(lambda: not apiserver.live("apps/v1/deployments"), message="deleted")
@@ -285,7 +336,10 @@ async def test_operator_uses_only_what_the_chart_grants(apiserver: ApiServer) ->
     # The run exercised the interesting verbs, so the check above means something.
     assert {("batch", "jobs", "delete"), ("atlas.ai", "atlasendpoints/status", "patch"),
             ("kopf.dev", "clusterkopfpeerings", "patch"), ("", "events", "create"),
-            ("atlas.ai", "atlasendpoints/finalizers", "update")} <= used
+            ("atlas.ai", "atlasendpoints/finalizers", "update"),
+            ("", "services", "delete"), ("", "serviceaccounts", "delete"),
+            ("rbac.authorization.k8s.io", "roles", "delete"),
+            ("rbac.authorization.k8s.io", "rolebindings", "delete")} <= used
 
 
 def used_permissions(apiserver: ApiServer) -> set[tuple[str, str, str]]:

@@ -72,6 +72,23 @@ def test_admin_token_is_its_own_secret() -> None:
             spec(sidecar={"auth": {"secretName": "tok"}, "adminAuth": admin})
 
 
+def test_only_children_the_endpoint_controls_count_as_its_own() -> None:
+    rendered = {c["kind"]: c for c in render.render_children(OWNER, spec())}
+    trainer = render.trainer_children(OWNER)
+    assert {kind for _, kind, _ in trainer} - {"Job"} <= set(rendered)
+    assert render.controlled_by(render.render_trainer_job(OWNER, spec()), OWNER)
+    other = render.Owner(name="coder", namespace="serving", uid="u-2")  # same name, reborn
+    assert not render.controlled_by(rendered["ServiceAccount"], other)
+    assert not render.controlled_by({"metadata": {"name": "coder-trainer"}}, OWNER)
+    not_controller = {"metadata": {"ownerReferences": [
+        {**render.owner_reference(OWNER), "controller": False}]}}
+    assert not render.controlled_by(not_controller, OWNER)
+    # Off, nothing of the trainer is rendered: the operator deletes what it left.
+    off = {(c["kind"], c["metadata"]["name"])
+           for c in render.render_children(OWNER, spec(trainer={"enabled": False}))}
+    assert not off & {(kind, name) for _, kind, name in trainer}
+
+
 def test_gpus_go_to_limits_of_the_right_containers() -> None:
     deployment = render.render_deployment(OWNER, spec(placement={"gpuCount": 4},
                                                       serving={"tensorParallelSize": 4}))

@@ -107,11 +107,16 @@ each watched namespace (rbac.scope=namespace), which leaves out cluster-scoped r
     verbs: [get, list, watch, create, patch, delete]
   # The rest of the children: applied idempotently (read, create, patch).
   - apiGroups: [""]
-    resources: [services, configmaps, persistentvolumeclaims, serviceaccounts]
+    resources: [configmaps, persistentvolumeclaims]
     verbs: [get, create, patch]
+  # The trainer's Service and identity (and the Services of serving): also deleted when
+  # trainer.enabled turns false, only those the endpoint controls.
+  - apiGroups: [""]
+    resources: [services, serviceaccounts]
+    verbs: [get, create, patch, delete]
   - apiGroups: [rbac.authorization.k8s.io]
     resources: [roles, rolebindings]
-    verbs: [get, create, patch]
+    verbs: [get, create, patch, delete]
   # Serving pods' container readiness, to tell whether SGLang or the sidecar lags.
   - apiGroups: [""]
     resources: [pods]
