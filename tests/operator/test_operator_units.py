@@ -46,7 +46,8 @@ def test_tls_switches_sidecar_probes_to_the_loopback_health_port_and_auth_by_ref
         assert command[:3] == ["python", "-m", "atlas_sidecar.serving.healthcheck"]
         port = command[command.index("--port") + 1]
         assert container["args"][container["args"].index("--health-port") + 1] == port
-    assert "--health-port" not in render.sidecar_args(OWNER, spec())  # plaintext: kubelet's gRPC probe
+    # Plaintext: kubelet's gRPC probe.
+    assert "--health-port" not in render.sidecar_args(OWNER, spec())
     assert render.sidecar_container(OWNER, spec())["readinessProbe"]["grpc"] == {"port": 50051}
     clash = spec(sidecar={"tls": {"secretName": "t"}, "metricsPort": 50052})
     assert render.sidecar_health_port(clash) == 50053
