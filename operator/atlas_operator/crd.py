@@ -108,8 +108,8 @@ def _secret_ref(desc: str, with_key: bool) -> Schema:
 
 def _condition() -> Schema:
     return _obj("A standard Kubernetes condition.", {
-        "type": _str("Ready, TargetReady, SidecarReady, TrainerReady or SpeculatorDegraded.",
-                     max_length=64),
+        "type": _str("Ready, TargetReady, SidecarReady, TrainerReady, SpeculatorDegraded or "
+                     "StorageAccessible.", max_length=64),
         "status": {"type": "string", "enum": ["True", "False", "Unknown"],
                    "description": "Whether the condition holds."},
         "reason": _str("One CamelCase word saying why.", max_length=128),
@@ -219,7 +219,13 @@ def spec_schema() -> Schema:
             "size": _quantity("Requested capacity; can grow, never shrink.", "200Gi"),
             "storageClassName": _str("StorageClass; empty = the cluster default.",
                                      max_length=253),
-            "accessMode": _enum("Access mode; ReadWriteMany lets pods on many nodes share it.",
+            # The default does not follow replicas: see status.storage_condition().
+            "accessMode": _enum("Access mode, fixed when the PVC is created. Every serving "
+                                "pod and the trainer pod mount it: ReadWriteMany shares it "
+                                "across nodes. ReadWriteOnce (one node) and "
+                                "ReadWriteOncePod (one pod) fit one pod only (replicas 1, "
+                                "trainer off); else condition StorageAccessible is False: "
+                                "pods on another node hang in ContainerCreating.",
                                 ["ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"],
                                 "ReadWriteMany"),
         }, default={}),
@@ -305,7 +311,7 @@ def status_schema() -> Schema:
         }),
         "conditions": {"type": "array", "maxItems": 16, "items": _condition(),
                        "description": "Ready, TargetReady, SidecarReady, TrainerReady, "
-                                      "SpeculatorDegraded.",
+                                      "SpeculatorDegraded, StorageAccessible.",
                        "x-kubernetes-list-type": "map",
                        "x-kubernetes-list-map-keys": ["type"]},
     })

@@ -176,10 +176,13 @@ def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
         return
 
     trainer_status = dict(status.get("trainer") or {})
+    pvc: dict[str, Any] | None = None  # the live data PVC, as the apply left it
     if apply_children:
         try:
             for child in render_children(owner, spec):
-                _apply_child(api, child)
+                live = _apply_child(api, child)
+                if child["kind"] == "PersistentVolumeClaim":
+                    pvc = live
             trainer_status = _sync_trainer(api, body, owner, spec, trainer_status, now)
         except ApiException as e:
             if e.status in (400, 403, 422):
@@ -219,6 +222,14 @@ def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
             spec["replicas"], deployment, pods).items():
         conditions = statuses.set_condition(conditions, type_, ok, reason, message, stamp,
                                             generation)
+    if apply_children:  # what it depends on (spec, the PVC) changes only with a full one
+        before = statuses.get_condition(conditions, "StorageAccessible")
+        ok, reason, message = _storage_condition(spec, pvc)
+        conditions = statuses.set_condition(conditions, "StorageAccessible", ok, reason,
+                                            message, stamp, generation)
+        if not ok and (before is None or (before.get("status"), before.get("message"))
+                       != ("False", message)):
+            _event(body, type_="Warning", reason="StorageAccessMode", message=message)
     ok, reason, message = statuses.trainer_condition(
         spec["trainer"]["enabled"], trainer_status.get("phase", "Pending"),
         int(trainer_status.get("restarts") or 0), trainer_status.pop("message", ""))
@@ -250,15 +261,26 @@ def _reconcile(api: Kube, body: dict[str, Any], apply_children: bool) -> None:
     _patch_status(api, owner, status, desired)
 
 
-def _apply_child(api: Kube, child: dict[str, Any]) -> None:
+def _storage_condition(spec: dict[str, Any],
+                       pvc: dict[str, Any] | None) -> tuple[bool, str, str]:
+    """StorageAccessible from the live PVC's access mode (its spec is immutable, so a
+    changed storage.accessMode never reaches it), or the spec's without one."""
+    requested = spec["storage"]["accessMode"]
+    modes = ((pvc or {}).get("spec") or {}).get("accessModes") or [requested]
+    return statuses.storage_condition(str(modes[0]), spec["replicas"],
+                                      spec["trainer"]["enabled"], requested)
+
+
+def _apply_child(api: Kube, child: dict[str, Any]) -> dict[str, Any]:
+    """Apply one child; returns the live object."""
     kind = child["kind"]
     if kind == "ConfigMap":
-        apply(api, child, create_only=("data",))  # data belongs to the rollout logic
-    elif kind == "PersistentVolumeClaim":
+        return apply(api, child, create_only=("data",)).object  # data: the rollout's
+    if kind == "PersistentVolumeClaim":
         applied = apply(api, child, create_only=("spec",))  # a PVC spec is immutable...
         _grow_pvc(api, child, applied.object)  # ...except that its size may grow
-    else:
-        apply(api, child)
+        return applied.object
+    return apply(api, child).object
 
 
 def _grow_pvc(api: Kube, desired: dict[str, Any], live: dict[str, Any]) -> None:

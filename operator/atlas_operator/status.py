@@ -7,6 +7,7 @@ Conditions (all standard `metav1.Condition` shaped):
     TrainerReady        the trainer Job runs, finished its round, or is disabled
     SpeculatorDegraded  the newest published weights were rolled back, or the trainer keeps
                         failing: speculation runs on older weights
+    StorageAccessible   every pod that mounts the data PVC can, given its access mode
 """
 
 from __future__ import annotations
@@ -138,6 +139,48 @@ def trainer_condition(enabled: bool, phase: str, restarts: int,
     if phase in ("Failed", "BackingOff"):
         return False, phase, f"{message} ({restarts} consecutive restarts)"
     return False, "Pending", message
+
+
+SHARED_ACCESS_MODE = "ReadWriteMany"
+
+
+def storage_condition(access_mode: str, replicas: int, trainer: bool,
+                      requested: str | None = None) -> tuple[bool, str, str]:
+    """StorageAccessible: whether the data PVC's access mode lets every pod that mounts
+    it do so. Each serving replica and the trainer pod mount it. ReadWriteMany shares it
+    across nodes. ReadWriteOnce attaches it to one node: with several pods, those
+    scheduled elsewhere hang in ContainerCreating (Multi-Attach), the rest work, so this
+    warns instead of refusing the spec (pods pinned to one node are fine). ReadWriteOncePod
+    admits one pod at all: the others stay Pending. One pod (replicas <= 1, no trainer)
+    fits any mode.
+
+    Why the default stays ReadWriteMany rather than following the replica count: a
+    PVC's access modes are immutable and the operator creates it once, while replicas
+    change later through the scale subresource (kubectl scale, an HPA) with no chance to
+    re-pick; the trainer, on by default, is a second pod, often on another node (a CPU
+    node with trainer.gpuCount 0). ReadWriteOnce is an explicit choice for one pod.
+
+    `access_mode` is the live PVC's; `requested` the spec's, when it differs: the spec
+    was changed after the PVC was made, which changes nothing."""
+    pods = replicas + (1 if trainer else 0)
+    who = f"{replicas} serving pod{'s' if replicas != 1 else ''}" + \
+        (" and the trainer pod" if trainer else "")
+    note = "" if requested in (None, access_mode) else (
+        f" (storage.accessMode asks {requested}, but a PVC's access modes are immutable: "
+        "the PVC must be deleted and recreated to change them)")
+    if access_mode == SHARED_ACCESS_MODE:
+        return True, "SharedAcrossNodes", f"{access_mode}: {who} mount the data volume " \
+            f"from any node{note}"
+    if pods <= 1:
+        return True, "SinglePod", f"{access_mode}: one pod mounts the data volume{note}"
+    if access_mode == "ReadWriteOncePod":
+        return False, "SinglePodAccessMode", (
+            f"ReadWriteOncePod lets one pod mount the data volume, but {who} mount it: "
+            f"all but one stay Pending; use storage.accessMode ReadWriteMany{note}")
+    return False, "SingleNodeAccessMode", (
+        f"{access_mode} attaches the data volume to one node, but {who} mount it: pods "
+        "scheduled on any other node hang in ContainerCreating (Multi-Attach error); use "
+        f"storage.accessMode ReadWriteMany, or keep every pod on one node{note}")
 
 
 def degraded_condition(published: str, rejected: Sequence[str],

@@ -204,6 +204,31 @@ async def test_invalid_spec_sets_condition_and_event_without_children(
     assert len([e for e in apiserver.live("v1/events") if e.get("reason") == "InvalidSpec"]) == 1
 
 
+async def test_single_node_storage_for_several_pods_warns_in_a_condition_and_event(
+        apiserver: ApiServer, operator: Any) -> None:
+    await send(apiserver, "POST", ENDPOINTS, endpoint(replicas=2,
+                                                      storage={"accessMode": "ReadWriteOnce"}))
+    # Rendered anyway (pods on the volume's node work), with a condition that says why
+    # the others hang.
+    await eventually(lambda: all_children_exist(apiserver), message="all children")
+    storage = await eventually(lambda: condition(apiserver, "StorageAccessible"),
+                               message="StorageAccessible")
+    assert (storage["status"], storage["reason"]) == ("False", "SingleNodeAccessMode")
+    assert "2 serving pods and the trainer pod" in storage["message"]
+    assert "ContainerCreating" in storage["message"]
+    events = await eventually(lambda: [e for e in apiserver.live("v1/events")
+                                       if e.get("reason") == "StorageAccessMode"],
+                              message="event")
+    assert events[0]["type"] == "Warning"
+    # One pod only: it fits, and the warning is not repeated.
+    await send(apiserver, "PATCH", f"{ENDPOINTS}/{NAME}",
+               {"spec": {"replicas": 1, "trainer": {"enabled": False}}})
+    await eventually(lambda: condition(apiserver, "StorageAccessible")["status"] == "True",
+                     message="StorageAccessible=True")
+    assert len([e for e in apiserver.live("v1/events")
+                if e.get("reason") == "StorageAccessMode"]) == 1
+
+
 async def test_delete_removes_children(apiserver: ApiServer, operator: Any) -> None:
     await send(apiserver, "POST", ENDPOINTS, endpoint())
     await eventually(lambda: all_children_exist(apiserver), message="all children")

@@ -90,6 +90,37 @@ def test_only_children_the_endpoint_controls_count_as_its_own() -> None:
     assert not off & {(kind, name) for _, kind, name in trainer}
 
 
+@pytest.mark.parametrize(("mode", "replicas", "trainer", "ok", "reason"), [
+    ("ReadWriteMany", 4, True, True, "SharedAcrossNodes"),
+    ("ReadWriteOnce", 1, False, True, "SinglePod"),
+    ("ReadWriteOncePod", 1, False, True, "SinglePod"),
+    ("ReadWriteOnce", 0, True, True, "SinglePod"),  # scaled to zero: the trainer alone
+    ("ReadWriteOnce", 2, False, False, "SingleNodeAccessMode"),
+    ("ReadWriteOnce", 1, True, False, "SingleNodeAccessMode"),
+    ("ReadWriteOncePod", 1, True, False, "SinglePodAccessMode"),
+])
+def test_storage_condition_fits_the_access_mode_to_the_pods_that_mount_it(
+        mode: str, replicas: int, trainer: bool, ok: bool, reason: str) -> None:
+    got = status.storage_condition(mode, replicas, trainer)
+    assert got[:2] == (ok, reason)
+    if reason == "SingleNodeAccessMode":  # says what goes wrong, and what to do
+        assert "hang in ContainerCreating" in got[2] and "ReadWriteMany" in got[2]
+    if trainer and not ok:
+        assert "the trainer pod" in got[2]
+
+
+def test_storage_default_stays_shared_and_the_live_mode_wins() -> None:
+    # The default does not follow replicas: the PVC is made once, replicas change later.
+    for replicas in (1, 3):
+        assert spec(replicas=replicas)["storage"]["accessMode"] == "ReadWriteMany"
+    pvc = render.render_data_pvc(OWNER, spec(storage={"accessMode": "ReadWriteOnce"},
+                                             trainer={"enabled": False}))
+    assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"]
+    # The spec asked for ReadWriteMany after the PVC was made ReadWriteOnce: still broken.
+    ok, _, message = status.storage_condition("ReadWriteOnce", 3, False, "ReadWriteMany")
+    assert not ok and "immutable" in message
+
+
 def test_gpus_go_to_limits_of_the_right_containers() -> None:
     deployment = render.render_deployment(OWNER, spec(placement={"gpuCount": 4},
                                                       serving={"tensorParallelSize": 4}))
