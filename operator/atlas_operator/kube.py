@@ -28,6 +28,7 @@ PLURALS = {
     "Deployment": "deployments",
     "Event": "events",
     "Job": "jobs",
+    "NetworkPolicy": "networkpolicies",
     "PersistentVolumeClaim": "persistentvolumeclaims",
     "Pod": "pods",
     "Role": "roles",

@@ -539,6 +539,25 @@ def render_trainer_job(owner: Owner, spec: Spec) -> Manifest:
     }
 
 
+def render_trainer_network_policy(owner: Owner) -> Manifest:
+    """Only this endpoint's serving pods reach the trainer, and only its ingest port. The
+    mirror stream carries every request's token ids in plaintext gRPC inside the
+    cluster; the policy keeps other workloads from reading the trainer's port or feeding
+    it poisoned traffic (a CNI that enforces NetworkPolicy is needed for it to hold)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(owner, trainer_name(owner), "trainer"),
+        "spec": {
+            "podSelector": {"matchLabels": {f"{GROUP}/endpoint": owner.name,
+                                            "app.kubernetes.io/component": "trainer"}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": selector_labels(owner)}}],
+                         "ports": [{"protocol": "TCP", "port": TRAINER_PORT}]}],
+        },
+    }  # fmt: skip
+
+
 def render_trainer_rbac(owner: Owner) -> list[Manifest]:
     """The trainer's identity: it may read its own endpoint and patch its status (to report
     a published version and accept lengths), never its spec, and nothing else."""
@@ -569,6 +588,7 @@ def trainer_children(owner: Owner) -> list[tuple[str, str, str]]:
     operator deletes them itself when the trainer is turned off."""
     name = trainer_name(owner)
     return [("batch/v1", "Job", name), ("v1", "Service", name),
+            ("networking.k8s.io/v1", "NetworkPolicy", name),
             ("rbac.authorization.k8s.io/v1", "RoleBinding", name),
             ("rbac.authorization.k8s.io/v1", "Role", name), ("v1", "ServiceAccount", name)]
 
@@ -590,7 +610,8 @@ def render_children(owner: Owner, spec: Spec) -> list[Manifest]:
                 render_rollout_configmap(owner, initial_rollout_data()),
                 render_deployment(owner, spec), render_service(owner, spec)]
     if spec["trainer"]["enabled"]:
-        children += [*render_trainer_rbac(owner), render_trainer_service(owner)]
+        children += [*render_trainer_rbac(owner), render_trainer_service(owner),
+                     render_trainer_network_policy(owner)]
     return children
 
 

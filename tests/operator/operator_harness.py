@@ -35,6 +35,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
                                 subresources={"status", "scale"}),
     "batch/v1/jobs": dict(kind="Job", singular="job", subresources={"status"}),
     "v1/configmaps": dict(kind="ConfigMap", singular="configmap"),
+    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy",
+                                                 singular="networkpolicy"),
     "v1/services": dict(kind="Service", singular="service", subresources={"status"}),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim",
                                       singular="persistentvolumeclaim"),

@@ -221,7 +221,8 @@ def test_chart_rbac_is_least_privilege() -> None:
                for api_version, kind, _ in render.trainer_children(render.Owner("a", "b", "c"))}
     assert {(g, r) for g, r, v in granted if v == "delete"} == trainer == {
         ("batch", "jobs"), ("", "services"), ("", "serviceaccounts"),
-        ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings")}
+        ("rbac.authorization.k8s.io", "roles"), ("rbac.authorization.k8s.io", "rolebindings"),
+        ("networking.k8s.io", "networkpolicies")}
     assert {v for g, r, v in granted if r == "pods"} == {"list"}
     # blockOwnerDeletion on the children's ownerReferences needs this where it is enforced.
     assert ("atlas.ai", "atlasendpoints/finalizers", "update") in granted

@@ -412,3 +412,28 @@ def test_the_restricted_check_names_each_broken_rule() -> None:
                       "privilege escalation", "running as non-root",
                       "running as non-root user", "seccomp", "capabilities (drop ALL)",
                       "capabilities (add only NET_BIND_SERVICE)"}
+
+
+def test_only_the_endpoints_serving_pods_reach_the_trainers_ingest_port() -> None:
+    """Both ends of the fence: it selects the pods the trainer Job runs, admits the pods the
+    Deployment runs, on the port the trainer listens on and the sidecars mirror to."""
+    s = spec(speculators={"adaptive": {"enabled": True}}, trainer={"enabled": True})
+    policy = render.render_trainer_network_policy(OWNER)
+    job, deployment = render.render_trainer_job(OWNER, s), render.render_deployment(OWNER, s)
+    trainer_labels = job["spec"]["template"]["metadata"]["labels"]
+    serving_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    selects = policy["spec"]["podSelector"]["matchLabels"]
+    assert selects.items() <= trainer_labels.items()
+    assert not selects.items() <= serving_labels.items()
+    (rule,) = policy["spec"]["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"].items() <= serving_labels.items()
+    assert not source["podSelector"]["matchLabels"].items() <= trainer_labels.items()
+    (port,) = rule["ports"]
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert port["port"] == container["ports"][0]["containerPort"] == render.TRAINER_PORT
+    sidecar = deployment["spec"]["template"]["spec"]["containers"][1]["args"]
+    assert sidecar[sidecar.index("--mirror-url") + 1].endswith(f":{port['port']}")
+    assert policy in render.render_children(OWNER, s)
+    assert ("networking.k8s.io/v1", "NetworkPolicy", policy["metadata"]["name"]) in \
+        render.trainer_children(OWNER)

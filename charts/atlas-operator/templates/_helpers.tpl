@@ -117,6 +117,10 @@ each watched namespace (rbac.scope=namespace), which leaves out cluster-scoped r
   - apiGroups: [rbac.authorization.k8s.io]
     resources: [roles, rolebindings]
     verbs: [get, create, patch, delete]
+  # The trainer's ingress fence (only the endpoint's serving pods reach its ingest port).
+  - apiGroups: [networking.k8s.io]
+    resources: [networkpolicies]
+    verbs: [get, create, patch, delete]
   # Serving pods' container readiness, to tell whether SGLang or the sidecar lags.
   - apiGroups: [""]
     resources: [pods]
