@@ -441,22 +441,12 @@ def save_weights(weights: HeadWeights, identity: TargetIdentity, path: str | Pat
 
 
 def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The tensors and metadata of a weights file; WeightsError if it cannot be read."""
-    from safetensors import safe_open
-
+    """The tensors and metadata of a weights file; WeightsError if it cannot be read.
+    A head is a few MB: read whole, then parsed as a remote store's bytes are."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        meta = json.loads(header["atlas"])
-    except KeyError as exc:
-        raise WeightsError(f"{path}: not an atlas neural head (no metadata {exc})") from exc
-    except Exception as exc:  # safetensors raises its own error types for bad bytes
-        raise WeightsError(f"{path}: corrupt or truncated weights file ({exc})") from exc
-    return tensors, _checked_format(meta, path)
+    return read_weights_bytes(path.read_bytes(), str(path))
 
 
 def read_weights_bytes(data: bytes, where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
