@@ -362,3 +362,45 @@ def mirror_for(tmp_path: Path) -> Iterator[Callable[..., tuple[Mirror, Collector
     yield make
     for mirror in mirrors:
         mirror.close()
+
+
+def swap_mid_stream(engine, rollout, ids: list[int], want: list[int], version: str,
+                    max_tokens: int) -> dict[str, Any]:  # fmt: skip
+    """Serve ``engine`` with ``rollout``; ask for ``version`` while a stream of ``ids`` is
+    in flight and check both ends: the stream equals ``want`` and finishes on "base",
+    installed at a step boundary while it still decoded; a new request equals ``want``
+    on ``version``, which is then stable with "base" previous. Returns GetStats's
+    per-version entries and the served weight version (key "weight_version")."""
+    from atlas_sidecar.serving.app import ServerConfig, ServerThread
+    from atlas_sidecar.serving.client import AtlasClient
+
+    config = ServerConfig(port=0, metrics_port=None, admin_token="admin-secret")
+    server = ServerThread(engine, config)
+    server.server.use_rollout(rollout)
+    server.start()
+    try:
+        admin = AtlasClient(server.address, timeout=120, token="admin-secret")
+        with admin, AtlasClient(server.address, timeout=120) as client:
+            chunks = client.generate_stream(token_ids=ids, max_tokens=max_tokens)
+            got = list(next(chunks).token_ids)
+            assert admin.rollout_weights(version).applied
+            for _ in range(500):  # installed at the next step boundary
+                if rollout.pending is None:
+                    break
+                time.sleep(0.01)
+            assert rollout.pending is None
+            assert server.server.scheduler.active == 1  # ...while the stream still decodes
+            last = None
+            for last in chunks:
+                got += list(last.token_ids)
+            assert got == want  # exact, and it finished on the version it started with
+            assert last is not None and last.weight_version == "base"
+            again = client.generate(token_ids=ids, max_tokens=max_tokens)
+            assert list(again.token_ids) == want  # the new version's drafts, verified
+            assert again.weight_version == version
+            stats: dict[str, Any] = {v.version: v for v in admin.stats().versions}
+            assert stats[version].role == "stable" and stats["base"].role == "previous"
+            stats["weight_version"] = admin.stats().weight_version
+            return stats
+    finally:
+        server.stop()

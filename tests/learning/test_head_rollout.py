@@ -6,7 +6,6 @@ output stays the target's."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -26,6 +25,8 @@ from atlas_sidecar.learning.rollout import Rollout, RolloutRefused
 from atlas_sidecar.learning.store import DirectoryStore
 from atlas_sidecar.learning.versioned import VersionedDrafter, canary_share
 from atlas_sidecar.tooling import workloads
+
+from .conftest import swap_mid_stream
 
 SMALL = TrainConfig(batch_size=32, steps_per_request=1, buffer_tokens=4096)
 LOOKAHEAD = 5
@@ -281,8 +282,6 @@ MAX_TOKENS = 48
 
 def test_a_head_swapped_in_mid_stream_leaves_that_stream_exact(target, tmp_path):
     from atlas_sidecar.engine.core import Engine
-    from atlas_sidecar.serving.app import ServerConfig, ServerThread
-    from atlas_sidecar.serving.client import AtlasClient
     from atlas_sidecar.tooling.workloads import Prompt, encode
 
     tok = target.tokenizer
@@ -297,35 +296,8 @@ def test_a_head_swapped_in_mid_stream_leaves_that_stream_exact(target, tmp_path)
     drafter = VersionedDrafter("base", base, on_stable=hand_over_learning)
     engine = Engine(target, tok, drafter, lookahead=4)
     rollout = Rollout(store, identity, {"neural": drafter}, {"neural": neural_loader(drafter)})
-    config = ServerConfig(port=0, metrics_port=None, admin_token="admin-secret")
-    server = ServerThread(engine, config)
-    server.server.use_rollout(rollout)
-    server.start()
-    try:
-        admin = AtlasClient(server.address, timeout=120, token="admin-secret")
-        with admin, AtlasClient(server.address, timeout=120) as client:
-            chunks = client.generate_stream(token_ids=ids, max_tokens=MAX_TOKENS)
-            got = list(next(chunks).token_ids)
-            assert admin.rollout_weights(version).applied
-            for _ in range(500):  # installed at the next step boundary
-                if rollout.pending is None:
-                    break
-                time.sleep(0.01)
-            assert rollout.pending is None
-            assert server.server.scheduler.active == 1  # ...while the stream still decodes
-            last = None
-            for last in chunks:
-                got += list(last.token_ids)
-            assert got == want  # exact, and it finished on the head it started with
-            assert last is not None and last.weight_version == "base"
-            again = client.generate(token_ids=ids, max_tokens=MAX_TOKENS)
-            assert list(again.token_ids) == want  # the new head's drafts, verified
-            assert again.weight_version == version
-            stats = {v.version: v for v in admin.stats().versions}
-            assert stats[version].role == "stable" and stats["base"].role == "previous"
-            assert stats[version].drafted > 0
-    finally:
-        server.stop()
+    stats = swap_mid_stream(engine, rollout, ids, want, version, MAX_TOKENS)
+    assert stats[version].drafted > 0
     assert torch.equal(base.weights.vocab, drafter.previous.drafter.weights.vocab)
 
 

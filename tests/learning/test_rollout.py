@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import pytest
 
@@ -15,6 +14,8 @@ from atlas_sidecar.engine.speculators.suffix import SuffixSpeculator
 from atlas_sidecar.learning.rollout import Rollout, RolloutRefused
 from atlas_sidecar.learning.store import DirectoryStore, TargetIdentity, Version
 from atlas_sidecar.learning.versioned import VersionedDrafter, canary_share
+
+from .conftest import swap_mid_stream
 
 TARGET = TargetIdentity("smollm2-135m-instruct", "main", 576, 49152)
 OTHER = TargetIdentity("qwen2.5-coder-1.5b-instruct", "main", 1536, 151936)
@@ -198,8 +199,6 @@ MAX_TOKENS = 64
 
 def test_a_version_swapped_in_mid_stream_leaves_that_stream_exact(target, tmp_path):
     from atlas_sidecar.engine.core import Engine
-    from atlas_sidecar.serving.app import ServerConfig, ServerThread
-    from atlas_sidecar.serving.client import AtlasClient
     from atlas_sidecar.tooling.workloads import Prompt, encode
 
     tok = target.tokenizer
@@ -213,33 +212,6 @@ def test_a_version_swapped_in_mid_stream_leaves_that_stream_exact(target, tmp_pa
     drafter = VersionedDrafter("base", SuffixSpeculator())
     engine = Engine(target, tok, drafter, lookahead=8)
     rollout = Rollout(store, TARGET, {"suffix": drafter}, {"suffix": load_docs})
-    config = ServerConfig(port=0, metrics_port=None, admin_token="admin-secret")
-    server = ServerThread(engine, config)
-    server.server.use_rollout(rollout)
-    server.start()
-    try:
-        admin = AtlasClient(server.address, timeout=120, token="admin-secret")
-        with admin, AtlasClient(server.address, timeout=120) as client:
-            chunks = client.generate_stream(token_ids=ids, max_tokens=MAX_TOKENS)
-            got = list(next(chunks).token_ids)
-            assert admin.rollout_weights(version).applied
-            for _ in range(500):  # installed at the next step boundary
-                if rollout.pending is None:
-                    break
-                time.sleep(0.01)
-            assert rollout.pending is None
-            assert server.server.scheduler.active == 1  # ...while the stream still decodes
-            last = None
-            for last in chunks:
-                got += list(last.token_ids)
-            assert got == want  # exact, and it finished on the version it started with
-            assert last is not None and last.weight_version == "base"
-            again = client.generate(token_ids=ids, max_tokens=MAX_TOKENS)
-            assert list(again.token_ids) == want
-            assert again.weight_version == version
-            stats = {v.version: v for v in admin.stats().versions}
-            assert stats[version].role == "stable" and stats["base"].role == "previous"
-            assert stats[version].accept_len > stats["base"].accept_len + 1.0
-            assert admin.stats().weight_version == version
-    finally:
-        server.stop()
+    stats = swap_mid_stream(engine, rollout, ids, want, version, MAX_TOKENS)
+    assert stats[version].accept_len > stats["base"].accept_len + 1.0
+    assert stats["weight_version"] == version
